@@ -1,0 +1,63 @@
+"""Small shared helpers around Hugging Face models (torch imported lazily by callers of this module)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def load_model(path: str | Path, dtype: str = "float32", revision: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, revision=revision)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), revision=revision)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Token-level perplexity of `model` over [n, seq_len] token blocks (next-token NLL, mean over tokens)."""
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path) -> None:
+    """save_pretrained as safetensors, plus a tokenizer that transformers 4.x can also read."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    cfg_path = out_dir / "tokenizer_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("tokenizer_class") == "TokenizersBackend":  # transformers 5 name; 4.x cannot read it
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            cfg_path.write_text(json.dumps(cfg, indent=2))
