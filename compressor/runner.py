@@ -11,7 +11,7 @@ from typing import Optional
 from pydantic import BaseModel
 
 from compressor import __version__, checkpoint
-from compressor.config.schema import DataSource
+from compressor.config.schema import DataSource, TaskSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
 from compressor.stages import stage_module
@@ -33,9 +33,39 @@ def input_config(model: ModelRef) -> dict:
     return {}
 
 
+def materialize(ref: ModelRef) -> ModelRef:
+    """A ModelRef whose path is a local directory: `zoo:NAME` references are built (or found) on this node."""
+    if ref.path.startswith("zoo:"):
+        from compressor import zoo
+
+        return ref.model_copy(update={"path": str(zoo.ensure_model(ref.path[len("zoo:"):]))})
+    return ref
+
+
+def evaluate_ref(model: ModelRef, tasks: list[TaskSpec], batch_size: int) -> dict:
+    """lm-eval scores of a model loaded from disk (runs as a Ray task in pipelines)."""
+    from compressor.evaluation import evaluate
+
+    return evaluate(materialize(model).path, tasks, batch_size=batch_size)
+
+
+def check_registry_tasks(names: list[str]) -> None:
+    """Unknown lm-eval registry task names fail before any stage runs (indexing the registry takes a few s)."""
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"evaluation.tasks: unknown lm-eval task(s) {', '.join(unknown)}; "
+                        "`lm_eval --tasks list` shows the registry, or give `include:` for a local task directory")
+
+
 def execute_stage(name: str, kind: str, spec: BaseModel, model: ModelRef, ctx: StageContext, key: str) -> Manifest:
     """Run the stage into ctx.work_dir and return its manifest (the caller writes it, last)."""
     module = stage_module(kind)
+    model = materialize(model)
+    if ctx.teacher is not None:
+        ctx.teacher = materialize(ctx.teacher)
     start = time.perf_counter()
     result = module.run(spec, model, ctx)
     seconds = time.perf_counter() - start

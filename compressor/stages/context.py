@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, TypeVar
 
-from compressor.config.schema import DataSource
+from compressor.config.schema import DataSource, TaskSpec
 from compressor.config.stages import Resources
 from compressor.manifest import ModelRef
 
@@ -41,7 +41,8 @@ class StageContext:
     sink: MetricsSink = field(default_factory=MetricsSink)
     quiet: bool = False
     ray_address: Optional[str] = None
-    later_group_size: Optional[int] = None  # group size of a later quantize stage, for prune's warning
+    tasks: list[TaskSpec] = field(default_factory=list)  # the pipeline's evaluation tasks (evaluate stage)
+    eval_batch_size: int = 16
 
     @property
     def model_dir(self) -> Path:

@@ -1,0 +1,13 @@
+# The two commands of the README. Both create .venv and install on first use.
+.PHONY: run test setup
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+setup:
+	@scripts/setup.sh
+
+run: setup  ## run the embedded default pipeline (offline reference teacher: prune -> distill -> quantize)
+	.venv/bin/compressor run
+
+test: setup  ## run the test suite, the end-to-end pipeline test included
+	.venv/bin/python -m pytest -q --durations=15

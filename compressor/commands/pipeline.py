@@ -1,0 +1,148 @@
+"""`compressor run | validate | plan`: the pipeline commands."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_PIPELINE = "tiny"
+PipelineArg = typer.Argument(None, help="Pipeline YAML, or the name of a pipeline shipped with compressor "
+                                        "(default: the offline 'tiny' pipeline).", show_default=False)
+OverridesArg = typer.Argument(None, help="KEY=VALUE overrides, e.g. stages.distill.steps=20 storage=/tmp/a")
+
+
+def resolve_pipeline(pipeline: Optional[str]) -> Path:
+    """A path, or the name of a pipeline embedded in the package (compressor/pipelines/NAME.yaml)."""
+    if pipeline and (Path(pipeline).exists() or pipeline.endswith((".yaml", ".yml"))):
+        return Path(pipeline)
+    name = pipeline or DEFAULT_PIPELINE
+    shipped = Path(str(resources.files("compressor") / "pipelines" / f"{name}.yaml"))
+    return shipped if shipped.is_file() else Path(pipeline or name)
+
+
+def _load(pipeline: Optional[str], overrides: Optional[List[str]]):
+    from compressor.config.load import load_pipeline
+
+    path = resolve_pipeline(pipeline)
+    return path, load_pipeline(path, overrides or [])
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        pipeline: Optional[str] = PipelineArg,
+        overrides: Optional[List[str]] = OverridesArg,
+        address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to join; default: a local Ray on 127.0.0.1."),
+        tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI; default sqlite:///<storage>/mlflow.db."),
+        storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
+        summary_json: Optional[Path] = typer.Option(None, help="Also write the run summary as JSON here."),
+    ) -> None:
+        """Run a pipeline: stages in order, each evaluated and gated; finished stages are taken from the cache."""
+        import json
+
+        from compressor.orchestrator import Orchestrator, summary_dict
+
+        path, spec = _load(pipeline, overrides)
+        console = Console(stderr=True)
+        summary = Orchestrator(spec, path.read_text(), storage=storage, tracking_uri=tracking_uri,
+                               address=address, console=console).run()
+        print_summary(summary, Console())
+        if summary_json:
+            summary_json.write_text(json.dumps(summary_dict(summary) | {"stage_seconds": summary.stage_seconds}, indent=2))
+
+    @app.command()
+    def validate(pipeline: Optional[str] = PipelineArg, overrides: Optional[List[str]] = OverridesArg) -> None:
+        """Check a pipeline YAML (schema, references, target shapes) without loading any model."""
+        from compressor.planning import check_local_tasks, make_plan
+
+        path, spec = _load(pipeline, overrides)
+        plan = make_plan(spec)
+        check_local_tasks(spec.evaluation.tasks)
+        for stage in plan.stages:
+            for warning in stage.warnings:
+                Console(stderr=True).print(f"[yellow]warning:[/] {stage.name}: {warning}")
+        typer.echo(f"{path}: ok ({len(spec.stages)} stages: {', '.join(s.name for s in plan.stages)})")
+
+    @app.command()
+    def plan(
+        pipeline: Optional[str] = PipelineArg,
+        overrides: Optional[List[str]] = OverridesArg,
+        gpu: str = typer.Option("H100", help="GPU type for the estimates (see `compressor.estimate.GPU_TFLOPS`)."),
+        mfu: float = typer.Option(0.4, min=0.01, max=1.0, help="Assumed model FLOPs utilisation."),
+        storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
+    ) -> None:
+        """Stages in order with resources, cache status, parameter counts and FLOP / GPU-hour estimates."""
+        from compressor.planning import make_plan
+
+        _, spec = _load(pipeline, overrides)
+        print_plan(make_plan(spec, storage), gpu, mfu, Console())
+
+
+def _fmt_params(n: Optional[float]) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
+    from compressor import estimate
+
+    teacher_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
+    console.print(f"[bold]{plan.spec.name}[/]  teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params)"
+                  f"  storage {plan.storage_root / plan.spec.name}")
+    table = Table(show_lines=False)
+    for col in ("#", "stage", "resources", "cache", "params in", "params out", "PFLOPs", f"{gpu}-hours @ {mfu:.0%} MFU"):
+        table.add_column(col)
+    total_hours = 0.0
+    for i, stage in enumerate(plan.stages):
+        res = stage.entry.resources
+        spec = stage.entry.spec
+        workers = getattr(spec, "workers", 1)
+        gpus = getattr(spec, "gpus_per_worker", res.num_gpus)
+        resources_text = f"{workers}x({getattr(spec, 'cpus_per_worker', res.num_cpus):g} CPU, {gpus:g} GPU)"
+        flops = estimate.stage_flops(stage.kind, spec, stage.in_config, stage.out_config, plan.spec) if stage.in_config else None
+        hours = estimate.gpu_hours(flops, gpu, mfu) if flops else None
+        total_hours += hours or 0.0
+        table.add_row(str(i), f"{stage.name} ({stage.kind})", resources_text,
+                      "[green]cached[/]" if stage.cached else "to run",
+                      _fmt_params(estimate.param_count(stage.in_config) if stage.in_config else None),
+                      _fmt_params(estimate.param_count(stage.out_config) if stage.out_config else None),
+                      f"{flops / 1e15:.3g}" if flops else "-", f"{hours:.4g}" if hours else "-")
+    console.print(table)
+    console.print(f"total ≈ {total_hours:.4g} {gpu}-hours at {mfu:.0%} MFU (estimate; evaluation not included)")
+    for stage in plan.stages:
+        for warning in stage.warnings:
+            console.print(f"[yellow]warning:[/] {stage.name}: {warning}")
+
+
+def print_summary(summary, console: Console) -> None:
+    from compressor.evaluation import primary_metric
+
+    table = Table(title=f"{summary.plan.spec.name}: {summary.seconds:.1f}s", title_justify="left")
+    for col in ("stage", "status", "params", "MB", "seconds", "scores", "gate"):
+        table.add_column(col)
+
+    def scores_text(scores) -> str:
+        if not scores:
+            return "-"
+        return ", ".join(f"{t}.{(m := primary_metric(t, v))}={v.get(m, float('nan')):.4g}" for t, v in scores.items())
+
+    if summary.baseline:
+        table.add_row("teacher", "baseline", "-", "-", "-", scores_text(summary.baseline), "-")
+    for o in summary.outcomes:
+        m = o.manifest
+        gate = "-" if not o.gate_rows else ("pass" if all(r.passed for r in o.gate_rows) else "warn")
+        table.add_row(o.name, o.status, _fmt_params(m.num_params if m else None),
+                      f"{m.bytes / 1e6:.1f}" if m and m.bytes else "-",
+                      f"{m.seconds:.1f}" if m and m.seconds else "-", scores_text(o.scores), gate)
+    console.print(table)
+    last = next((o for o in reversed(summary.outcomes) if o.manifest and o.kind != "evaluate"), None)
+    if last:
+        console.print(f"final model: {summary.plan.pipeline_root / (last.name + '-' + last.manifest.key[:12]) / 'model'}")
+    console.print(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}"
+                  + ("" if summary.parent_run_id else "  (all stages cached: nothing new was logged)"))

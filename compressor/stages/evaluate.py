@@ -1,0 +1,33 @@
+"""Evaluate stage: score the previous stage's model on the pipeline's lm-eval tasks (it writes no model).
+
+Its gate then judges those scores; use it to gate the teacher itself or to re-check a model on more tasks."""
+
+from __future__ import annotations
+
+from compressor.config.stages import EvaluateSpec
+from compressor.errors import UserError
+from compressor.manifest import ModelRef
+from compressor.stages.base import CheckResult, StageResult
+from compressor.stages.context import StageContext
+
+RUNS_AS = "task"
+
+
+def check(spec: EvaluateSpec, config: dict) -> CheckResult:
+    return CheckResult(config=config)
+
+
+def run(spec: EvaluateSpec, model: ModelRef, ctx: StageContext) -> StageResult:
+    from compressor.evaluation import evaluate
+
+    tasks = ctx.tasks
+    if spec.tasks is not None:
+        unknown = sorted(set(spec.tasks) - {t.name for t in ctx.tasks})
+        if unknown:
+            raise UserError(f"evaluate.tasks: {', '.join(unknown)} not among the pipeline's evaluation tasks")
+        tasks = [t for t in ctx.tasks if t.name in spec.tasks]
+    scores = evaluate(model.path, tasks, batch_size=ctx.eval_batch_size)
+    ctx.save_json_artifact("eval.json", scores)
+    flat = {f"{task}.{metric}": float(v) for task, metrics in scores.items() for metric, v in metrics.items()}
+    ctx.log_metrics(flat)
+    return StageResult(metrics=flat, details={"scores": scores})

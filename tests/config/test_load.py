@@ -1,0 +1,87 @@
+"""Pipeline YAML loading: errors name the file, field and line; overrides; unknown keys rejected."""
+
+import pytest
+
+from compressor.config.load import apply_override, load_pipeline
+from compressor.errors import UserError
+
+GOOD = """\
+name: t
+teacher: {model: zoo:tiny-test}
+data:
+  calib: {source: zoo:tiny-test, samples: 8, seq_len: 64}
+evaluation:
+  tasks: [{name: ref_ppl, include: "zoo:tiny-test"}]
+stages:
+  - prune:
+      target: {intermediate_size: 256}
+      calibration: calib
+    gate: {ref_ppl: {max: 1000}}
+  - quantize: {bits: 4, group_size: 32, calibration: calib}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path, text, overrides=()):
+    with pytest.raises(UserError) as info:
+        load_pipeline(write(tmp_path, text), list(overrides))
+    return str(info.value)
+
+
+def test_good_pipeline_loads_with_gate_shorthand(tmp_path):
+    spec = load_pipeline(write(tmp_path, GOOD))
+    assert [s.name for s in spec.stages] == ["prune", "quantize"]
+    assert spec.stages[0].gate.metrics["ref_ppl"].max == 1000
+    assert spec.stages[0].gate.on_fail == "stop"
+
+
+def test_unknown_key_names_field_and_line(tmp_path):
+    msg = error_of(tmp_path, GOOD.replace("calibration: calib\n    gate", "calibraton: calib\n    gate"))
+    assert "stages.0.prune.calibraton" in msg and "p.yaml:10" in msg and "unknown key" in msg
+
+
+def test_wrong_type_names_field_and_line(tmp_path):
+    msg = error_of(tmp_path, GOOD.replace("samples: 8", "samples: many"))
+    assert "data.calib.samples" in msg and "p.yaml:4" in msg
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    msg = error_of(tmp_path, GOOD.replace("stages:\n", "stages: [\n"))
+    assert "not valid YAML" in msg and "p.yaml:" in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        load_pipeline(tmp_path / "nope.yaml")
+
+
+def test_unknown_data_source_and_gate_task(tmp_path):
+    assert "unknown data source 'calibX'" in error_of(tmp_path, GOOD.replace("calibration: calib\n    gate", "calibration: calibX\n    gate"))
+    assert "no evaluation task named 'mmlu'" in error_of(tmp_path, GOOD.replace("gate: {ref_ppl", "gate: {mmlu"))
+
+
+def test_overrides_by_index_and_stage_name(tmp_path):
+    spec = load_pipeline(write(tmp_path, GOOD), ["stages.quantize.bits=8", "stages.0.prune.target.intermediate_size=128",
+                                                 "storage=/tmp/x", "seed=3"])
+    assert spec.stages[1].quantize.bits == 8
+    assert spec.stages[0].prune.target.intermediate_size == 128
+    assert spec.storage == "/tmp/x" and spec.seed == 3
+
+
+def test_bad_override(tmp_path):
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        load_pipeline(write(tmp_path, GOOD), ["seed"])
+    assert "stages.nope" in error_of(tmp_path, GOOD, ["stages.nope.bits=8"])
+    assert "unknown key" in error_of(tmp_path, GOOD, ["stages.quantize.bitz=8"])
+
+
+def test_apply_override_parses_yaml_values():
+    data = {"a": {"b": 1}}
+    apply_override(data, "a.c=[1, 2]")
+    apply_override(data, "a.d=text")
+    assert data == {"a": {"b": 1, "c": [1, 2], "d": "text"}}
