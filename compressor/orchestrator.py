@@ -45,7 +45,7 @@ class RunSummary:
     tracking_uri: str
     parent_run_id: Optional[str]
     seconds: float
-    stage_seconds: float = 0.0  # compute inside stages and evaluations (for the overhead benchmark)
+    stage_seconds: float = 0.0  # time inside stage and evaluation functions (for the overhead benchmark)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -165,16 +165,15 @@ class Orchestrator:
     def _execute(self, stage: PlannedStage, ctx: StageContext) -> Manifest:
         from compressor.runner import execute_stage
 
-        start = time.perf_counter()
-        try:
-            if stage_module(stage.kind).RUNS_AS == "driver":
-                return execute_stage(stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key)
+        if stage_module(stage.kind).RUNS_AS == "driver":
+            manifest = execute_stage(stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key)
+        else:
             import ray
 
             task = ray.remote(max_retries=0)(execute_stage).options(**_ray_resources(stage.entry.resources), name=stage.name)
-            return ray.get(task.remote(stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key))
-        finally:
-            self.stage_seconds += time.perf_counter() - start
+            manifest = ray.get(task.remote(stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key))
+        self.stage_seconds += manifest.seconds or 0.0
+        return manifest
 
     # ------------------------------------------------------------------ evaluation
     def _baseline(self) -> Optional[Scores]:
@@ -202,12 +201,9 @@ class Orchestrator:
             from compressor.runner import evaluate_ref
 
             self.console.print(f"[dim]evaluating {model.path} on {', '.join(t.name for t in self.spec.evaluation.tasks)}[/]")
-            start = time.perf_counter()
             task = ray.remote(max_retries=0)(evaluate_ref).options(**_ray_resources(self.spec.evaluation.resources))
-            try:
-                scores = ray.get(task.remote(model, self.spec.evaluation.tasks, self.spec.evaluation.batch_size))
-            finally:
-                self.stage_seconds += time.perf_counter() - start
+            scores, seconds = ray.get(task.remote(model, self.spec.evaluation.tasks, self.spec.evaluation.batch_size))
+            self.stage_seconds += seconds
             if save:
                 self._save_scores(model, scores)
         sink = self.tracker.sink(run_id)

@@ -130,7 +130,8 @@ def local_task_names(include: str) -> set[str]:
     if include.startswith("zoo:"):
         from compressor import zoo
 
-        return set(zoo.task_names(include[len("zoo:"):]))
+        zoo.recipe(include[len("zoo:"):])  # unknown name -> UserError
+        return set(zoo.TASK_NAMES)
     directory = Path(include).expanduser()
     if not directory.is_dir():
         raise UserError(f"evaluation.tasks: include {include!r}: no such directory")

@@ -42,11 +42,13 @@ def materialize(ref: ModelRef) -> ModelRef:
     return ref
 
 
-def evaluate_ref(model: ModelRef, tasks: list[TaskSpec], batch_size: int) -> dict:
-    """lm-eval scores of a model loaded from disk (runs as a Ray task in pipelines)."""
+def evaluate_ref(model: ModelRef, tasks: list[TaskSpec], batch_size: int) -> tuple[dict, float]:
+    """lm-eval scores of a model loaded from disk, and the seconds it took (a Ray task in pipelines)."""
     from compressor.evaluation import evaluate
 
-    return evaluate(materialize(model).path, tasks, batch_size=batch_size)
+    path = materialize(model).path
+    start = time.perf_counter()
+    return evaluate(path, tasks, batch_size=batch_size), time.perf_counter() - start
 
 
 def check_registry_tasks(names: list[str]) -> None:

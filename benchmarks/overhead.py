@@ -1,0 +1,55 @@
+"""Orchestration overhead of `compressor run`: wall time minus the compute inside stages and evaluations,
+and the wall time of a fully cached re-run (which must not start Ray). Prints JSON.
+
+    .venv/bin/python benchmarks/overhead.py [PIPELINE] [--storage DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMPRESSOR = [sys.executable, "-m", "compressor"]
+
+
+def timed_run(pipeline: str, storage: Path, summary: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run([*COMPRESSOR, "run", pipeline, f"storage={storage}", "--summary-json", str(summary)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("pipeline", nargs="?", default="tiny")
+    parser.add_argument("--storage", type=Path, default=None)
+    args = parser.parse_args()
+    storage = args.storage or Path(tempfile.mkdtemp(prefix="compressor-overhead-"))
+    summary = storage / "summary.json"
+    try:
+        first = timed_run(args.pipeline, storage, summary)
+        compute = json.loads(summary.read_text())["stage_seconds"]
+        second = timed_run(args.pipeline, storage, summary)
+        statuses = [s["status"] for s in json.loads(summary.read_text())["stages"]]
+    finally:
+        if args.storage is None:
+            shutil.rmtree(storage, ignore_errors=True)
+    print(json.dumps({
+        "pipeline": args.pipeline,
+        "first_run_wall_s": round(first, 2),
+        "stage_compute_s": round(compute, 2),
+        "orchestration_overhead_s": round(first - compute, 2),
+        "overhead_fraction": round((first - compute) / first, 3),
+        "cached_rerun_wall_s": round(second, 2),
+        "cached_rerun_statuses": statuses,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
