@@ -61,6 +61,7 @@ class Orchestrator:
         self.plan = make_plan(spec, storage)
         self.tracking_uri = tracking_uri or spec.tracking.uri or default_uri(self.plan.storage_root)
         self.stage_seconds = 0.0
+        self.published: dict[str, str] = {}  # model key -> directory, for stages that ran in this run
 
     # ------------------------------------------------------------------ entry point
     def run(self) -> RunSummary:
@@ -102,6 +103,10 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ stages
     def _run_stage(self, stage: PlannedStage, baseline: Optional[Scores], previous: Optional[Scores]) -> StageOutcome:
+        if not stage.input.path:  # the previous stage ran in this run: read its published output
+            stage.input = stage.input.model_copy(update={"path": self.published[stage.input.key]})
+            if stage.kind == "evaluate":
+                stage.output = stage.input
         params = {"kind": stage.kind, "key": stage.key, "input_key": stage.input.key, **stage.entry.spec.model_dump(mode="json")}
         if stage.cached:
             run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params, cached=True)
@@ -148,8 +153,10 @@ class Orchestrator:
                 raise
             detail = "".join(traceback.format_exception_only(type(cause), cause)).strip()
             raise StageFailed(f"stage {stage.name!r} failed: {detail}\n{_trace(exc)}") from None
-        if stage.kind != "evaluate" and scores is not None:
-            self._save_scores(stage.output, scores)
+        if stage.kind != "evaluate":
+            self.published[stage.output.key] = str(stage.stage_dir / "model")
+            if scores is not None:
+                self._save_scores(stage.output, scores)
         self.tracker.end(run_id)
         published = Manifest.read(stage.stage_dir)
         return StageOutcome(stage.name, stage.kind, status, published, scores, rows)

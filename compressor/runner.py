@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -46,6 +47,7 @@ def evaluate_ref(model: ModelRef, tasks: list[TaskSpec], batch_size: int) -> tup
     """lm-eval scores of a model loaded from disk, and the seconds it took (a Ray task in pipelines)."""
     from compressor.evaluation import evaluate
 
+    os.environ.setdefault("TQDM_MININTERVAL", "10")  # lm-eval's bars, forwarded line by line from Ray workers
     path = materialize(model).path
     start = time.perf_counter()
     return evaluate(path, tasks, batch_size=batch_size), time.perf_counter() - start

@@ -121,28 +121,25 @@ def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
 
 
 def print_summary(summary, console: Console) -> None:
+    """One screen: a row per stage (teacher baseline first) with size, time, each task's main score and the gate."""
     from compressor.evaluation import primary_metric
 
+    rows = ([("teacher", "baseline", None, summary.baseline, "-")] if summary.baseline else []) + [
+        (o.name, o.status, o.manifest, o.scores,
+         "-" if not o.gate_rows else ("pass" if all(r.passed for r in o.gate_rows) else "warn"))
+        for o in summary.outcomes]
+    metrics = {t: primary_metric(t, v) for _, _, _, scores, _ in rows for t, v in (scores or {}).items()}
     table = Table(title=f"{summary.plan.spec.name}: {summary.seconds:.1f}s", title_justify="left")
-    for col in ("stage", "status", "params", "MB", "seconds", "scores", "gate"):
+    for col in ("stage", "status", "params", "MB", "s", *(f"{t}\n{m}" for t, m in metrics.items()), "gate"):
         table.add_column(col)
-
-    def scores_text(scores) -> str:
-        if not scores:
-            return "-"
-        return ", ".join(f"{t}.{(m := primary_metric(t, v))}={v.get(m, float('nan')):.4g}" for t, v in scores.items())
-
-    if summary.baseline:
-        table.add_row("teacher", "baseline", "-", "-", "-", scores_text(summary.baseline), "-")
-    for o in summary.outcomes:
-        m = o.manifest
-        gate = "-" if not o.gate_rows else ("pass" if all(r.passed for r in o.gate_rows) else "warn")
-        table.add_row(o.name, o.status, _fmt_params(m.num_params if m else None),
+    for name, status, m, scores, gate in rows:
+        values = [f"{scores[t][m_]:.4g}" if scores and m_ in scores.get(t, {}) else "-" for t, m_ in metrics.items()]
+        table.add_row(name, status, _fmt_params(m.num_params if m else None),
                       f"{m.bytes / 1e6:.1f}" if m and m.bytes else "-",
-                      f"{m.seconds:.1f}" if m and m.seconds else "-", scores_text(o.scores), gate)
+                      f"{m.seconds:.1f}" if m and m.seconds else "-", *values, gate)
     console.print(table)
     last = next((o for o in reversed(summary.outcomes) if o.manifest and o.kind != "evaluate"), None)
     if last:
         console.print(f"final model: {summary.plan.pipeline_root / (last.name + '-' + last.manifest.key[:12]) / 'model'}")
-    console.print(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}"
-                  + ("" if summary.parent_run_id else "  (all stages cached: nothing new was logged)"))
+    note = "" if summary.parent_run_id else "   (all stages cached: nothing new logged)"
+    console.print(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}{note}", soft_wrap=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -22,12 +22,16 @@ class Resources(Strict):
 
 # ----------------------------------------------------------------------------- prune
 class PruneTarget(Strict):
-    """Target shape. Omitted dimensions keep the source's value."""
+    """Target shape. Omitted dimensions keep the source's value; head_dim never changes."""
 
-    hidden_size: Optional[int] = Field(None, gt=0)
-    intermediate_size: Optional[int] = Field(None, gt=0)
-    num_attention_heads: Optional[int] = Field(None, gt=0)
-    num_key_value_heads: Optional[int] = Field(None, gt=0)
+    hidden_size: Optional[int] = Field(None, gt=0, description="Embedding channels to keep (Minitron width).")
+    intermediate_size: Optional[int] = Field(None, gt=0, description="MLP neurons to keep in every layer.")
+    num_attention_heads: Optional[int] = Field(
+        None, gt=0, description="Query heads to keep in every layer, ranked within their KV group."
+    )
+    num_key_value_heads: Optional[int] = Field(
+        None, gt=0, description="KV heads to keep; fewer than the source drops whole KV groups (with their query heads)."
+    )
     num_layers: Optional[int] = Field(None, gt=0, description="Keep this many layers, dropping the least important.")
     keep_layers: Optional[list[int]] = Field(None, description="Explicit layer indices to keep (0-based).")
     drop_layers: Optional[list[int]] = Field(None, description="Explicit layer indices to drop (0-based).")
@@ -41,63 +45,94 @@ class PruneTarget(Strict):
 
 
 class PruneSpec(Strict):
-    """Minitron structured pruning: activation importance, then slicing to `target`."""
+    """Minitron structured pruning: activation importance from one calibration pass, then slicing to `target`."""
 
-    target: PruneTarget
-    calibration: Optional[str] = Field(None, description="Name of a data source under `data:`.")
-    samples: Optional[int] = Field(None, gt=0, description="Overrides the data source's `samples`.")
+    target: PruneTarget = Field(description="The output shape.")
+    calibration: Optional[str] = Field(
+        None, description="Name of a data source under `data:`; default: the only one defined."
+    )
+    samples: Optional[int] = Field(
+        None, gt=0, description="Overrides the data source's `samples` (default 1024, as in the Minitron paper)."
+    )
     seq_len: Optional[int] = Field(None, gt=0, description="Overrides the data source's `seq_len`.")
-    batch_size: int = Field(8, gt=0)
-    depth_metric: Literal["bi", "loss"] = Field("bi", description="Layer ranking: block importance or LM-loss increase.")
-    kv_heads: Literal["keep_groups", "prune_groups"] = Field(
-        "keep_groups", description="With fewer KV heads in the target, drop whole KV groups (prune_groups)."
+    batch_size: int = Field(8, gt=0, description="Calibration sequences per forward pass.")
+    depth_metric: Literal["bi", "loss"] = Field(
+        "bi",
+        description="Layer ranking for `num_layers`: block importance (1 - cosine of a layer's input and output, "
+        "from the same pass) or the LM-loss increase when the layer is dropped (one more pass per layer).",
     )
     aggregation: Literal["l2_mean", "mean_mean", "l2_l2", "mean_l2"] = Field(
         "l2_mean", description="<batch>_<sequence> reduction of activations; Minitron's best is L2 over batch, mean over sequence."
     )
-    align: int = Field(32, gt=0, description="Every width must be a multiple of this.")
+    align: int = Field(32, gt=0, description="A pruned hidden_size / intermediate_size must be a multiple of this.")
     quantize_group_size: Optional[int] = Field(None, description="Warn when widths will not divide by it (set from a later quantize stage).")
 
 
 # ----------------------------------------------------------------------------- distill
 class KDLoss(Strict):
-    kind: Literal["forward_kl", "reverse_kl"] = "forward_kl"
-    temperature: float = Field(1.0, gt=0)
+    """The distillation loss: (1 - alpha) * T^2 * KL + alpha * CE (+ hidden_weight * hidden-state MSE)."""
+
+    kind: Literal["forward_kl", "reverse_kl"] = Field(
+        "forward_kl",
+        description="forward_kl = KL(teacher || student), mass-covering (Minitron); reverse_kl = KL(student || teacher), mode-seeking.",
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature T of both models' logits; the KL is scaled by T^2.")
     alpha: float = Field(0.0, ge=0, le=1, description="Weight of the hard-label CE term (0 = logit-only KD, as Minitron).")
-    hidden_mse: list[tuple[int, int]] = Field(default_factory=list, description="(student_layer, teacher_layer) pairs of equal width.")
-    hidden_weight: float = Field(1.0, ge=0)
-    chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk of the KD loss; bounds the logits held at once.")
+    hidden_mse: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="(student_layer, teacher_layer) pairs (0-based decoder layers) whose outputs are pulled together "
+        "by MSE; both models need the same hidden_size.",
+    )
+    hidden_weight: float = Field(1.0, ge=0, description="Weight of the hidden-state MSE term.")
+    chunk_tokens: int = Field(
+        1024, gt=0, description="Tokens per chunk of the KD loss; only one chunk's [tokens, vocab] logits exist at a time."
+    )
 
 
 class DeepSpeedOptions(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    bf16: Optional[bool] = Field(None, description="Default: on when GPUs support it.")
-    offload_optimizer: bool = False
+    """DeepSpeed settings of the student (the teacher is always a ZeRO-3 inference engine)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        3, description="ZeRO stage of the student: 2 shards gradients and optimizer state, 3 also the weights."
+    )
+    bf16: Optional[bool] = Field(None, description="Train in bf16 (fp32 master weights). Default: on when the GPUs support it, off on CPU.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload).")
 
 
 class DistillSpec(Strict):
-    """Knowledge distillation from the frozen teacher into the previous stage's output."""
+    """Knowledge distillation from the frozen teacher into the previous stage's output, in Ray Train with DeepSpeed."""
 
-    data: str = Field(description="Name of a data source under `data:`.")
-    teacher: Optional[str] = Field(None, description="Teacher model; default: the pipeline teacher.")
-    steps: Optional[int] = Field(None, gt=0)
-    tokens: Optional[float] = Field(None, gt=0, description="Token budget; steps = tokens / (global_batch * seq_len).")
-    seq_len: Optional[int] = Field(None, gt=0)
+    data: str = Field(description="Name of a data source under `data:`; tokenized with the teacher's tokenizer.")
+    teacher: Optional[str] = Field(None, description="Teacher model (directory or hub id); default: the pipeline teacher.")
+    steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to train (give this or `tokens`).")
+    tokens: Optional[float] = Field(None, gt=0, description="Token budget; steps = floor(tokens / (global_batch * seq_len)).")
+    seq_len: Optional[int] = Field(None, gt=0, description="Tokens per packed sequence; default: the data source's seq_len.")
     global_batch: int = Field(8, gt=0, description="Sequences per optimizer step, across all workers.")
-    micro_batch: int = Field(4, gt=0, description="Sequences per worker per forward pass.")
-    lr: float = Field(1e-4, gt=0)
-    min_lr: float = Field(1e-5, ge=0)
-    warmup_steps: int = Field(40, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    loss: KDLoss = Field(default_factory=KDLoss)
-    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
-    workers: int = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
-    cpus_per_worker: float = Field(1, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    micro_batch: int = Field(
+        4, gt=0, description="Sequences per worker per forward pass (at most global_batch / workers); the rest is gradient accumulation."
+    )
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW), reached after the warm-up.")
+    min_lr: float = Field(1e-5, ge=0, description="Learning rate at the last step, after the cosine decay.")
+    warmup_steps: Optional[int] = Field(
+        None, ge=0, description="Linear warm-up steps; default: 10% of the steps, at most 40 (Minitron's value)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = no clipping).")
+    loss: KDLoss = Field(default_factory=KDLoss, description="The loss.")
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions, description="DeepSpeed settings.")
+    workers: int = Field(1, gt=0, description="Ray Train workers (one process each; one GPU each on GPU clusters).")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; > 0 trains on GPU with NCCL, 0 on CPU with gloo.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs per worker (also its torch thread count on CPU).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes (STRICT_SPREAD: one worker per node)."
+    )
+    wait_for_resources: bool = Field(
+        False,
+        description="Start even when the cluster cannot place the workers yet (an autoscaler will add nodes); "
+        "by default such a run is refused before training.",
+    )
     checkpoint_every: int = Field(50, gt=0, description="Steps between DeepSpeed checkpoints reported to Ray Train.")
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts (from the last checkpoint) before the stage fails.")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -109,21 +144,54 @@ class DistillSpec(Strict):
 
 
 # ----------------------------------------------------------------------------- quantize
-class QuantizeSpec(Strict):
-    """GPTQ through GPTQModel."""
+# Group sizes GPTQModel accepts, and the GPTQ kernels it can be told to load with (gptqmodel.utils.backend.BACKEND).
+GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+GPTQ_BACKENDS = (
+    "auto", "gptq_torch", "gptq_torch_int8", "gptq_torch_aten", "gptq_torch_fused", "gptq_triton",
+    "gptq_exllama_v2", "gptq_marlin", "gptq_machete", "gptq_bitblas",
+)
 
-    method: Literal["gptq"] = "gptq"
-    bits: Literal[4, 8] = 4
-    group_size: int = Field(128, description="-1 for per-channel.")
-    desc_act: bool = False
-    sym: bool = True
-    damp_percent: float = Field(0.01, gt=0, lt=1)
-    batch_size: int = Field(1, gt=0)
-    calibration: Optional[str] = Field(None, description="Name of a data source under `data:`.")
-    samples: Optional[int] = Field(None, gt=0)
-    seq_len: Optional[int] = Field(None, gt=0)
-    on_misaligned: Literal["error", "largest_divisor", "int8_kernel"] = "error"
-    backend: Optional[str] = Field(None, description="GPTQModel kernel at load time; default: auto.")
+
+class QuantizeSpec(Strict):
+    """GPTQ weight-only quantization through GPTQModel; writes a GPTQ-format checkpoint (quantize_config.json)."""
+
+    method: Literal["gptq"] = Field("gptq", description="Quantization algorithm (GPTQ is the only one).")
+    bits: Literal[4, 8] = Field(4, description="Bits per weight of every linear layer in the decoder blocks.")
+    group_size: int = Field(
+        128, description="Input channels sharing one scale/zero point; -1 = one per output channel. "
+        f"One of {', '.join(map(str, GPTQ_GROUP_SIZES))}."
+    )
+    desc_act: bool = Field(False, description="Quantize columns in order of decreasing activation (act-order); "
+                           "slightly better quality, slower kernels.")
+    sym: bool = Field(True, description="Symmetric grid around zero (vLLM's Marlin kernels need it); false fits a "
+                      "zero point per group.")
+    damp_percent: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, as a fraction of its mean diagonal.")
+    batch_size: int = Field(1, gt=0, description="Calibration sequences per forward pass while quantizing.")
+    calibration: Optional[str] = Field(None, description="Name of a data source under `data:`; default: the only one defined.")
+    samples: Optional[int] = Field(None, gt=0, description="Calibration sequences; default: the data source's `samples`, else 128.")
+    seq_len: Optional[int] = Field(None, gt=0, description="Tokens per calibration sequence; default: the data source's "
+                                   "`seq_len`, capped at the model's context.")
+    on_misaligned: Literal["error", "largest_divisor", "int8_kernel"] = Field(
+        "error",
+        description="When group_size does not divide a layer's in_features: `error` (refused before any compute, "
+        "naming the layers and an aligned prune target), `largest_divisor` (use the largest group size that divides "
+        "every layer), or `int8_kernel` (keep group_size; the checkpoint loads with GPTQModel's CPU int8 kernel).",
+    )
+    backend: Optional[Literal[GPTQ_BACKENDS]] = Field(  # type: ignore[valid-type]
+        None, description="GPTQModel kernel to load the output with, written into config.json so transformers and "
+        "lm-eval use it too; default: chosen at load time for the device (on_misaligned=int8_kernel sets gptq_torch_int8).",
+    )
+    dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto", description="Dtype of the non-quantized weights (embeddings, norms) and activations; "
+        "auto = GPTQModel's choice (bfloat16 from a float32 source on CPU, else the source dtype).",
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v not in GPTQ_GROUP_SIZES:
+            raise ValueError(f"group_size {v} is not one of {', '.join(map(str, GPTQ_GROUP_SIZES))} (GPTQModel's choices)")
+        return v
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -1,0 +1,107 @@
+"""The prune stage body: calibrate, rank, slice, write. Same code for `compressor prune` and pipelines."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from compressor.config.stages import PruneSpec
+from compressor.data import token_blocks
+from compressor.errors import UserError
+from compressor.manifest import ModelRef
+from compressor.modeling import count_params, load_model, load_tokenizer, save_checkpoint
+from compressor.stages.base import StageResult
+from compressor.stages.context import StageContext
+from compressor.stages.prune import check, shapes
+from compressor.stages.prune.importance import estimate, loss_increase
+from compressor.stages.prune.plan import make_plan
+from compressor.stages.prune.surgery import apply_plan
+
+DEFAULT_SAMPLES = 1024  # the Minitron paper's calibration set size
+
+
+def read_source_config(model: ModelRef) -> dict:
+    local = Path(model.path) / "config.json"
+    if local.is_file():
+        import json
+
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model.path, revision=model.revision).to_dict()
+    except OSError as exc:
+        raise UserError(f"model {model.path}: cannot read its config.json ({exc})") from None
+
+
+def non_embedding_params(model) -> int:
+    embeddings = {id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    return count_params(model) - sum(embeddings.values())  # a tied lm_head is one Parameter, counted once
+
+
+def calibration_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict) -> torch.Tensor:
+    source = ctx.data_source(spec.calibration)
+    seq_len = spec.seq_len or source.seq_len
+    limit = config.get("max_position_embeddings")
+    if limit and seq_len > limit:
+        ctx.info(f"prune: seq_len {seq_len} is beyond the model's max_position_embeddings; using {limit}")
+        seq_len = limit
+    samples = spec.samples or source.samples or DEFAULT_SAMPLES
+    return token_blocks(source, tokenizer, samples, seq_len, ctx.seed)
+
+
+def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResult:
+    config = read_source_config(model_ref)
+    warnings = check(spec, config).warnings
+    for warning in warnings:
+        ctx.info(f"warning: {warning}")
+    src, out = shapes.source_shape(config), shapes.target_shape(spec, config)
+    kept = shapes.kept_layers_rule(spec, src.num_layers)
+
+    model = load_model(model_ref.path, dtype="auto", revision=model_ref.revision)
+    if torch.cuda.is_available():  # inside Ray, only when the stage's resources ask for a GPU
+        model.to("cuda")
+    tokenizer = load_tokenizer(model_ref.path, revision=model_ref.revision)
+    blocks = calibration_blocks(spec, ctx, tokenizer, config)
+    params_before, non_embedding_before = count_params(model), non_embedding_params(model)
+
+    start = time.perf_counter()
+    importance = estimate(model, blocks, src.head_dim, spec.batch_size, spec.aggregation, ctx.progress)
+    if kept is None and spec.depth_metric == "loss":
+        importance.base_loss, importance.loss_increase = loss_increase(model, blocks, spec.batch_size, ctx.progress)
+    importance_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    plan = make_plan(importance, src, out, kept, spec.depth_metric)
+    apply_plan(model, plan)
+    surgery_seconds = time.perf_counter() - start
+    save_checkpoint(model, tokenizer, ctx.model_dir)
+
+    ctx.save_json_artifact("importance.json", {
+        "aggregation": spec.aggregation,
+        "depth_metric": spec.depth_metric,
+        "calibration": {"samples": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])},
+        "scores": importance.to_json(),
+        "plan": plan.summary(),
+    })
+    metrics = {
+        "params_before": params_before,
+        "params_after": count_params(model),
+        "non_embedding_params_before": non_embedding_before,
+        "non_embedding_params_after": non_embedding_params(model),
+        "importance_seconds": round(importance_seconds, 3),
+        "surgery_seconds": round(surgery_seconds, 3),
+        "calibration_tokens": blocks.numel(),
+    }
+    ctx.log_metrics(metrics)
+    ctx.info(f"prune: {params_before:,} -> {metrics['params_after']:,} parameters, layers kept {plan.layers}")
+    return StageResult(metrics=metrics, details={
+        "source_shape": src.as_dict(),
+        "target_shape": out.as_dict(),
+        "kept_layers": plan.layers,
+        "params_before": params_before,
+        "params_after": metrics["params_after"],
+        "warnings": warnings,
+    })
