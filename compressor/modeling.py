@@ -54,6 +54,12 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> None:
     """save_pretrained as safetensors, plus a tokenizer that transformers 4.x can also read."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    save_tokenizer(tokenizer, out_dir)
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """tokenizer.save_pretrained, with a tokenizer_class that transformers 4.x can also read."""
+    out_dir = Path(out_dir)
     tokenizer.save_pretrained(out_dir)
     cfg_path = out_dir / "tokenizer_config.json"
     if cfg_path.exists():

@@ -34,6 +34,19 @@ def input_config(model: ModelRef) -> dict:
     return {}
 
 
+def resolve_model(model: str) -> tuple[str, Optional[str]]:
+    """(checkpoint dir, zoo name or None). Accepts a checkpoint dir, a stage output dir, or zoo:NAME."""
+    if model.startswith("zoo:"):
+        from compressor import zoo
+
+        name = model[len("zoo:"):]
+        return str(zoo.ensure_model(name)), name
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file() and (path / "manifest.json").is_file():
+        return model_path(Manifest.read(path), path), None
+    return model, None
+
+
 def materialize(ref: ModelRef) -> ModelRef:
     """A ModelRef whose path is a local directory: `zoo:NAME` references are built (or found) on this node."""
     if ref.path.startswith("zoo:"):

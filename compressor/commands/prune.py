@@ -41,22 +41,6 @@ def parse_layers(flag: str, text: Optional[str]) -> Optional[list[int]]:
         raise UserError(f"{flag}: {text!r} is not a comma-separated list of layer indices") from None
 
 
-def resolve_model(model: str) -> tuple[str, Optional[str]]:
-    """(checkpoint dir, zoo name or None). Accepts a checkpoint dir, a stage output dir, or zoo:NAME."""
-    if model.startswith("zoo:"):
-        from compressor import zoo
-
-        name = model[len("zoo:"):]
-        return str(zoo.ensure_model(name)), name
-    path = Path(model).expanduser()
-    if not (path / "config.json").is_file() and (path / "manifest.json").is_file():
-        from compressor.manifest import Manifest
-        from compressor.runner import model_path
-
-        return model_path(Manifest.read(path), path), None
-    return model, None
-
-
 def build_spec(target: str, keep_layers: Optional[str], drop_layers: Optional[str], **options):
     from pydantic import ValidationError
 
@@ -98,7 +82,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Minitron structured pruning: rank heads, neurons, channels and layers on calibration text, then slice."""
         from compressor.config.schema import DataSource
-        from compressor.runner import run_standalone
+        from compressor.runner import resolve_model, run_standalone
 
         spec = build_spec(target, keep_layers, drop_layers, samples=samples, seq_len=seq_len,
                           depth_metric=depth_metric.value, batch_size=batch_size, align=align, quantize_group_size=group_size)

@@ -1,0 +1,210 @@
+"""The quantize stage body: calibration text -> GPTQModel -> a GPTQ-format checkpoint with its tokenizer.
+
+Same code for `compressor quantize` and pipelines. GPTQModel prints a lot to stdout (tables, its own bars);
+that goes to gptqmodel.log beside the model, and the user sees one progress bar over decoder layers."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from compressor.config.stages import QuantizeSpec
+from compressor.data import token_blocks
+from compressor.manifest import ModelRef
+from compressor.stages.base import StageResult
+from compressor.stages.context import StageContext
+from compressor.stages.quantize import alignment, footprint
+
+DEFAULT_SAMPLES = 128  # GPTQ's customary calibration size (the paper used 128 x 2048 tokens)
+
+
+def prepare_environment() -> None:
+    """Settings GPTQModel reads when its thread pool starts; call before the first `import gptqmodel`."""
+    # Its pool carves a 2-worker "model_loader:cpu" pool out of the "cpu" pool, whose default size is
+    # (cores + 1) // 2. On 1-2 cores that is 1, and loading fails: "Virtual pool ... requests 2 workers but
+    # parent 'cpu' only has 1". Two workers is the minimum that works; more cores keep GPTQModel's default.
+    workers = os.environ.get("GPTQMODEL_CPU_WORKERS", "")
+    if (workers.isdigit() and int(workers) < 2) or (not workers and (os.cpu_count() or 1) < 3):
+        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
+
+
+def read_config(model: ModelRef) -> dict:
+    local = Path(model.path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model.path, revision=model.revision).to_dict()
+
+
+def source_dir(model: ModelRef) -> Optional[Path]:
+    """The input checkpoint on local disk (a hub model is in the HF cache once GPTQModel has loaded it)."""
+    if Path(model.path).is_dir():
+        return Path(model.path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model.path, revision=model.revision, local_files_only=True))
+    except Exception:  # not cached (or not a hub id): sizes are then reported without the input side
+        return None
+
+
+def calibration(spec: QuantizeSpec, ctx: StageContext, tokenizer, config: dict) -> list[dict]:
+    """[{input_ids, attention_mask}] rows of seq_len tokens from the pipeline data source."""
+    source = ctx.data_source(spec.calibration)
+    seq_len = spec.seq_len or source.seq_len
+    limit = config.get("max_position_embeddings")
+    if limit and seq_len > limit:
+        ctx.info(f"quantize: seq_len {seq_len} is beyond the model's max_position_embeddings; using {limit}")
+        seq_len = limit
+    samples = spec.samples or source.samples or DEFAULT_SAMPLES
+    blocks = token_blocks(source, tokenizer, samples, seq_len, ctx.seed)
+    if blocks.shape[0] < samples:
+        ctx.info(f"quantize: the calibration text yields {blocks.shape[0]} sequences of {seq_len} tokens, not {samples}")
+    return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in blocks.tolist()]
+
+
+def quantize_config(spec: QuantizeSpec, group_size: int, offload_dir: Optional[Path] = None):
+    from gptqmodel import QuantizeConfig
+
+    kwargs = {"offload_to_disk_path": str(offload_dir)} if offload_dir else {}
+    return QuantizeConfig(bits=spec.bits, group_size=group_size, desc_act=spec.desc_act, sym=spec.sym,
+                          damp_percent=spec.damp_percent, **kwargs)
+
+
+def load_dtype(spec: QuantizeSpec):
+    import torch
+
+    return None if spec.dtype == "auto" else getattr(torch, spec.dtype)
+
+
+def kernel_here(spec: QuantizeSpec, resolution: alignment.Resolution) -> str:
+    """The kernel class GPTQModel picks for this checkpoint on this machine (a GPU node may pick another)."""
+    import torch
+    from gptqmodel.utils.importer import hf_select_quant_linear_v2
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cls = hf_select_quant_linear_v2(
+            bits=spec.bits, group_size=resolution.group_size, desc_act=spec.desc_act, sym=spec.sym, format="gptq",
+            quant_method="gptq", pack=False, device_map=device, backend=resolution.backend or "auto",
+        )
+    except (ValueError, NotImplementedError) as exc:  # e.g. a pinned GPU kernel, quantized on CPU for GPU serving
+        return f"none on {device} ({exc})"
+    return cls.__name__
+
+
+def pin_backend(model_dir: Path, backend: str) -> None:
+    """transformers (and so lm-eval) read `quantization_config.backend` from config.json when loading."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["backend"] = backend
+    path.write_text(json.dumps(config, indent=2))
+
+
+def layer_losses(model_dir: Path, work_dir: Path) -> list[float]:
+    """Move GPTQModel's per-module log (layer, module, loss, ...) out of the checkpoint; return the losses."""
+    src = model_dir / "quant_log.csv"
+    if not src.is_file():
+        return []
+    dst = work_dir / "gptq_modules.csv"
+    shutil.move(src, dst)
+    with dst.open() as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh) if row.get("loss")]
+
+
+@contextlib.contextmanager
+def gptqmodel_output(log_path: Path):
+    """Send GPTQModel's stdout to a file; on failure show its tail, since the work dir is then deleted."""
+    with open(log_path, "w") as log:
+        try:
+            with contextlib.redirect_stdout(log):
+                yield
+        except BaseException:
+            log.flush()
+            tail = log_path.read_text(errors="replace").splitlines()[-25:]
+            print("GPTQModel's last output:\n" + "\n".join(tail), file=sys.stderr, flush=True)
+            raise
+
+
+def run_gptqmodel(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict],
+                  num_layers: Optional[int], ctx: StageContext) -> tuple[str, str]:
+    """GPTQModel load -> quantize -> save into ctx.model_dir; returns (kernel here, dtype of the saved model)."""
+    work = Path(ctx.work_dir)
+    offload = work / "offload"  # GPTQModel parks finished layers on disk to bound memory
+    with gptqmodel_output(work / "gptqmodel.log"):
+        from gptqmodel import GPTQModel
+
+        extra = {"revision": model.revision} if model.revision else {}
+        qmodel = GPTQModel.load(model.path, quantize_config(spec, resolution.group_size, offload),
+                                dtype=load_dtype(spec), **extra)
+        ticks = ctx.progress(range(num_layers or 0), total=num_layers, desc="GPTQ layers")
+        next(ticks, None)  # draws 0/N; each quantized layer advances it (a layer is reported twice: done, finalized)
+        qmodel.layer_callback = lambda layer_idx, submodule_finalized: None if submodule_finalized else next(ticks, None)
+        qmodel.quantize(rows, batch_size=spec.batch_size)
+        for _ in ticks:  # close the bar
+            pass
+        qmodel.save(str(ctx.model_dir))
+        kernel = kernel_here(spec, resolution)
+    shutil.rmtree(offload, ignore_errors=True)
+    return kernel, str(qmodel.model.dtype).removeprefix("torch.")
+
+
+def quantize(spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageResult:
+    prepare_environment()
+    from compressor.modeling import load_tokenizer, save_tokenizer
+
+    config = read_config(model)
+    resolution = alignment.resolve(spec, config)
+    for warning in resolution.warnings:
+        ctx.info(f"warning: {warning}")
+    tokenizer = load_tokenizer(model.path, revision=model.revision)
+    rows = calibration(spec, ctx, tokenizer, config)
+    kernel, dtype = run_gptqmodel(spec, model, resolution, rows, config.get("num_hidden_layers"), ctx)
+
+    out, work = ctx.model_dir, Path(ctx.work_dir)
+    save_tokenizer(tokenizer, out)  # GPTQModel's copy carries a tokenizer_class older transformers cannot read
+    if resolution.backend:
+        pin_backend(out, resolution.backend)
+    losses = layer_losses(out, work)
+    ctx.log_artifact(work / "gptqmodel.log")
+
+    details = describe(spec, model, resolution, rows, out, kernel, dtype)
+    metrics = {k: float(details[k]) for k in ("linear_compression", "compression", "linear_bytes_out", "bytes_out")
+               if details[k] is not None}
+    metrics["group_size_used"] = float(resolution.group_size)  # the spec (logged as params) has the requested one
+    if losses:
+        metrics.update(gptq_loss_mean=sum(losses) / len(losses), gptq_loss_max=max(losses))
+    ctx.log_metrics(metrics)
+    ctx.info(f"quantize: {spec.bits}-bit g{resolution.group_size}, linear weights {details['linear_bytes_in'] or '?'} "
+             f"-> {details['linear_bytes_out']} bytes ({details['linear_compression'] or '?'}x), kernel here: {kernel}")
+    return StageResult(metrics=metrics, details=details)
+
+
+def describe(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict], out: Path,
+             kernel: str, dtype: str) -> dict:
+    """The manifest details: settings as applied, kernel, calibration, and bytes against the input."""
+    src = source_dir(model)
+    linear_in = footprint.linear_bytes(src) if src else None
+    total_in = footprint.total_bytes(src) if src else None
+    linear_out, total_out = footprint.linear_bytes(out), footprint.total_bytes(out)
+    return {
+        "method": "gptq", "bits": spec.bits, "group_size": resolution.group_size,
+        "requested_group_size": spec.group_size, "desc_act": spec.desc_act, "sym": spec.sym,
+        "damp_percent": spec.damp_percent, "dtype": dtype, "format": "gptq",
+        "backend": resolution.backend or "auto", "kernel_here": kernel,
+        "misaligned_layers": [lin.name for lin in resolution.misaligned], "on_misaligned": spec.on_misaligned,
+        "calibration": {"samples": len(rows), "seq_len": len(rows[0]["input_ids"]) if rows else 0},
+        "linear_bytes_in": linear_in, "linear_bytes_out": linear_out,
+        "bytes_in": total_in, "bytes_out": total_out,
+        "linear_compression": round(linear_in / linear_out, 3) if linear_in else None,
+        "compression": round(total_in / total_out, 3) if total_in else None,
+        "gptqmodel_version": metadata.version("gptqmodel"),
+    }
