@@ -124,8 +124,8 @@ def run_standalone(
     out_dir = Path(out).expanduser().resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out}: directory exists and is not empty; choose a new one")
-    model = ModelRef(path=str(Path(model_path_in).expanduser()) if Path(model_path_in).expanduser().exists() else model_path_in,
-                     key=f"path:{Path(model_path_in).expanduser().resolve()}")
+    local = Path(model_path_in).expanduser().resolve()
+    model = ModelRef(path=str(local) if local.exists() else model_path_in, key=f"path:{local}")
     stage_module(kind).check(spec, input_config(model))
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

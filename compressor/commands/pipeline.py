@@ -89,32 +89,38 @@ def _fmt_params(n: Optional[float]) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _fmt_hours(hours: Optional[float]) -> str:
+    return "-" if not hours else (f"{hours:,.0f}" if hours >= 100 else f"{hours:.3g}")
+
+
 def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
     from compressor import estimate
 
     teacher_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
-    console.print(f"[bold]{plan.spec.name}[/]  teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params)"
-                  f"  storage {plan.storage_root / plan.spec.name}")
-    table = Table(show_lines=False)
-    for col in ("#", "stage", "resources", "cache", "params in", "params out", "PFLOPs", f"{gpu}-hours @ {mfu:.0%} MFU"):
-        table.add_column(col)
+    console.print(f"[bold]{plan.spec.name}[/]: teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params), "
+                  f"storage {plan.storage_root / plan.spec.name}", soft_wrap=True)
+    table = Table(caption=f"FLOPs and GPU-hours: estimates for {gpu} at {mfu:.0%} MFU, evaluation not included",
+                  caption_justify="left")
+    for col in ("#", "stage", "resources", "cache", "params", "FLOPs", "GPU-h"):
+        table.add_column(col, no_wrap=col not in ("stage", "resources"))
     total_hours = 0.0
     for i, stage in enumerate(plan.stages):
-        res = stage.entry.resources
-        spec = stage.entry.spec
-        workers = getattr(spec, "workers", 1)
-        gpus = getattr(spec, "gpus_per_worker", res.num_gpus)
-        resources_text = f"{workers}x({getattr(spec, 'cpus_per_worker', res.num_cpus):g} CPU, {gpus:g} GPU)"
+        spec, res = stage.entry.spec, stage.entry.resources
+        cpus, gpus = (spec.cpus_per_worker, spec.gpus_per_worker) if stage.kind == "distill" else (res.num_cpus, res.num_gpus)
+        resources_text = f"{cpus:g} CPU" + (f"+{gpus:g} GPU" if gpus else "")
+        if stage.kind == "distill":
+            resources_text = f"{spec.workers} x {resources_text}"
         flops = estimate.stage_flops(stage.kind, spec, stage.in_config, stage.out_config, plan.spec) if stage.in_config else None
         hours = estimate.gpu_hours(flops, gpu, mfu) if flops else None
         total_hours += hours or 0.0
-        table.add_row(str(i), f"{stage.name} ({stage.kind})", resources_text,
+        params_in = _fmt_params(estimate.param_count(stage.in_config) if stage.in_config else None)
+        params_out = _fmt_params(estimate.param_count(stage.out_config) if stage.out_config else None)
+        table.add_row(str(i), stage.name if stage.name == stage.kind else f"{stage.name} ({stage.kind})", resources_text,
                       "[green]cached[/]" if stage.cached else "to run",
-                      _fmt_params(estimate.param_count(stage.in_config) if stage.in_config else None),
-                      _fmt_params(estimate.param_count(stage.out_config) if stage.out_config else None),
-                      f"{flops / 1e15:.3g}" if flops else "-", f"{hours:.4g}" if hours else "-")
+                      params_in if params_in == params_out else f"{params_in} -> {params_out}",
+                      f"{flops:.2e}" if flops else "-", _fmt_hours(hours))
     console.print(table)
-    console.print(f"total ≈ {total_hours:.4g} {gpu}-hours at {mfu:.0%} MFU (estimate; evaluation not included)")
+    console.print(f"total: {_fmt_hours(total_hours)} {gpu}-hours")
     for stage in plan.stages:
         for warning in stage.warnings:
             console.print(f"[yellow]warning:[/] {stage.name}: {warning}")

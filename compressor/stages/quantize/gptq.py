@@ -122,9 +122,14 @@ def layer_losses(model_dir: Path, work_dir: Path) -> list[float]:
 
 @contextlib.contextmanager
 def gptqmodel_output(log_path: Path):
-    """Send GPTQModel's stdout to a file; on failure show its tail, since the work dir is then deleted."""
+    """Send GPTQModel's stdout to a file; on failure show its tail, since the work dir is then deleted.
+
+    GPTQModel also writes per-layer stats under ./logs/ of the current directory, so run it from the stage's
+    work dir: they stay with the stage output instead of littering wherever the user started compressor."""
+    cwd = os.getcwd()
     with open(log_path, "w") as log:
         try:
+            os.chdir(log_path.parent)
             with contextlib.redirect_stdout(log):
                 yield
         except BaseException:
@@ -132,6 +137,8 @@ def gptqmodel_output(log_path: Path):
             tail = log_path.read_text(errors="replace").splitlines()[-25:]
             print("GPTQModel's last output:\n" + "\n".join(tail), file=sys.stderr, flush=True)
             raise
+        finally:
+            os.chdir(cwd)
 
 
 def run_gptqmodel(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict],

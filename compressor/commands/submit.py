@@ -1,0 +1,299 @@
+"""`compressor submit` and `compressor jobs status|logs|stop|list`: pipelines as Ray jobs on a cluster.
+
+Built on Ray's JobSubmissionClient: the working dir is uploaded, `compressor run PIPELINE [overrides]`
+is the entrypoint, and the job's driver joins the cluster through the RAY_ADDRESS Ray sets for it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from compressor.errors import CompressorError, UserError
+
+ADDRESS_ENV = ["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"]  # the variables `ray job submit` reads too
+CONNECT_TIMEOUT_S = 10.0
+AGENT_WAIT_S = 60.0  # how long a freshly started head may take to accept jobs
+# Never worth uploading: Ray also honours the working dir's .gitignore.
+DEFAULT_EXCLUDES = [".git", ".venv", "venv", "artifacts", "mlruns", "__pycache__", "*.pyc", ".pytest_cache"]
+
+
+class JobFailed(CompressorError):
+    """The Ray job ended FAILED or STOPPED. Exits with the remote `compressor run` exit code when known."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+AddressOpt = typer.Option(
+    None, "--address", envvar=ADDRESS_ENV, show_envvar=True,
+    help="Dashboard URL of the Ray head, e.g. http://HEAD:8265.",
+)
+
+
+# ----------------------------------------------------------------------------- client
+def check_address(address: Optional[str]) -> str:
+    """A usable dashboard URL, or a UserError saying what is wrong with it."""
+    if not address:
+        raise UserError("--address: give the Ray head's dashboard URL, e.g. --address http://HEAD:8265 "
+                        "(or set RAY_API_SERVER_ADDRESS)")
+    address = address.strip().rstrip("/")
+    if not address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address!r}: expected the dashboard URL http://HOST:8265 (not the GCS "
+                        f"address HOST:6379 or a ray:// client address)")
+    return address
+
+
+def _probe(address: str) -> None:
+    """Fail fast (JobSubmissionClient waits for the OS TCP timeout) and say which side is wrong."""
+    import requests
+
+    try:
+        reply = requests.get(f"{address}/api/version", timeout=CONNECT_TIMEOUT_S)
+    except requests.exceptions.Timeout:
+        raise UserError(f"--address {address}: no answer within {CONNECT_TIMEOUT_S:.0f} s; is the head up and "
+                        f"its dashboard port reachable from here (firewall, port-forward)?") from None
+    except requests.exceptions.RequestException as exc:
+        reason = type(exc).__name__ if not str(exc) else str(exc).split("(Caused by")[-1].strip(" )")
+        raise UserError(f"--address {address}: cannot reach a Ray dashboard there ({reason}); is the head running "
+                        f"and is this its dashboard URL (port 8265 by default)?") from None
+    if reply.status_code in (401, 403):
+        raise UserError(f"--address {address}: the dashboard refused the request (HTTP {reply.status_code}); this "
+                        f"cluster uses token authentication: set RAY_AUTH_TOKEN")
+    try:
+        reply.json()["ray_version"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"--address {address}: HTTP {reply.status_code} from something that is not a Ray "
+                        f"dashboard; check host and port") from None
+
+
+@contextmanager
+def _explicit_address() -> Iterator[None]:
+    """JobSubmissionClient lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override its argument; --address wins here."""
+    saved = {k: os.environ.pop(k) for k in ADDRESS_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(address: Optional[str]):
+    address = check_address(address)
+    _probe(address)
+    from ray.job_submission import JobSubmissionClient
+
+    with _explicit_address():
+        try:
+            return JobSubmissionClient(address)
+        except Exception as exc:  # version mismatch, auth: Ray's own message is the clearest
+            raise UserError(f"--address {address}: {exc}") from None
+
+
+def _call(what: str, job_id: str, fn, *args):
+    """Run a client call; a missing job or a server error becomes one clear line."""
+    try:
+        return fn(*args)
+    except RuntimeError as exc:
+        text = str(exc)
+        if "404" in text or "does not exist" in text:
+            raise UserError(f"job {job_id!r}: no such job on this cluster (see `compressor jobs list`)") from None
+        raise UserError(f"{what} job {job_id!r} failed: {text}") from None
+
+
+# ----------------------------------------------------------------------------- submit
+def entrypoint_for(pipeline: Path, working_dir: Path, overrides: List[str]) -> str:
+    """`compressor run <pipeline relative to the working dir> <overrides>`, shell-quoted."""
+    try:
+        relative = pipeline.resolve().relative_to(working_dir.resolve())
+    except ValueError:
+        raise UserError(f"{pipeline}: the pipeline must be inside the uploaded working dir {working_dir} "
+                        f"(pass --working-dir)") from None
+    return shlex.join(["compressor", "run", relative.as_posix(), *overrides])
+
+
+def runtime_env_for(working_dir: Path, env: List[str], excludes: List[str]) -> dict:
+    env_vars = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env {item!r}: expected KEY=VALUE")
+        env_vars[key] = value
+    runtime_env: dict = {"working_dir": str(working_dir), "excludes": DEFAULT_EXCLUDES + list(excludes)}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    return runtime_env
+
+
+def storage_warning(storage: str) -> Optional[str]:
+    from compressor import storage as storage_mod
+
+    if storage_mod.is_remote(storage) or Path(storage).expanduser().is_absolute():
+        return None
+    return (f"storage {storage!r} is relative: on the cluster it lands inside the job's unpacked working dir on "
+            f"the head node and is lost with it; set an absolute shared path (NFS) or s3:// / gs://")
+
+
+def wait_for(client, job_id: str, follow_logs: bool = True, poll_s: float = 1.0) -> str:
+    """Stream the job's logs to stdout (optional), then wait for a terminal status and return it."""
+    import asyncio
+
+    from ray.job_submission import JobStatus
+
+    if follow_logs:
+        async def stream() -> None:
+            async for chunk in client.tail_job_logs(job_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+
+        try:
+            asyncio.run(stream())
+        except RuntimeError as exc:  # the socket dropped: keep polling, the job itself may be fine
+            typer.secho(f"warning: log stream ended early ({exc}); waiting for the job", err=True, fg="yellow")
+    while True:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status.value)
+        time.sleep(poll_s)
+
+
+def raise_unless_succeeded(client, job_id: str, address: str) -> None:
+    info = client.get_job_info(job_id)
+    status = str(info.status.value)
+    if status == "SUCCEEDED":
+        return
+    code = info.driver_exit_code
+    # Ray appends the log tail to the message; the logs were streamed already, keep the first sentence.
+    detail = (info.message or "").strip().split(", last available logs")[0].split("\n")[0].rstrip(".")
+    raise JobFailed(
+        f"job {job_id} {status}" + (f" (exit code {code})" if code else "") + (f": {detail}" if detail else "")
+        + f". Full logs: compressor jobs logs {job_id} --address {address}",
+        exit_code=code if code and code > 0 else 1,
+    )
+
+
+def submit_pipeline(
+    address: Optional[str], pipeline: Path, overrides: List[str], working_dir: Path,
+    env: List[str] = (), excludes: List[str] = (), job_id: Optional[str] = None,
+) -> tuple[object, str, str]:
+    """Validate locally, then submit. Returns (client, job id, dashboard address)."""
+    from compressor.commands.pipeline import resolve_pipeline
+    from compressor.config.load import load_pipeline
+
+    if not working_dir.is_dir():
+        raise UserError(f"--working-dir {working_dir}: no such directory")
+    resolved = resolve_pipeline(str(pipeline))
+    spec = load_pipeline(resolved, overrides)  # a bad YAML fails here, not after an upload
+    if resolved != pipeline:  # a pipeline shipped with compressor, e.g. `tiny`: the cluster has it too
+        entrypoint = shlex.join(["compressor", "run", str(pipeline), *overrides])
+    else:
+        entrypoint = entrypoint_for(pipeline, working_dir, overrides)
+    runtime_env = runtime_env_for(working_dir, list(env), list(excludes))
+    if (warning := storage_warning(spec.storage)) is not None:
+        typer.secho(f"warning: {warning}", err=True, fg="yellow")
+    client = connect(address)
+    try:
+        submitted = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
+                               metadata={"compressor.pipeline": spec.name})
+    except Exception as exc:  # upload too large, duplicate id, ...: Ray's message names the cause
+        raise UserError(f"submitting {pipeline} to {client.get_address()} failed: {exc}") from None
+    return client, submitted, client.get_address()
+
+
+def submit_job(client, retry_s: float = AGENT_WAIT_S, **kwargs) -> str:
+    """client.submit_job, retried while the head's job agent is still starting: for a few seconds after a
+    head comes up its dashboard answers but refuses jobs with 'No available agent to submit job'."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def submit(
+        pipeline: Path = typer.Argument(..., help="Pipeline YAML inside the working dir, or the name of a "
+                                                  "pipeline shipped with compressor (e.g. tiny, a cluster smoke test)."),
+        overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides passed to `compressor run`."),
+        address: Optional[str] = AddressOpt,
+        wait: bool = typer.Option(False, "--wait", help="Stream the logs and exit with the job's result."),
+        working_dir: Path = typer.Option(Path("."), help="Directory uploaded as the job's working dir."),
+        env: Optional[List[str]] = typer.Option(None, "--env", help="KEY=VALUE environment for the job (repeatable)."),
+        exclude: Optional[List[str]] = typer.Option(None, help="Extra upload exclusions, gitignore syntax (repeatable)."),
+        job_id: Optional[str] = typer.Option(None, help="Submission id; default: generated by Ray."),
+    ) -> None:
+        """Run a pipeline on a Ray cluster as a Ray job; prints the job id."""
+        client, submitted, url = submit_pipeline(address, pipeline, overrides or [], working_dir,
+                                                 env or [], exclude or [], job_id)
+        typer.echo(submitted)
+        typer.secho(f"submitted to {url}; follow with: compressor jobs logs {submitted} --follow --address {url}",
+                    err=True)
+        if wait:
+            _watch(client, submitted, url)
+
+    jobs = typer.Typer(help="Inspect and control Ray jobs submitted with `compressor submit`.", no_args_is_help=True)
+    app.add_typer(jobs, name="jobs")
+
+    @jobs.command("status")
+    def status(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt) -> None:
+        """Status, exit code and message of a job."""
+        client = connect(address)
+        info = _call("querying", job_id, client.get_job_info, job_id)
+        typer.echo(f"{job_id}: {info.status.value}")
+        for label, value in (("entrypoint", info.entrypoint), ("message", info.message),
+                             ("exit code", info.driver_exit_code), ("started", _when(info.start_time)),
+                             ("ended", _when(info.end_time))):
+            if value not in (None, ""):
+                typer.echo(f"  {label}: {value}")
+
+    @jobs.command("logs")
+    def logs(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt,
+             follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+        """Print a job's logs (the output of `compressor run`)."""
+        client = connect(address)
+        if follow:
+            _call("querying", job_id, client.get_job_status, job_id)
+            _watch(client, job_id, client.get_address())
+        else:
+            typer.echo(_call("reading logs of", job_id, client.get_job_logs, job_id), nl=False)
+
+    @jobs.command("stop")
+    def stop(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt) -> None:
+        """Stop a running job (the pipeline resumes from its cache when submitted again)."""
+        client = connect(address)
+        stopped = _call("stopping", job_id, client.stop_job, job_id)
+        status = wait_for(client, job_id, follow_logs=False) if stopped else \
+            _call("querying", job_id, client.get_job_status, job_id).value
+        typer.echo(f"{job_id}: {status}" + ("" if stopped else " (was not running)"))
+
+    @jobs.command("list")
+    def list_jobs(address: Optional[str] = AddressOpt) -> None:
+        """Jobs on the cluster, newest last."""
+        client = connect(address)
+        for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+            typer.echo(f"{job.submission_id or job.job_id}\t{job.status.value}\t{_when(job.start_time)}\t{job.entrypoint}")
+
+
+def _watch(client, job_id: str, address: str) -> None:
+    try:
+        wait_for(client, job_id)
+    except KeyboardInterrupt:
+        typer.secho(f"\nstopped watching; the job keeps running. Stop it with: compressor jobs stop {job_id} "
+                    f"--address {address}", err=True)
+        raise SystemExit(130) from None
+    raise_unless_succeeded(client, job_id, address)
+    typer.secho(f"job {job_id} SUCCEEDED", err=True, fg="green")
+
+
+def _when(ms: Optional[int]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"

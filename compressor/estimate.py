@@ -1,0 +1,277 @@
+"""Offline estimates for `compressor plan`: parameters, FLOPs and GPU-hours from config.json alone.
+
+Torch-free and network-free. Parameter counts are exact for Llama / Mistral / Qwen2-style decoders.
+FLOPs follow the PaLM appendix-B convention (the one MFU figures are quoted against): a forward pass
+costs 2 FLOPs per matmul weight per token plus 4 * layers * seq_len * attention width for QK^T and AV;
+backward costs twice the forward. Everything else (norms, softmax, optimizer) is ignored: it is a few
+percent, well inside the MFU guess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from compressor.errors import UserError
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
+# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets.
+GPU_PEAK_TFLOPS: dict[str, float] = {
+    "b200": 2250.0,
+    "h200": 989.0,
+    "h100": 989.0,  # SXM; the PCIe card is listed separately
+    "h100-sxm": 989.0,
+    "h100-pcie": 756.0,
+    "a100": 312.0,
+    "l40s": 362.0,
+    "l4": 121.0,
+    "a10g": 125.0,
+    "mi300x": 1307.0,
+}
+GPU_TFLOPS = GPU_PEAK_TFLOPS  # the name `compressor plan --help` points to
+
+# Used when neither the stage nor its data source says how many calibration sequences to take.
+DEFAULT_PRUNE_SAMPLES = 1024  # Minitron's calibration set
+DEFAULT_GPTQ_SAMPLES = 128  # the GPTQ paper's calibration set
+
+# lm-eval tasks the recipes use: (documents, choices per document, mean tokens per request at the
+# usual few-shot count). Rough by design; unknown tasks fall back to DEFAULT_TASK_SHAPE.
+TASK_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mmlu": (14042, 4, 700),  # 5-shot
+    "hellaswag": (10042, 4, 900),  # 10-shot
+    "winogrande": (1267, 2, 200),  # 5-shot
+    "arc_challenge": (1172, 4, 1800),  # 25-shot
+    "arc_easy": (2376, 4, 1500),
+}
+DEFAULT_TASK_SHAPE = (1000, 4, 512)
+
+
+# ----------------------------------------------------------------------------- shapes
+def _get(config: dict, key: str) -> Any:
+    if config.get(key) is None:
+        raise UserError(
+            f"model config has no {key!r}; compressor estimates Llama, Mistral and Qwen2-style decoders "
+            f"(model_type {config.get('model_type', 'unknown')!r})"
+        )
+    return config[key]
+
+
+def shape(config: dict) -> dict[str, int]:
+    """The numbers every estimate needs, with HF's defaults filled in (kv heads, head_dim)."""
+    hidden = int(_get(config, "hidden_size"))
+    heads = int(_get(config, "num_attention_heads"))
+    return {
+        "vocab": int(_get(config, "vocab_size")),
+        "hidden": hidden,
+        "intermediate": int(_get(config, "intermediate_size")),
+        "layers": int(_get(config, "num_hidden_layers")),
+        "heads": heads,
+        "kv_heads": int(config.get("num_key_value_heads") or heads),
+        "head_dim": int(config.get("head_dim") or hidden // heads),
+    }
+
+
+def _linears(config: dict) -> list[tuple[str, int, int]]:
+    """(name, d_in, d_out) of the linear layers of ONE decoder layer."""
+    s = shape(config)
+    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    h, i = s["hidden"], s["intermediate"]
+    return [
+        ("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+        ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h),
+    ]
+
+
+def _layer_biases(config: dict) -> int:
+    s = shape(config)
+    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    qwen2 = config.get("model_type") == "qwen2"  # q/k/v carry biases by construction
+    total = q + 2 * kv if (qwen2 or config.get("attention_bias")) else 0
+    if config.get("attention_bias"):
+        total += s["hidden"]  # o_proj
+    if config.get("mlp_bias"):
+        total += 2 * s["intermediate"] + s["hidden"]
+    return total
+
+
+def param_count(config: dict) -> int:
+    """Exact parameter count of a Llama/Mistral/Qwen2 decoder: embeddings (once if tied), per-layer
+    attention + MLP + two RMSNorms, the final norm, and an untied lm_head."""
+    s = shape(config)
+    per_layer = sum(d_in * d_out for _, d_in, d_out in _linears(config)) + _layer_biases(config) + 2 * s["hidden"]
+    embedding = s["vocab"] * s["hidden"]
+    lm_head = 0 if config.get("tie_word_embeddings", False) else embedding
+    return embedding + s["layers"] * per_layer + s["hidden"] + lm_head
+
+
+def matmul_params(config: dict) -> int:
+    """Weights that take part in a matmul per token: all layer linears plus the lm_head
+    (the embedding lookup is a gather, free)."""
+    s = shape(config)
+    return s["layers"] * sum(d_in * d_out for _, d_in, d_out in _linears(config)) + s["vocab"] * s["hidden"]
+
+
+def forward_flops_per_token(config: dict, seq_len: int) -> float:
+    s = shape(config)
+    attention = 4 * s["layers"] * seq_len * s["heads"] * s["head_dim"]
+    return 2.0 * matmul_params(config) + attention
+
+
+# ----------------------------------------------------------------------------- stages
+def _calibration(spec, pipeline, default_samples: int) -> tuple[int, int]:
+    """(samples, seq_len) a calibrating stage will use, resolved like the stage does."""
+    name = getattr(spec, "calibration", None)
+    if name is None and len(pipeline.data) == 1:
+        name = next(iter(pipeline.data))
+    source = pipeline.data.get(name) if name else None
+    samples = spec.samples or (source.samples if source else None) or default_samples
+    seq_len = spec.seq_len or (source.seq_len if source else 512)
+    return samples, seq_len
+
+
+def distill_tokens(spec, pipeline) -> tuple[float, int]:
+    """(token budget, sequence length) of a distill stage."""
+    seq_len = spec.seq_len or pipeline.data[spec.data].seq_len
+    tokens = spec.tokens if spec.tokens is not None else spec.steps * spec.global_batch * seq_len
+    return float(tokens), seq_len
+
+
+def eval_flops(config: dict, tasks) -> float:
+    """Rough cost of one lm-eval pass over `tasks` (TaskSpec list): one forward per (document, choice)."""
+    total = 0.0
+    for task in tasks:
+        docs, choices, tokens = TASK_SHAPES.get(task.name, DEFAULT_TASK_SHAPE)
+        if task.limit is not None:
+            docs = min(docs, int(task.limit)) if task.limit >= 1 else int(docs * task.limit)
+        total += docs * choices * tokens * forward_flops_per_token(config, tokens)
+    return total
+
+
+def gptq_flops(config: dict, samples: int, seq_len: int) -> float:
+    """GPTQ goes layer by layer: a calibration forward before and after quantizing each layer, a Hessian
+    X^T X per linear (2 * d_in^2 per token), Cholesky of it (~d_in^3) and the column sweep (~d_in^2 * d_out)."""
+    tokens = samples * seq_len
+    s = shape(config)
+    forwards = 2 * tokens * forward_flops_per_token(config, seq_len)
+    per_layer = sum(2.0 * d_in**2 * tokens + d_in**3 + d_in**2 * d_out for _, d_in, d_out in _linears(config))
+    return forwards + s["layers"] * per_layer
+
+
+def stage_flops(kind: str, spec, in_config: dict, out_config: dict, pipeline, teacher_cfg: Optional[dict] = None) -> float:
+    """Estimated FLOPs of one stage. `in_config`/`out_config` are the model before and after it (from the
+    stages' `check`); `teacher_cfg` is the distillation teacher's (default: resolved from the pipeline,
+    falling back to `in_config` when it cannot be found offline)."""
+    if kind == "prune":
+        samples, seq_len = _calibration(spec, pipeline, DEFAULT_PRUNE_SAMPLES)
+        passes = 1  # width importance and block importance come from the same forward pass
+        if spec.depth_metric == "loss" and _prunes_depth(spec):
+            passes += shape(in_config)["layers"]  # one forward with each layer dropped
+        return passes * samples * seq_len * forward_flops_per_token(in_config, seq_len)
+    if kind == "distill":
+        tokens, seq_len = distill_tokens(spec, pipeline)
+        teacher = teacher_cfg or teacher_config(pipeline.teacher) or in_config
+        per_token = forward_flops_per_token(teacher, seq_len) + 3 * forward_flops_per_token(in_config, seq_len)
+        return tokens * per_token
+    if kind == "quantize":
+        samples, seq_len = _calibration(spec, pipeline, DEFAULT_GPTQ_SAMPLES)
+        return gptq_flops(in_config, samples, seq_len)
+    if kind == "evaluate":
+        wanted = set(spec.tasks) if spec.tasks else None
+        return eval_flops(in_config, [t for t in pipeline.evaluation.tasks if wanted is None or t.name in wanted])
+    raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def _prunes_depth(spec) -> bool:
+    target = spec.target
+    return any(getattr(target, n) is not None for n in ("num_layers", "keep_layers", "drop_layers"))
+
+
+def gpu_hours(flops: float, gpu: str, mfu: float) -> float:
+    """GPU-hours to execute `flops` on `gpu` at model-FLOPs utilisation `mfu` (0.3-0.5 is typical for
+    well-tuned LLM training; calibration and eval passes run lower)."""
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
+    return flops / (gpu_peak_tflops(gpu) * 1e12 * mfu) / 3600.0
+
+
+def gpu_peak_tflops(gpu: str) -> float:
+    key = gpu.strip().lower().replace("_", "-").replace(" ", "-")
+    if key not in GPU_PEAK_TFLOPS:
+        raise UserError(f"--gpu {gpu!r}: unknown GPU type; known: {', '.join(GPU_PEAK_TFLOPS)}")
+    return GPU_PEAK_TFLOPS[key]
+
+
+# ----------------------------------------------------------------------------- teacher config
+def config_slug(hub_id: str) -> str:
+    """File name stem of a shipped config: 'meta-llama/Llama-3.1-8B' -> 'meta-llama--Llama-3.1-8B'."""
+    return hub_id.strip("/").replace("/", "--")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
+def _read_config(path: Path, field: str) -> dict:
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{field}: cannot read {path} as a model config.json ({exc})") from None
+
+
+def teacher_config(teacher_spec, base_dir: Optional[Path] = None) -> Optional[dict]:
+    """The teacher's config.json without touching the network, or None when it cannot be known offline.
+
+    Tried in order: `teacher.config` (a file or directory, relative to `base_dir` - the pipeline file's
+    directory - or the name of a shipped config), `zoo:` reference models, a local checkpoint directory,
+    a config shipped in compressor/configs for the hub id, and the local Hugging Face cache."""
+    base = Path(base_dir) if base_dir else Path.cwd()
+    if teacher_spec.config:
+        given = Path(teacher_spec.config).expanduser()
+        for candidate in (given if given.is_absolute() else base / given, given):
+            if candidate.exists():
+                return _read_config(candidate, "teacher.config")
+        shipped = SHIPPED_CONFIGS / f"{config_slug(teacher_spec.config).removesuffix('.json')}.json"
+        if shipped.is_file():
+            return _read_config(shipped, "teacher.config")
+        raise UserError(
+            f"teacher.config: {teacher_spec.config!r} is neither a file (looked in {base}) nor a shipped "
+            f"config ({', '.join(shipped_configs())})"
+        )
+    model = teacher_spec.model
+    if model.startswith("zoo:"):
+        from compressor import zoo
+
+        return zoo.model_config(model[len("zoo:"):])
+    local = Path(model).expanduser()
+    for candidate in (local if local.is_absolute() else base / local, local):
+        if (candidate / "config.json").is_file():
+            return _read_config(candidate, "teacher.model")
+    shipped = SHIPPED_CONFIGS / f"{config_slug(model)}.json"
+    if shipped.is_file():
+        return _read_config(shipped, "teacher.model")
+    return _hf_cached_config(model, teacher_spec.revision)
+
+
+def _hf_cached_config(repo_id: str, revision: Optional[str]) -> Optional[dict]:
+    """config.json from the local HF cache, if the model was downloaded before (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id that is not a valid repo id, or no huggingface_hub: not cached
+        return None
+    return json.loads(Path(path).read_text()) if isinstance(path, str) else None
+
+
+# ----------------------------------------------------------------------------- formatting
+def human(number: float, unit: str = "") -> str:
+    """8030261248 -> '8.03B'; 5.7e21 -> '5.7e21' style for FLOPs (unit='FLOP')."""
+    if unit == "FLOP":
+        return f"{number:.2e} FLOP"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(number) >= scale:
+            return f"{number / scale:.2f}{suffix}{unit}"
+    return f"{number:.0f}{unit}"

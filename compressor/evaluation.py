@@ -1,0 +1,197 @@
+"""lm-eval on a checkpoint directory, metric directions for gates, and the result cache helpers.
+
+torch and lm-eval are imported inside `evaluate` only, so gates and `validate` stay light."""
+
+from __future__ import annotations
+
+import json
+import hashlib
+import os
+import uuid
+from collections import defaultdict
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from compressor.cache import digest
+from compressor.config.schema import TaskSpec
+from compressor.errors import UserError
+
+# The headline metric of a task, in order of preference (acc_norm first: it corrects the length bias of acc).
+PRIMARY_ORDER = (
+    "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity", "perplexity", "byte_perplexity", "bits_per_byte",
+)
+NOT_METRICS = {"sample_len", "alias"}  # bookkeeping lm-eval puts beside the metrics
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "bpb", "loss", "error")
+LOWER_IS_BETTER_EXACT = {"ter", "wer", "cer", "brier_score"}
+
+
+def include_dir(include: str) -> Path:
+    """`zoo:NAME` -> the zoo model's task dir (materialized on first use); else a directory of task YAMLs."""
+    if include.startswith("zoo:"):
+        from compressor import zoo
+
+        return zoo.tasks_dir(include[len("zoo:"):])
+    path = Path(include).expanduser()
+    if not path.is_dir():
+        raise UserError(f"evaluation include {include!r}: not a directory of lm-eval task YAMLs (or use zoo:NAME)")
+    return path.resolve()
+
+
+def task_manager(tasks: list[TaskSpec]):
+    """A TaskManager knowing every requested task. lm-eval's own registry is indexed (about 6 s) only when
+    a task is not under the includes. Unknown task -> UserError, before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    includes = sorted({str(include_dir(t.include)) for t in tasks if t.include})
+    names = [t.name for t in tasks]
+    if includes:
+        local = TaskManager(include_path=includes, include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    manager = TaskManager(include_path=includes or None, include_defaults=True)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        where = f"neither under {', '.join(includes)} nor in" if includes else "in"
+        raise UserError(
+            f"unknown evaluation task {', '.join(map(repr, unknown))}: not found {where} lm-eval's registry. "
+            "Check the name, or point `include` (--include) at the directory holding its YAML "
+            "(zoo:tiny for ref_ppl / ref_next)."
+        )
+    return manager
+
+
+def _load(model_dir: Path, device: str, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"model {str(model_dir)!r}: no config.json there; expected a Hugging Face checkpoint directory")
+    # As a user would load it: quantized checkpoints (GPTQ) go through the same call via their config.
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if device != "cpu":
+        model = model.to(device)
+    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def flatten(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ..., "sample_len": 9} -> {"acc": 0.5}."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results.items():
+        clean = {}
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if name in NOT_METRICS or name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            clean[name] = float(value)
+        out[task] = clean
+    return out
+
+
+def evaluate(
+    model_dir: str | Path, tasks: list[TaskSpec], batch_size: int = 16, device: str = "cpu", dtype: str = "auto"
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval's `simple_evaluate` on the checkpoint in `model_dir`. Returns {task: {metric: value}}.
+
+    Tasks sharing (num_fewshot, limit) run in one call; the model is loaded once."""
+    if not tasks:
+        raise UserError("no evaluation tasks given")
+    manager = task_manager(tasks)
+    with _offline(all(t.include and t.include.startswith("zoo:") for t in tasks)):
+        return _run(Path(model_dir), tasks, manager, batch_size, device, dtype)
+
+
+@contextmanager
+def _offline(enabled: bool) -> Iterator[None]:
+    """Zoo tasks read local JSONL only: set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE (unless the user set them)
+    so that nothing waits on an unreachable hub. Other tasks keep the user's settings: they may need it."""
+    added = [k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if enabled and k not in os.environ]
+    os.environ.update({k: "1" for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int, device: str, dtype: str):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = _load(model_dir, device, dtype)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for t in tasks:
+        limit = None if t.limit is None else (t.limit if t.limit < 1 else int(t.limit))
+        groups[(t.num_fewshot, limit)].append(t.name)
+    results: dict[str, dict[str, float]] = {}
+    for (num_fewshot, limit), names in groups.items():
+        out = simple_evaluate(
+            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+            bootstrap_iters=0, log_samples=False,
+        )
+        results.update(flatten(out["results"]))
+    return results
+
+
+def _metric_name(metric: str) -> str:
+    return metric.split(",")[0].rsplit(".", 1)[-1]
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric ('acc', 'ref_ppl.word_perplexity', 'acc,none' all work)."""
+    name = _metric_name(metric)
+    return not (name in LOWER_IS_BETTER_EXACT or any(part in name for part in LOWER_IS_BETTER))
+
+
+def primary_metric(task: str, metrics: dict[str, float]) -> str:
+    """The metric a gate on plain `task` checks: the first of PRIMARY_ORDER present, else the first by name."""
+    names = [m for m in metrics if not m.endswith("_stderr")]
+    for preferred in PRIMARY_ORDER:
+        if preferred in names:
+            return preferred
+    if not names:
+        raise UserError(f"evaluation task {task!r} produced no metrics; name one explicitly as `{task}.METRIC`")
+    return sorted(names)[0]
+
+
+def _include_fingerprint(include: Optional[str]) -> Optional[str]:
+    """What the task definitions depend on: a zoo corpus key, or the content of an include directory."""
+    if include is None:
+        return None
+    if include.startswith("zoo:"):
+        from compressor.zoo import corpus_key
+
+        return corpus_key(include[len("zoo:"):])
+    path = Path(include).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return digest([[p.relative_to(path).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()] for p in files])
+
+
+def eval_cache_key(model_key: str, tasks: list[TaskSpec], batch_size: int) -> str:
+    """Same model + same task definitions and options + same batch size + same lm-eval -> same results."""
+    return digest({
+        "model": model_key,
+        "tasks": [{**t.model_dump(mode="json"), "fingerprint": _include_fingerprint(t.include)} for t in tasks],
+        "batch_size": batch_size,
+        "lm_eval": metadata.version("lm_eval"),
+    })
+
+
+def load_cached(path: str | Path) -> Optional[dict[str, dict[str, float]]]:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["results"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # a torn or foreign file is a cache miss, not an error
+
+
+def save_cached(path: str | Path, results: dict[str, dict[str, float]]) -> None:
+    """Atomic write: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps({"results": results}, indent=2, sort_keys=True))
+    tmp.replace(path)

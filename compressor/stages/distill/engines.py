@@ -1,0 +1,157 @@
+"""DeepSpeed engines for distillation and the training step the stage runs (also timed by benchmarks/distill.py).
+
+The student is trained under ZeRO 0-3 with a torch AdamW client optimizer. The teacher is frozen and, with several
+workers, wrapped in its own optimizer-less ZeRO-3 engine, so N workers each hold 1/N of it. The loss runs inside the
+student engine's forward, so ZeRO-3 gathers the student's output head when the chunked loss calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from compressor.config.stages import DistillSpec
+from compressor.stages.distill.deepspeed_config import effective_zero_stage, student_config, teacher_config
+from compressor.stages.distill.loss import LossTerms, distill_loss
+
+
+def prepare_deepspeed_env() -> None:
+    """Call before importing deepspeed in a process: pick the accelerator and skip the CPU JIT build."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: F401  (after DS_ACCELERATOR)
+
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce (about a minute, needs a compiler) on the
+        # first initialize. gloo does the same job, so skip the build: this keeps CPU runs from stalling.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # torch 2.13 deprecates the reduce_scatter_tensor call ZeRO makes every step; one warning per step is noise.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def use_bf16(spec: DistillSpec) -> bool:
+    if spec.deepspeed.bf16 is not None:
+        return spec.deepspeed.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class StudentWithLoss(torch.nn.Module):
+    """The student, whose forward returns the distillation loss against given teacher hidden states."""
+
+    def __init__(self, student, teacher_head, spec: DistillSpec):
+        super().__init__()
+        self.student = student
+        self.spec = spec
+        # A plain attribute, not a submodule: the teacher's weights must not join the student's optimizer.
+        self.__dict__["teacher_head"] = teacher_head
+
+    def forward(self, tokens: torch.Tensor, teacher_states) -> LossTerms:
+        want_all = bool(self.spec.loss.hidden_mse)
+        out = self.student.base_model(input_ids=tokens, output_hidden_states=want_all, use_cache=False)
+        states = out.hidden_states if want_all else (out.last_hidden_state,)
+        head = self.student.get_output_embeddings()
+        return distill_loss(states, teacher_states, tokens, head, self.teacher_head, self.spec.loss)
+
+
+class TeacherStates(torch.nn.Module):
+    def __init__(self, teacher, want_all: bool):
+        super().__init__()
+        self.teacher = teacher
+        self.want_all = want_all
+
+    def forward(self, tokens: torch.Tensor):
+        out = self.teacher.base_model(input_ids=tokens, output_hidden_states=self.want_all, use_cache=False)
+        return out.hidden_states if self.want_all else (out.last_hidden_state,)
+
+
+@dataclass
+class Engines:
+    student: "deepspeed.DeepSpeedEngine"  # noqa: F821  (wraps StudentWithLoss)
+    teacher: torch.nn.Module  # TeacherStates; inside a ZeRO-3 engine when there are several workers
+    device: torch.device
+    bf16: bool
+    zero_stage: int  # the student's ZeRO stage as run (see effective_zero_stage)
+
+    @property
+    def student_model(self):
+        return self.student.module.student
+
+
+def build_engines(spec: DistillSpec, student_path: str, teacher_path: str, world_size: int, micro_batch: int,
+                  grad_accum: int) -> Engines:
+    """Load both models and wrap them in DeepSpeed engines (torch.distributed must already be initialised or
+    RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)."""
+    prepare_deepspeed_env()
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    bf16 = use_bf16(spec)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).eval().requires_grad_(False)
+    teacher_states = TeacherStates(teacher, bool(spec.loss.hidden_mse))
+    if world_size > 1:  # shard the frozen teacher: each worker holds 1/N of it
+        teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=teacher_config(micro_batch, bf16))
+    teacher_states.eval()
+
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype)
+    model = StudentWithLoss(student, teacher.get_output_embeddings(), spec)
+    config = student_config(spec, world_size, micro_batch, grad_accum, bf16, torch.cuda.is_available())
+    if "optimizer" in config:  # DeepSpeed builds it (ZeRO-Offload)
+        student_engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        student_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    student_engine.train()
+    if world_size == 1:  # no engine placed the unsharded teacher
+        teacher_states.to(student_engine.device)
+    zero_stage = effective_zero_stage(spec.deepspeed.zero_stage, world_size)
+    return Engines(student_engine, teacher_states, student_engine.device, bf16, zero_stage)
+
+
+def lr_at(step: int, spec: DistillSpec, steps: int) -> float:
+    """Linear warm-up to `lr`, then cosine down to `min_lr` at the last step (stateless, so resume is exact)."""
+    warmup = warmup_steps(spec, steps)
+    if step < warmup:
+        return spec.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup - 1)
+    return spec.min_lr + 0.5 * (spec.lr - spec.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_steps(spec: DistillSpec, steps: int) -> int:
+    return spec.warmup_steps if spec.warmup_steps is not None else min(40, steps // 10)
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    hidden_mse: float
+    grad_norm: Optional[float]
+
+
+def train_step(engines: Engines, micro_batches: list[torch.Tensor], lr: float) -> StepMetrics:
+    """One optimizer step over this worker's micro-batches ([micro, seq_len] token tensors), returning the mean
+    loss terms over them (this worker's share; the caller averages across workers if it wants global numbers)."""
+    for group in engines.student.optimizer.param_groups:
+        group["lr"] = lr
+    sums = torch.zeros(4)
+    for tokens in micro_batches:
+        tokens = tokens.to(engines.device)
+        with torch.no_grad():
+            teacher_states = engines.teacher(tokens)
+        terms = engines.student(tokens, teacher_states)
+        engines.student.backward(terms.loss)
+        engines.student.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+        sums += torch.stack([t.detach().float().cpu() for t in terms])
+    loss, kd, ce, hidden = (sums / len(micro_batches)).tolist()
+    norm = engines.student.get_global_grad_norm()
+    return StepMetrics(loss, kd, ce, hidden, float(norm) if norm is not None else None)

@@ -1,0 +1,120 @@
+"""Building zoo entries: under a file lock, into a private temp dir, renamed into place when complete.
+
+A final directory therefore exists only when it is whole; a crash leaves a `.tmp-*` dir that the next
+builder of the same key (holding the lock) removes."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from compressor.zoo import corpus, eval_tasks
+from compressor.zoo.recipes import model_config, model_key, recipe
+
+BUILD_INFO = "zoo.json"
+
+
+@contextmanager
+def _locked(final: Path) -> Iterator[None]:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process builds the same entry
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_once(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Run `fill(tmp_dir)` unless `final` exists, then publish tmp_dir as `final` atomically."""
+    if final.is_dir():
+        return final
+    with _locked(final):
+        if final.is_dir():  # built by another process while we waited for the lock
+            return final
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        work.mkdir()
+        try:
+            fill(work)
+            work.rename(final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return final
+
+
+def build_corpus(name: str, final: Path) -> Path:
+    """train.txt / heldout.txt and the task data; task YAMLs point at the final location."""
+
+    def fill(work: Path) -> None:
+        _, heldout = corpus.write_split(work, recipe(name).heldout_percent)
+        eval_tasks.write_data(work / "tasks", heldout)
+        eval_tasks.materialize(data_dir=final / "tasks", out_dir=work / "tasks")
+
+    return _build_once(final, fill)
+
+
+def _progress(iterable, description: str):
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(iterable, description=description, console=Console(stderr=True), transient=False)
+
+
+def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
+    def fill(work: Path) -> None:
+        import torch
+
+        from compressor.modeling import count_params, perplexity, save_checkpoint
+        from compressor.zoo import train
+        from compressor.zoo.tokenizer import train_tokenizer
+
+        r = recipe(name)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        train_docs, heldout_docs = corpus.split(r.heldout_percent)
+        tokenizer = train_tokenizer((p for doc in train_docs for p in doc), r.vocab_size, r.seq_len)
+        blocks = train.pack(train_docs, tokenizer, r.seq_len, r.seed)
+        heldout_blocks = train.pack([[p] for doc in heldout_docs for p in doc], tokenizer, r.seq_len, r.seed)
+        log(f"zoo: building {name}: {r.steps} steps over {blocks.numel():,} train tokens, {torch.get_num_threads()} threads")
+        model = train.build_model(model_config(name), r.seed)
+        losses = train.train(model, blocks, r, progress=_progress)
+        info = {
+            "name": name,
+            "key": model_key(name),
+            "params": count_params(model),
+            "train_tokens_seen": r.train_tokens,
+            "corpus_train_tokens": blocks.numel(),
+            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "heldout_ppl": perplexity(model, heldout_blocks),
+            "unigram_ppl": train.unigram_perplexity(blocks, heldout_blocks, r.vocab_size),
+            "build_seconds": round(time.perf_counter() - start, 1),
+            "build_cpu_seconds": round(time.process_time() - cpu_start, 1),  # all threads; steadier on a busy machine
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        save_checkpoint(model, tokenizer, work)
+        (work / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        log(f"zoo: built {name} in {info['build_seconds']} s, held-out ppl {info['heldout_ppl']:.1f} "
+            f"(unigram {info['unigram_ppl']:.1f})")
+
+    return _build_once(final, fill)
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def home() -> Path:
+    return Path(os.environ.get("COMPRESSOR_HOME") or "~/.cache/compressor").expanduser() / "zoo"
