@@ -13,7 +13,6 @@ fi
 stamp=".venv/.compressor-installed-$(cat pyproject.toml "$CONSTRAINTS" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing (a few minutes on a fresh machine)"
-  .venv/bin/python -m pip install -q --upgrade pip
   # torch first, from the pinned build, so that nothing pulls a CUDA wheel as a dependency.
   .venv/bin/python -m pip install -q -c "$CONSTRAINTS" torch
   DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e '.[dev]'
