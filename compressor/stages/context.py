@@ -76,6 +76,23 @@ class StageContext:
 
         yield from tqdm(items, total=total, desc=desc, disable=self.quiet, file=sys.stderr, mininterval=1.0)
 
+    def calibration_blocks(self, name: Optional[str], tokenizer, samples: Optional[int], seq_len: Optional[int],
+                           max_positions: Optional[int], default_samples: int, stage: str):
+        """[n, seq_len] token blocks of data source `name`; the stage's own samples/seq_len win over the source's,
+        and seq_len is capped at the model's context."""
+        from compressor.data import token_blocks
+
+        source = self.data_source(name)
+        seq_len = seq_len or source.seq_len
+        if max_positions and seq_len > max_positions:
+            self.info(f"{stage}: seq_len {seq_len} is beyond the model's max_position_embeddings; using {max_positions}")
+            seq_len = max_positions
+        samples = samples or source.samples or default_samples
+        blocks = token_blocks(source, tokenizer, samples, seq_len, self.seed)
+        if blocks.shape[0] < samples:
+            self.info(f"{stage}: the calibration text yields {blocks.shape[0]} sequences of {seq_len} tokens, not {samples}")
+        return blocks
+
     def data_source(self, name: Optional[str]) -> DataSource:
         from compressor.errors import UserError
 

@@ -391,7 +391,7 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(case, saved, calib
 
 def test_cli_model_may_be_a_zoo_name_or_a_stage_output(saved, calib_file, tmp_path):
     from compressor import zoo
-    from compressor.commands.prune import resolve_model
+    from compressor.runner import resolve_model
     from compressor.manifest import Manifest
 
     assert resolve_model("zoo:tiny-test") == (str(zoo.ensure_model("tiny-test")), "tiny-test")

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from compressor.config.stages import PruneSpec
-from compressor.data import token_blocks
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.modeling import count_params, load_model, load_tokenizer, save_checkpoint
@@ -42,14 +41,8 @@ def non_embedding_params(model) -> int:
 
 
 def calibration_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict) -> torch.Tensor:
-    source = ctx.data_source(spec.calibration)
-    seq_len = spec.seq_len or source.seq_len
-    limit = config.get("max_position_embeddings")
-    if limit and seq_len > limit:
-        ctx.info(f"prune: seq_len {seq_len} is beyond the model's max_position_embeddings; using {limit}")
-        seq_len = limit
-    samples = spec.samples or source.samples or DEFAULT_SAMPLES
-    return token_blocks(source, tokenizer, samples, seq_len, ctx.seed)
+    return ctx.calibration_blocks(spec.calibration, tokenizer, spec.samples, spec.seq_len,
+                                  config.get("max_position_embeddings"), DEFAULT_SAMPLES, "prune")
 
 
 def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResult:

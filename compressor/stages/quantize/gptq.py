@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 from compressor.config.stages import QuantizeSpec
-from compressor.data import token_blocks
 from compressor.manifest import ModelRef
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
@@ -58,16 +57,8 @@ def source_dir(model: ModelRef) -> Optional[Path]:
 
 def calibration(spec: QuantizeSpec, ctx: StageContext, tokenizer, config: dict) -> list[dict]:
     """[{input_ids, attention_mask}] rows of seq_len tokens from the pipeline data source."""
-    source = ctx.data_source(spec.calibration)
-    seq_len = spec.seq_len or source.seq_len
-    limit = config.get("max_position_embeddings")
-    if limit and seq_len > limit:
-        ctx.info(f"quantize: seq_len {seq_len} is beyond the model's max_position_embeddings; using {limit}")
-        seq_len = limit
-    samples = spec.samples or source.samples or DEFAULT_SAMPLES
-    blocks = token_blocks(source, tokenizer, samples, seq_len, ctx.seed)
-    if blocks.shape[0] < samples:
-        ctx.info(f"quantize: the calibration text yields {blocks.shape[0]} sequences of {seq_len} tokens, not {samples}")
+    blocks = ctx.calibration_blocks(spec.calibration, tokenizer, spec.samples, spec.seq_len,
+                                    config.get("max_position_embeddings"), DEFAULT_SAMPLES, "quantize")
     return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in blocks.tolist()]
 
 
