@@ -99,6 +99,12 @@ def test_worker_failure_and_rerun_resume_from_the_last_checkpoint(two_worker_run
         run(tmp_path, models, spec(workers=1, max_failures=0), first, run_name="resume")
     assert [r["step"] for r in first.records()] == [1, 2, 3]
 
+    # A different distillation under the same run name must not resume that checkpoint.
+    other = FileSink(tmp_path / "other.jsonl")
+    with pytest.raises(UserError, match="holds a checkpoint of a different distillation"):
+        run(tmp_path, models, spec(workers=1, lr=1e-3, max_failures=0), other, run_name="resume")
+    assert other.records() == []
+
     # A re-run with the same run name resumes at step 2. Its worker dies after step 5, Ray Train restarts the
     # worker group (max_failures=1), and it resumes again from the checkpoint of step 4.
     second = FileSink(tmp_path / "second.jsonl", die_at_step=5)

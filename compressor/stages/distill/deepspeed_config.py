@@ -5,6 +5,8 @@ from __future__ import annotations
 from compressor.config.stages import DistillSpec
 
 QUIET = {"steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+
+
 def effective_zero_stage(requested: int, world_size: int) -> int:
     """ZeRO-3 partitions the weights across workers. With one worker there is nothing to partition, and its per-module
     gather/release hooks only cost time (about 10% of a step on CPU), so one worker runs ZeRO-2: the same computation
@@ -14,6 +16,7 @@ def effective_zero_stage(requested: int, world_size: int) -> int:
 
 def student_config(spec: DistillSpec, world_size: int, micro_batch: int, grad_accum: int, bf16: bool,
                    on_gpu: bool) -> dict:
+    """The student's engine: the global batch as micro-batches x accumulation x workers, clipping, ZeRO, bf16."""
     zero: dict = {"stage": effective_zero_stage(spec.deepspeed.zero_stage, world_size)}
     config = {
         "train_batch_size": micro_batch * grad_accum * world_size,

@@ -1,6 +1,7 @@
 """DeepSpeed engines for distillation and the training step the stage runs (also timed by benchmarks/distill.py).
 
-The student is trained under ZeRO 0-3 with a torch AdamW client optimizer. The teacher is frozen and, with several
+The student is trained under ZeRO 0-3 with a torch AdamW client optimizer (DeepSpeed's CPU AdamW under ZeRO-Offload
+on GPUs). The teacher is frozen and, with several
 workers, wrapped in its own optimizer-less ZeRO-3 engine, so N workers each hold 1/N of it. The loss runs inside the
 student engine's forward, so ZeRO-3 gathers the student's output head when the chunked loss calls it.
 """

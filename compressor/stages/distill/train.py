@@ -137,8 +137,8 @@ def resume(engines: Engines, job: DistillJob) -> int:
         _, client_state = engines.student.load_checkpoint(directory)
     if client_state is None or client_state.get("fingerprint") != job.fingerprint:
         raise UserError(
-            f"the Ray Train run {checkpoint.path!r} holds a checkpoint of a different distillation (other models, data "
-            "or settings); remove that run directory or choose another output name"
+            f"the Ray Train run at {str(Path(checkpoint.path).parent)!r} holds a checkpoint of a different distillation "
+            "(other models, data or settings); remove that run directory or choose another output name"
         )
     return int(client_state["step"])
 
