@@ -18,7 +18,7 @@ TEST_SIZE = [
     "data.distill.source=zoo:tiny-test", "data.distill.seq_len=128",
     "evaluation.tasks.0.include=zoo:tiny-test", "evaluation.tasks.1.include=zoo:tiny-test",
     "stages.prune.target.intermediate_size=192", "stages.prune.target.num_attention_heads=2",
-    "stages.distill.steps=60", "stages.distill.checkpoint_every=30",
+    "stages.distill.steps=40", "stages.distill.checkpoint_every=20",
     "stages.quantize.group_size=64",
 ]
 
