@@ -20,3 +20,21 @@ def tiny_corpus() -> Path:
     from compressor import zoo
 
     return zoo.corpus_dir("tiny-test")
+
+
+# pipelines/tiny.yaml sized for the test teacher (hidden 128, 4 query / 2 KV heads, MLP 384) and CI's budget.
+TINY_PIPELINE_AT_TEST_SIZE = [
+    "teacher.model=zoo:tiny-test",
+    "data.calib.source=zoo:tiny-test", "data.calib.samples=32", "data.calib.seq_len=128",
+    "data.distill.source=zoo:tiny-test", "data.distill.seq_len=128",
+    "evaluation.tasks.0.include=zoo:tiny-test", "evaluation.tasks.1.include=zoo:tiny-test",
+    "stages.prune.target.intermediate_size=192", "stages.prune.target.num_attention_heads=2",
+    "stages.distill.steps=40", "stages.distill.checkpoint_every=20",
+    "stages.quantize.group_size=64",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_test_overrides() -> list[str]:
+    """KEY=VALUE overrides that run the shipped tiny pipeline on the test-size teacher."""
+    return list(TINY_PIPELINE_AT_TEST_SIZE)

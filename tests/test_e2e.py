@@ -11,20 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "tiny.yaml"
-# Same pipeline, sized for the test teacher (hidden 128, 4 query / 2 KV heads, MLP 384) and CI's budget.
-TEST_SIZE = [
-    "teacher.model=zoo:tiny-test",
-    "data.calib.source=zoo:tiny-test", "data.calib.samples=32", "data.calib.seq_len=128",
-    "data.distill.source=zoo:tiny-test", "data.distill.seq_len=128",
-    "evaluation.tasks.0.include=zoo:tiny-test", "evaluation.tasks.1.include=zoo:tiny-test",
-    "stages.prune.target.intermediate_size=192", "stages.prune.target.num_attention_heads=2",
-    "stages.distill.steps=40", "stages.distill.checkpoint_every=20",
-    "stages.quantize.group_size=64",
-]
 
-
-def run(storage: Path, *extra: str):
-    cmd = [sys.executable, "-m", "compressor", "run", str(PIPELINE), f"storage={storage}", *TEST_SIZE, *extra,
+def run(storage: Path, overrides: list[str]):
+    cmd = [sys.executable, "-m", "compressor", "run", str(PIPELINE), f"storage={storage}", *overrides,
            "--summary-json", str(storage / "summary.json")]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "GPTQMODEL_DISABLE_PACK_EXT": "1"})
     summary = json.loads((storage / "summary.json").read_text()) if result.returncode == 0 else None
@@ -32,9 +21,9 @@ def run(storage: Path, *extra: str):
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path):
+def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides):
     storage = tmp_path / "artifacts"
-    result, summary = run(storage)
+    result, summary = run(storage, tiny_test_overrides)
     assert result.returncode == 0, result.stderr[-5000:]
     stages = {s["name"]: s for s in summary["stages"]}
     assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"]
@@ -72,7 +61,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert "loss" in children["distill"].data.metrics  # per-step training loss from rank 0
 
     # a re-run finds everything cached and starts neither Ray nor a new MLflow run
-    result, summary = run(storage)
+    result, summary = run(storage, tiny_test_overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s["status"] for s in summary["stages"]] == ["cached", "cached", "cached"]
     assert "Ray" not in result.stderr and len(client.search_runs([parent.info.experiment_id])) == len(runs)

@@ -173,7 +173,7 @@ def test_job_exit_code_and_stop(head):
 
 # ----------------------------------------------------------------------------- the tiny pipeline, end to end
 @pytest.mark.slow
-def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, tmp_path):
+def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, tmp_path, tiny_test_overrides):
     from mlflow.tracking import MlflowClient
 
     from compressor.commands.pipeline import resolve_pipeline
@@ -182,7 +182,7 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     work.mkdir()
     shutil.copy(resolve_pipeline(None), work / "tiny.yaml")  # the small upload: just the pipeline
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [f"storage={tmp_path / 'store'}", f"tracking.uri={tracking}"]
+    overrides = [f"storage={tmp_path / 'store'}", f"tracking.uri={tracking}", *tiny_test_overrides]
     result = cli("submit", "tiny.yaml", *overrides, "--address", head, "--wait", cwd=work, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_id = result.stdout.splitlines()[0]
