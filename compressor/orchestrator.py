@@ -68,7 +68,8 @@ class Orchestrator:
         start = time.perf_counter()
         plan = self.plan
         check_local_tasks(self.spec.evaluation.tasks)
-        check_storage(plan.storage_root)
+        if not plan.remote:
+            check_storage(plan.storage_root)
         if plan.fully_cached():
             return self._cached_summary(start)
         self._check_registry_tasks()
@@ -109,6 +110,10 @@ class Orchestrator:
                 stage.output = stage.input
         params = {"kind": stage.kind, "key": stage.key, "input_key": stage.input.key, **stage.entry.spec.model_dump(mode="json")}
         if stage.cached:
+            if self.plan.remote and stage.kind != "evaluate":  # bring the published output to this node
+                from compressor.storage import download_stage
+
+                download_stage(self.plan.remote_stage_uri(stage), stage.stage_dir)
             run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params, cached=True)
             self.tracker.sink(run_id).log_metrics({k: v for k, v in {"num_params": stage.cached.num_params,
                                                                      "bytes": stage.cached.bytes}.items() if v})
@@ -153,6 +158,10 @@ class Orchestrator:
                 raise
             detail = "".join(traceback.format_exception_only(type(cause), cause)).strip()
             raise StageFailed(f"stage {stage.name!r} failed: {detail}\n{_trace(exc)}") from None
+        if self.plan.remote:
+            from compressor.storage import upload_stage
+
+            upload_stage(stage.stage_dir, self.plan.remote_stage_uri(stage))  # manifest last
         if stage.kind != "evaluate":
             self.published[stage.output.key] = str(stage.stage_dir / "model")
             if scores is not None:
@@ -164,7 +173,7 @@ class Orchestrator:
     def _context(self, stage: PlannedStage, work: Path, run_id: str) -> StageContext:
         return StageContext(
             work_dir=work, teacher=self.plan.teacher, data=self.spec.data, resources=stage.entry.resources,
-            seed=self.spec.seed, storage_path=str(self.plan.storage_root / "ray"),
+            seed=self.spec.seed, storage_path=_ray_train_storage(self.plan),
             run_name=f"{self.spec.name}-{stage.name}-{stage.key[:12]}", sink=self.tracker.sink(run_id),
             ray_address=self.address, tasks=self.spec.evaluation.tasks, eval_batch_size=self.spec.evaluation.batch_size,
         )
@@ -244,6 +253,13 @@ class Orchestrator:
             outcomes.append(StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores))
         baseline = self._cached_scores(self.plan.teacher) if self.spec.evaluation.baseline == "teacher" else None
         return RunSummary(self.plan, outcomes, baseline, self.tracking_uri, None, time.perf_counter() - start)
+
+
+def _ray_train_storage(plan: Plan) -> str:
+    """Ray Train's storage_path: the pipeline storage itself, so checkpoints survive a node (s3://, gs:// or NFS)."""
+    from compressor.storage import join
+
+    return join(plan.storage_uri, "ray") if plan.remote else str(plan.storage_root / "ray")
 
 
 def _is_number(value) -> bool:

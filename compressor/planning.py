@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from compressor import cache as cache_mod
+from compressor import storage as storage_mod
 from compressor.cache import StageCache, stage_key
 from compressor.config.schema import PipelineSpec, StageEntry, TaskSpec, TeacherSpec
 from compressor.errors import UserError
@@ -41,15 +42,23 @@ class PlannedStage:
 @dataclass
 class Plan:
     spec: PipelineSpec
-    storage_root: Path
+    storage_root: Path  # local: the storage itself; remote (s3://, gs://, ...): this node's mirror of it
     teacher: ModelRef
     teacher_config: dict
     stages: list[PlannedStage]
     eval_cache_dir: Path
+    storage_uri: str = ""  # what the pipeline asked for; differs from storage_root when remote
 
     @property
     def pipeline_root(self) -> Path:
         return self.storage_root / self.spec.name
+
+    @property
+    def remote(self) -> bool:
+        return storage_mod.is_remote(self.storage_uri)
+
+    def remote_stage_uri(self, stage: "PlannedStage") -> str:
+        return storage_mod.join(self.storage_uri, self.spec.name, stage.stage_dir.name)
 
     def eval_path(self, model_key: str) -> Path:
         from compressor.evaluation import eval_cache_key
@@ -154,7 +163,9 @@ def check_local_tasks(tasks: list[TaskSpec]) -> None:
 
 
 def make_plan(spec: PipelineSpec, storage: Optional[str] = None) -> Plan:
-    storage_root = Path(storage or spec.storage).expanduser().resolve()
+    storage_uri = storage or spec.storage
+    remote = storage_mod.is_remote(storage_uri)
+    storage_root = storage_mod.local_mirror(storage_uri) if remote else Path(storage_uri).expanduser().resolve()
     teacher, teacher_config = resolve_teacher(spec.teacher)
     cache = StageCache(storage_root / spec.name)
     later_group = _quantize_group_sizes(spec)
@@ -179,13 +190,15 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None) -> Plan:
         name = entry.name or entry.kind
         stage_dir = cache.stage_dir(name, key)
         cached = cache.lookup(name, key)
+        if cached is None and remote:  # published by another node or an earlier run elsewhere
+            cached = storage_mod.read_manifest(storage_mod.join(storage_uri, spec.name, stage_dir.name))
         if cached is not None and entry.kind != "evaluate":
             output = ModelRef(path=str(stage_dir / cached.model_uri), key=output.key)
         out_config = checked.config if checked else {}
         planned.append(PlannedStage(entry, key, current, output, config, out_config, stage_dir, cached,
                                     checked.warnings if checked else []))
         current, config = output, out_config
-    return Plan(spec, storage_root, teacher, teacher_config, planned, storage_root / "_evals")
+    return Plan(spec, storage_root, teacher, teacher_config, planned, storage_root / "_evals", storage_uri)
 
 
 def _quantize_group_sizes(spec: PipelineSpec) -> dict[int, int]:
