@@ -1,7 +1,7 @@
 """Orchestration overhead of `compressor run`: wall time minus the compute inside stages and evaluations,
 and the wall time of a fully cached re-run (which must not start Ray). Prints JSON.
 
-    .venv/bin/python benchmarks/overhead.py [PIPELINE] [--storage DIR]
+    .venv/bin/python benchmarks/overhead.py [PIPELINE] [KEY=VALUE ...] [--storage DIR]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 COMPRESSOR = [sys.executable, "-m", "compressor"]
 
 
-def timed_run(pipeline: str, storage: Path, summary: Path) -> float:
+def timed_run(pipeline: str, overrides: list[str], storage: Path, summary: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([*COMPRESSOR, "run", pipeline, f"storage={storage}", "--summary-json", str(summary)],
+    subprocess.run([*COMPRESSOR, "run", pipeline, *overrides, f"storage={storage}", "--summary-json", str(summary)],
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
@@ -28,14 +28,15 @@ def timed_run(pipeline: str, storage: Path, summary: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("pipeline", nargs="?", default="tiny")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides passed to `compressor run`")
     parser.add_argument("--storage", type=Path, default=None)
     args = parser.parse_args()
     storage = args.storage or Path(tempfile.mkdtemp(prefix="compressor-overhead-"))
     summary = storage / "summary.json"
     try:
-        first = timed_run(args.pipeline, storage, summary)
+        first = timed_run(args.pipeline, args.overrides, storage, summary)
         compute = json.loads(summary.read_text())["stage_seconds"]
-        second = timed_run(args.pipeline, storage, summary)
+        second = timed_run(args.pipeline, args.overrides, storage, summary)
         statuses = [s["status"] for s in json.loads(summary.read_text())["stages"]]
     finally:
         if args.storage is None:
