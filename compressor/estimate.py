@@ -35,16 +35,16 @@ GPU_TFLOPS = GPU_PEAK_TFLOPS  # the name `compressor plan --help` points to
 DEFAULT_PRUNE_SAMPLES = 1024  # Minitron's calibration set
 DEFAULT_GPTQ_SAMPLES = 128  # the GPTQ paper's calibration set
 
-# lm-eval tasks the recipes use: (documents, choices per document, mean tokens per request at the
-# usual few-shot count). Rough by design; unknown tasks fall back to DEFAULT_TASK_SHAPE.
+# lm-eval tasks the recipes use: (documents, choices per document, mean tokens of one example). A request
+# holds num_fewshot + 1 examples and is one forward per choice. Rough by design; other tasks get the default.
 TASK_SHAPES: dict[str, tuple[int, int, int]] = {
-    "mmlu": (14042, 4, 700),  # 5-shot
-    "hellaswag": (10042, 4, 900),  # 10-shot
-    "winogrande": (1267, 2, 200),  # 5-shot
-    "arc_challenge": (1172, 4, 1800),  # 25-shot
-    "arc_easy": (2376, 4, 1500),
+    "mmlu": (14042, 4, 115),
+    "hellaswag": (10042, 4, 82),
+    "winogrande": (1267, 2, 33),
+    "arc_challenge": (1172, 4, 70),
+    "arc_easy": (2376, 4, 60),
 }
-DEFAULT_TASK_SHAPE = (1000, 4, 512)
+DEFAULT_TASK_SHAPE = (1000, 4, 128)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -141,7 +141,8 @@ def eval_flops(config: dict, tasks) -> float:
     """Rough cost of one lm-eval pass over `tasks` (TaskSpec list): one forward per (document, choice)."""
     total = 0.0
     for task in tasks:
-        docs, choices, tokens = TASK_SHAPES.get(task.name, DEFAULT_TASK_SHAPE)
+        docs, choices, per_example = TASK_SHAPES.get(task.name, DEFAULT_TASK_SHAPE)
+        tokens = (1 + (task.num_fewshot or 0)) * per_example
         if task.limit is not None:
             docs = min(docs, int(task.limit)) if task.limit >= 1 else int(docs * task.limit)
         total += docs * choices * tokens * forward_flops_per_token(config, tokens)
@@ -265,13 +266,3 @@ def _hf_cached_config(repo_id: str, revision: Optional[str]) -> Optional[dict]:
         return None
     return json.loads(Path(path).read_text()) if isinstance(path, str) else None
 
-
-# ----------------------------------------------------------------------------- formatting
-def human(number: float, unit: str = "") -> str:
-    """8030261248 -> '8.03B'; 5.7e21 -> '5.7e21' style for FLOPs (unit='FLOP')."""
-    if unit == "FLOP":
-        return f"{number:.2e} FLOP"
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(number) >= scale:
-            return f"{number / scale:.2f}{suffix}{unit}"
-    return f"{number:.0f}{unit}"

@@ -183,7 +183,7 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     shutil.copy(resolve_pipeline(None), work / "tiny.yaml")  # the small upload: just the pipeline
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [f"storage={tmp_path / 'store'}", f"tracking.uri={tracking}", *tiny_test_overrides]
-    result = cli("submit", "tiny.yaml", *overrides, "--address", head, "--wait", cwd=work, timeout=900)
+    result = cli("submit", "tiny.yaml", *overrides, "--address", head, "--wait", cwd=work, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_id = result.stdout.splitlines()[0]
     assert client(head).get_job_status(job_id).value == "SUCCEEDED"
@@ -199,7 +199,7 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     plain = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(work), "--",
          "compressor", "run", "tiny.yaml", *overrides],
-        env=clean_env(), capture_output=True, text=True, timeout=900,
+        env=clean_env(), capture_output=True, text=True, timeout=1800,
     )
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
     plain_id = next(w.strip("'") for w in plain.stdout.split() if w.strip("'").startswith("raysubmit_"))
