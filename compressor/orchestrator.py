@@ -6,6 +6,7 @@ moves only ModelRefs and manifests between them. A fully cached pipeline never s
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ class Orchestrator:
         self.spec, self.pipeline_yaml, self.address = spec, pipeline_yaml, address
         self.console = console or Console(stderr=True)
         self.plan = make_plan(spec, storage)
-        self.tracking_uri = tracking_uri or spec.tracking.uri or default_uri(self.plan.storage_root)
+        self.tracking_uri = (tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+                             or default_uri(self.plan.storage_root))
         self.stage_seconds = 0.0
         self.published: dict[str, str] = {}  # model key -> directory, for stages that ran in this run
 

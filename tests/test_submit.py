@@ -59,7 +59,7 @@ def head():
             time.sleep(0.5)
         yield url
     finally:
-        _stop_head(proc)
+        _stop_head(proc, temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -71,19 +71,32 @@ def _dashboard_up(url: str) -> bool:
         return False
 
 
-def _stop_head(proc: subprocess.Popen) -> None:
-    """SIGTERM to `ray start --block` ends the node's processes; anything of its tree still alive is killed by pid."""
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM to `ray start --block` ends the node's processes. Whatever of its tree, or of any process
+    naming its private temp dir, is still alive after that is killed by pid."""
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != proc.pid and temp_dir in " ".join(p.info["cmdline"] or []):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
     try:
         tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
+    tree += [p for p in ours() if p not in tree]
     proc.terminate()
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=15)
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    alive += [p for p in ours() if p not in alive]
     for leftover in alive:
         leftover.kill()
     _, alive = psutil.wait_procs(alive, timeout=10)
