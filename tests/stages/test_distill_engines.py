@@ -18,10 +18,18 @@ def single_process_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    # Leave no rank variables behind: later tests start subprocesses (lm_eval) that would join a process group.
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_deepspeed_step_matches_plain_pytorch(single_process_group, tmp_path):
