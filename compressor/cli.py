@@ -6,6 +6,12 @@ import importlib
 
 import typer
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer import Abort
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import Abort, ClickException, NoArgsIsHelpError, UsageError
+
 from compressor.commands import MODULES
 from compressor.errors import CompressorError
 
@@ -28,15 +34,36 @@ for _name in MODULES:
 
 
 def fail(exc: CompressorError) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    from compressor.secrets import redact
+
+    typer.secho(f"error: {redact(exc)}", fg=typer.colors.RED, err=True)  # messages quote URIs and user input
+    raise SystemExit(exc.exit_code)
+
+
+def usage_error(exc: ClickException) -> None:
+    """A bad flag or argument: one paragraph naming it (click's own is a multi-line box), exit 2."""
+    from compressor.secrets import redact
+
+    if isinstance(exc, NoArgsIsHelpError) or not isinstance(exc, UsageError):  # help text, or a file error
+        exc.show()
+        raise SystemExit(exc.exit_code)
+    command = exc.ctx.command_path if exc.ctx else "compressor"
+    typer.secho(f"error: {command}: {redact(exc.format_message()).rstrip('.')} (see `{command} --help`)",
+                fg=typer.colors.RED, err=True)
     raise SystemExit(exc.exit_code)
 
 
 def main() -> None:
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)  # click's errors come here, to be told in one paragraph
     except CompressorError as exc:
         fail(exc)
+    except ClickException as exc:
+        usage_error(exc)
+    except Abort:  # end of input at a prompt: as click does it (Ctrl-C is exit 130, from typer)
+        typer.echo("Aborted!", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

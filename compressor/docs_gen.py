@@ -102,6 +102,26 @@ def model_section(model: type[BaseModel], where: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_key_section() -> str:
+    """Which fields of each stage kind enter its cache key (compressor.cache.stage_key), and which do not."""
+    from compressor.config.stages import STAGE_SPECS
+
+    lines = ["## Stage cache keys", "",
+             "A stage's output is reused when its key is unchanged. The key hashes the stage kind, the fields below "
+             "marked *in*, the input model's key (for a hub teacher: its resolved commit), the pipeline `seed`, the "
+             "data sources the stage reads and the compressor version. Fields marked *out* only change how the "
+             "stage is operated: change them and a re-run still reuses the stage's output, and a distillation "
+             "resumes from its Ray Train checkpoints. A stage entry's `gate`, `resources` and `name` are never in "
+             "the key: relaxing a gate judges the kept model again (see `rejected/`) instead of re-running the stage.",
+             "", "| stage | in the key | out of the key |", "|---|---|---|"]
+    for kind, model in STAGE_SPECS.items():
+        names = list(model.model_fields)
+        out = [n for n in names if n in model.NOT_IN_KEY]
+        into = [n for n in names if n not in model.NOT_IN_KEY]
+        lines.append(f"| `{kind}` | {', '.join(f'`{n}`' for n in into)} | {', '.join(f'`{n}`' for n in out) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def generate() -> str:
     """The reference text: PipelineSpec first, then each nested model once, in breadth-first order."""
     sections, seen = [], {PipelineSpec}
@@ -115,7 +135,7 @@ def generate() -> str:
                     seen.add(nested)
                     path = "a stage entry in `stages`" if nested is StageEntry else f"`{name}` of {model.__name__}"
                     queue.append((nested, path))
-    return PREAMBLE + "\n" + "\n".join(sections)
+    return PREAMBLE + "\n" + cache_key_section() + "\n" + "\n".join(sections)
 
 
 def main(argv: list[str]) -> int:

@@ -25,6 +25,14 @@ PRIMARY_ORDER = (
 NOT_METRICS = {"sample_len", "alias"}  # bookkeeping lm-eval puts beside the metrics
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "bpb", "loss", "error")
 LOWER_IS_BETTER_EXACT = {"ter", "wer", "cer", "brier_score"}
+STDERR_SUFFIX = "_stderr"  # "acc_stderr" is the standard error of "acc", kept beside it in the scores
+
+# lm-eval reports standard errors only when bootstrap_iters > 0. Mean metrics (acc, acc_norm: MMLU, HellaSwag,
+# Winogrande, ARC) get the analytic one whatever the number; median / f1 / mcc / perplexity / bleu aggregations
+# are resampled this many times, in process (about 0.6 s for a 5k-doc perplexity, 8 s for a 1k-doc f1 on one
+# core; lm-eval's default 100000 in a pool of every CPU takes minutes). The estimate's own relative error is
+# about 1/sqrt(2 * 1000) = 2%. weighted_perplexity and bits_per_byte (ref_ppl, wikitext) get none at any setting.
+BOOTSTRAP_ITERS = 1000
 
 
 def include_dir(include: str) -> Path:
@@ -62,26 +70,41 @@ def task_manager(tasks: list[TaskSpec]):
     return manager
 
 
+def device_for(num_gpus: float) -> str:
+    """The device an evaluation with these Ray resources runs on: Ray makes the reserved GPU(s) "cuda"."""
+    return "cuda" if num_gpus > 0 else "cpu"
+
+
 def _load(model_dir: Path, device: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
         raise UserError(f"model {str(model_dir)!r}: no config.json there; expected a Hugging Face checkpoint directory")
-    # As a user would load it: quantized checkpoints (GPTQ) go through the same call via their config.
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    if device != "cpu":
-        model = model.to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"evaluation on {device!r}: torch {torch.__version__} sees no CUDA device here; "
+                            "reserve no GPU (evaluation.resources.num_gpus: 0) or install a CUDA build of torch")
+    # Straight onto the device, as a user would load it: a GPTQ checkpoint (via its config) then gets
+    # GPTQModel's kernel for that device, and an 8B model never sits whole in host memory first.
+    # lm-eval's HFLM keeps a passed model where it is, so this is where the device is decided.
+    from compressor import remote_code
+
+    trust = remote_code.enabled()  # off unless the pipeline sets teacher.trust_remote_code
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device, trust_remote_code=trust)
+    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust)
 
 
 def flatten(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ..., "sample_len": 9} -> {"acc": 0.5}."""
+    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": 0.02, "f1_stderr,none": "N/A", "alias": ..., "sample_len": 9}
+    -> {"acc": 0.5, "acc_stderr": 0.02}: numbers only, so a standard error lm-eval could not give is absent."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results.items():
         clean = {}
         for key, value in metrics.items():
             name = key.split(",")[0]
-            if name in NOT_METRICS or name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if name in NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             clean[name] = float(value)
         out[task] = clean
@@ -89,10 +112,12 @@ def flatten(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def evaluate(
-    model_dir: str | Path, tasks: list[TaskSpec], batch_size: int = 16, device: str = "cpu", dtype: str = "auto"
+    model_dir: str | Path, tasks: list[TaskSpec], batch_size: int | str = 16, device: str = "cpu", dtype: str = "auto"
 ) -> dict[str, dict[str, float]]:
-    """Run lm-eval's `simple_evaluate` on the checkpoint in `model_dir`. Returns {task: {metric: value}}.
+    """Run lm-eval's `simple_evaluate` on the checkpoint in `model_dir`, loaded onto `device` ("cpu", "cuda",
+    "cuda:1"). Returns {task: {metric: value}}, with "<metric>_stderr" beside each metric lm-eval gives one for.
 
+    `batch_size` is an int or "auto" (lm-eval finds the largest that fits, from 64 down).
     Tasks sharing (num_fewshot, limit) run in one call; the model is loaded once."""
     if not tasks:
         raise UserError("no evaluation tasks given")
@@ -114,7 +139,22 @@ def _offline(enabled: bool) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int, device: str, dtype: str):
+@contextmanager
+def _bootstrap_in_process() -> Iterator[None]:
+    """lm-eval bootstraps in a pool of os.cpu_count() processes unless DISABLE_MULTIPROC is set: forking dozens
+    of processes from the one holding the model, for one chunk of BOOTSTRAP_ITERS resamples, only costs."""
+    previous = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous
+
+
+def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int | str, device: str, dtype: str):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -126,10 +166,11 @@ def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int, devic
         groups[(t.num_fewshot, limit)].append(t.name)
     results: dict[str, dict[str, float]] = {}
     for (num_fewshot, limit), names in groups.items():
-        out = simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            bootstrap_iters=0, log_samples=False,
-        )
+        with _bootstrap_in_process():
+            out = simple_evaluate(
+                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+            )
         results.update(flatten(out["results"]))
     return results
 
@@ -146,7 +187,7 @@ def higher_is_better(metric: str) -> bool:
 
 def primary_metric(task: str, metrics: dict[str, float]) -> str:
     """The metric a gate on plain `task` checks: the first of PRIMARY_ORDER present, else the first by name."""
-    names = [m for m in metrics if not m.endswith("_stderr")]
+    names = [m for m in metrics if not m.endswith(STDERR_SUFFIX)]
     for preferred in PRIMARY_ORDER:
         if preferred in names:
             return preferred
@@ -168,13 +209,15 @@ def _include_fingerprint(include: Optional[str]) -> Optional[str]:
     return digest([[p.relative_to(path).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()] for p in files])
 
 
-def eval_cache_key(model_key: str, tasks: list[TaskSpec], batch_size: int) -> str:
-    """Same model + same task definitions and options + same batch size + same lm-eval -> same results."""
+def eval_cache_key(model_key: str, tasks: list[TaskSpec], batch_size: int | str) -> str:
+    """Same model + same task definitions and options + same batch size + same lm-eval and bootstrap setting
+    (it decides which standard errors exist) -> same results."""
     return digest({
         "model": model_key,
         "tasks": [{**t.model_dump(mode="json"), "fingerprint": _include_fingerprint(t.include)} for t in tasks],
         "batch_size": batch_size,
         "lm_eval": metadata.version("lm_eval"),
+        "bootstrap_iters": BOOTSTRAP_ITERS,
     })
 
 

@@ -19,15 +19,20 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, dtype: str = "float32", revision: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    from compressor import remote_code
+
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, revision=revision,
+                                                 trust_remote_code=remote_code.enabled())
     return model.eval()
 
 
 def load_tokenizer(path: str | Path, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), revision=revision)
+    from compressor import remote_code
+
+    return AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=remote_code.enabled())
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -16,14 +16,15 @@ from typing import Optional
 from rich.console import Console
 
 from compressor import gates
-from compressor.cache import StageCache
 from compressor.config.schema import PipelineSpec
 from compressor.errors import CompressorError, GateFailed, StageFailed
 from compressor.manifest import Manifest, ModelRef
 from compressor.planning import Plan, PlannedStage, check_local_tasks, check_storage, make_plan
 from compressor.stages import stage_module
+from compressor.runner import drop_scratch
 from compressor.stages.context import StageContext
-from compressor.tracking import Tracker, default_uri, flatten
+from compressor.storage import join, move_stage, read_text, write_text
+from compressor.tracking import Tracker, default_uri, flatten, log_pipeline_summary
 
 Scores = dict[str, dict[str, float]]
 
@@ -32,7 +33,7 @@ Scores = dict[str, dict[str, float]]
 class StageOutcome:
     name: str
     kind: str
-    status: str  # ran | cached | gate-failed | gate-warned
+    status: str  # ran | cached | re-gated (an earlier run's model judged again) | gate-warned
     manifest: Optional[Manifest] = None
     scores: Optional[Scores] = None
     gate_rows: list = field(default_factory=list)
@@ -56,8 +57,10 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 class Orchestrator:
     def __init__(self, spec: PipelineSpec, pipeline_yaml: str, storage: Optional[str] = None,
-                 tracking_uri: Optional[str] = None, address: Optional[str] = None, console: Optional[Console] = None):
+                 tracking_uri: Optional[str] = None, address: Optional[str] = None, console: Optional[Console] = None,
+                 register: Optional[str] = None):
         self.spec, self.pipeline_yaml, self.address = spec, pipeline_yaml, address
+        self.register = register  # registered model name for the final model (`run --register NAME`)
         self.console = console or Console(stderr=True)
         self.plan = make_plan(spec, storage)
         self.tracking_uri = (tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -68,18 +71,19 @@ class Orchestrator:
     # ------------------------------------------------------------------ entry point
     def run(self) -> RunSummary:
         start = time.perf_counter()
-        plan = self.plan
         check_local_tasks(self.spec.evaluation.tasks)
-        if not plan.remote:
-            check_storage(plan.storage_root)
+        if not self.plan.remote:
+            check_storage(self.plan.storage_root)
+        self._publish_hub_teacher()
+        plan = self.plan
         if plan.fully_cached():
             return self._cached_summary(start)
         self._check_registry_tasks()
         plan.storage_root.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(self.tracking_uri, self.spec.tracking.experiment or self.spec.name, plan.storage_root / "mlartifacts")
         parent = self.tracker.start_pipeline(self.spec.name, self.pipeline_yaml, {
-            "teacher": self.spec.teacher.model, "seed": self.spec.seed, "storage": str(plan.storage_root),
-            "stages": [s.name for s in plan.stages]})
+            "teacher": self.spec.teacher.model, "teacher_key": plan.teacher.key, "seed": self.spec.seed,
+            "storage": plan.storage_uri, "stages": [s.name for s in plan.stages]})
         from compressor.raylocal import ensure_ray
 
         ensure_ray(self.address)
@@ -95,14 +99,31 @@ class Orchestrator:
             self.tracker.tag(parent, "gate", "failed")
             self.tracker.end(parent, "FAILED")
             raise
-        except BaseException:
+        except BaseException as exc:
             self.tracker.end(parent, "FAILED")
+            cause = _unwrap(exc)
+            if isinstance(cause, CompressorError):  # e.g. a user error raised inside an evaluation task
+                raise cause from None
             raise
         summary = RunSummary(plan, outcomes, baseline, self.tracking_uri, parent, time.perf_counter() - start, self.stage_seconds)
+        log_pipeline_summary(self.tracker, parent, summary)
+        self._register(summary, parent)
         self.tracker.log_json(parent, summary_dict(summary), "summary.json")
         self.tracker.tag(parent, "gate", "passed" if all(o.status != "gate-warned" for o in outcomes) else "warned")
         self.tracker.end(parent)
         return summary
+
+    def _publish_hub_teacher(self) -> None:
+        """A hub teacher is resolved to a commit and put on the pipeline storage once, before anything else runs;
+        the plan is then re-made with the commit in the teacher's key and the snapshot as every stage's source."""
+        from compressor import hub
+
+        teacher = self.spec.teacher
+        if not hub.is_hub_id(teacher.model):
+            return
+        self.console.print(f"[dim]teacher {teacher.model}: resolving revision {teacher.revision or 'main'}[/]")
+        snapshot = hub.publish_snapshot(teacher.model, teacher.revision, self.plan.storage_uri, teacher.dtype)
+        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=snapshot)
 
     # ------------------------------------------------------------------ stages
     def _run_stage(self, stage: PlannedStage, baseline: Optional[Scores], previous: Optional[Scores]) -> StageOutcome:
@@ -112,86 +133,159 @@ class Orchestrator:
                 stage.output = stage.input
         params = {"kind": stage.kind, "key": stage.key, "input_key": stage.input.key, **stage.entry.spec.model_dump(mode="json")}
         if stage.cached:
-            if self.plan.remote and stage.kind != "evaluate":  # bring the published output to this node
-                from compressor.storage import download_stage
-
-                download_stage(self.plan.remote_stage_uri(stage), stage.stage_dir)
             run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params, cached=True)
             self.tracker.sink(run_id).log_metrics({k: v for k, v in {"num_params": stage.cached.num_params,
                                                                      "bytes": stage.cached.bytes}.items() if v})
             scores = self._scores(stage.output, run_id) if stage.kind != "evaluate" else stage.cached.details.get("scores")
             self.tracker.end(run_id)
-            self.console.print(f"[dim]{stage.name}: cached ({stage.stage_dir})[/]")
+            self.console.print(f"[dim]{stage.name}: cached ({stage.uri})[/]")
             return StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores)
 
         run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params)
         self.console.rule(f"{stage.name} ({stage.kind})")
         for warning in stage.warnings:
             self.console.print(f"[yellow]warning:[/] {warning}")
-        status = "ran"
+        status, rows, where, manifest = "ran", [], None, None
         try:
-            with StageCache(self.plan.pipeline_root).staging(stage.name, stage.key) as work:
-                ctx = self._context(stage, work, run_id)
-                manifest = self._execute(stage, ctx)
-                manifest.mlflow_run_id = run_id
-                output = stage.input if stage.kind == "evaluate" else ModelRef(path=str(work / "model"), key=stage.output.key)
-                scores = manifest.details.get("scores") if stage.kind == "evaluate" else self._scores(output, run_id, save=False)
-                rows = gates.check_gate(stage.entry.gate, scores or {}, baseline, previous) if stage.entry.gate else []
-                if rows:
-                    self.console.print(gates.render(stage.name, rows))
-                    self.tracker.log_json(run_id, [r.__dict__ for r in rows], "gate.json")
-                    if not all(r.passed for r in rows):
-                        self.tracker.tag(run_id, "gate", "failed")
-                        if stage.entry.gate.on_fail == "stop":
-                            failed = ", ".join(f"{r.metric} {r.bar}" for r in rows if not r.passed)
-                            raise GateFailed(f"stage {stage.name!r} missed its gate ({failed}); the pipeline stopped "
-                                             f"and nothing of this stage was published")
-                        status = "gate-warned"
-                    else:
-                        self.tracker.tag(run_id, "gate", "passed")
-                manifest.write(work)
-                self.tracker.sink(run_id).log_artifact(work / "manifest.json")
+            if stage.held:  # it ran before and missed its gate or its evaluation: judge that model again
+                held_in, manifest = stage.held
+                where = self.plan.rejected_uri(stage) if held_in == "rejected" else self.plan.pending_uri(stage)
+                status = "re-gated"
+                self.console.print(f"{stage.name}: reusing the model it made in an earlier run ({where}); "
+                                   "evaluating and gating it again without re-running the stage")
+            else:
+                where = self.plan.pending_uri(stage)
+                manifest = self._execute(stage, run_id, where)
+            manifest.mlflow_run_id = run_id
+            if stage.kind == "evaluate":
+                scores = manifest.details.get("scores")
+            else:
+                scores = self._scores(ModelRef(path=join(where, manifest.model_uri), key=stage.output.key), run_id)
+            rows = gates.check_gate(stage.entry.gate, scores or {}, baseline, previous) if stage.entry.gate else []
+            if rows:
+                self.console.print(gates.render(stage.name, rows))
+                self.tracker.log_json(run_id, [r.__dict__ for r in rows], "gate.json")
+                if all(r.passed for r in rows):
+                    self.tracker.tag(run_id, "gate", "passed")
+                else:
+                    self.tracker.tag(run_id, "gate", "failed")
+                    failed = ", ".join(f"{r.metric} {r.bar}" for r in rows if not r.passed)
+                    if stage.entry.gate.on_fail == "stop":
+                        raise GateFailed(f"stage {stage.name!r} missed its gate ({failed})")
+                    status = "gate-warned"
+        except GateFailed as exc:
+            self.tracker.end(run_id, "FAILED")
+            kept = self._reject(stage, where, manifest, str(exc), rows)
+            raise GateFailed(f"{exc}; the pipeline stopped. Its model is kept under {kept}: after changing the bar or "
+                             "the evaluation, run the pipeline again to judge that model anew without re-running "
+                             "the stage") from None
         except BaseException as exc:
             self.tracker.end(run_id, "FAILED")
             cause = _unwrap(exc)
+            if isinstance(cause, KeyboardInterrupt):
+                raise  # a produced model stays in pending/; the next run picks it up
+            detail = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+            if manifest is not None:  # the stage's work is done; only its evaluation failed
+                kept = self._reject(stage, where, manifest, f"evaluation failed: {detail}", rows)
+                self.console.print(f"[yellow]{stage.name}: its evaluation failed; the model is kept under {kept}[/]")
             if isinstance(cause, CompressorError):
                 raise cause from None
-            if isinstance(cause, KeyboardInterrupt):
-                raise
-            detail = "".join(traceback.format_exception_only(type(cause), cause)).strip()
             raise StageFailed(f"stage {stage.name!r} failed: {detail}\n{_trace(exc)}") from None
-        if self.plan.remote:
-            from compressor.storage import upload_stage
-
-            upload_stage(stage.stage_dir, self.plan.remote_stage_uri(stage))  # manifest last
+        manifest.details["gate"] = {"status": status, "rows": [r.__dict__ for r in rows]}
+        move_stage(where, stage.uri, manifest)
+        drop_scratch(manifest)  # distill's Ray Train checkpoints, kept until the model was published
         if stage.kind != "evaluate":
-            self.published[stage.output.key] = str(stage.stage_dir / "model")
-            if scores is not None:
-                self._save_scores(stage.output, scores)
+            self.published[stage.output.key] = join(stage.uri, manifest.model_uri)
+        self.tracker.log_json(run_id, manifest.model_dump(mode="json"), "manifest.json")
         self.tracker.end(run_id)
-        published = Manifest.read(stage.stage_dir)
-        return StageOutcome(stage.name, stage.kind, status, published, scores, rows)
+        return StageOutcome(stage.name, stage.kind, status, manifest, scores, rows)
 
-    def _context(self, stage: PlannedStage, work: Path, run_id: str) -> StageContext:
+    def _reject(self, stage: PlannedStage, where: Optional[str], manifest: Optional[Manifest], reason: str,
+                rows: list) -> Optional[str]:
+        """Keep a produced model under rejected/ with a manifest that says why (never delete finished work)."""
+        if where is None or manifest is None:
+            return None
+        target = self.plan.rejected_uri(stage)
+        manifest.details["rejected"] = {"reason": reason, "gate": [r.__dict__ for r in rows]}
+        move_stage(where, target, manifest)
+        return target
+
+    def _context(self, stage: PlannedStage, run_id: str) -> StageContext:
         return StageContext(
-            work_dir=work, teacher=self.plan.teacher, data=self.spec.data, resources=stage.entry.resources,
-            seed=self.spec.seed, storage_path=_ray_train_storage(self.plan),
+            teacher=self.plan.teacher, data=self.spec.data, resources=stage.entry.resources,
+            seed=self.spec.seed, storage_path=join(self.plan.storage_uri, "ray"),
+            data_root=join(self.plan.storage_uri, "_data"),
             run_name=f"{self.spec.name}-{stage.name}-{stage.key[:12]}", sink=self.tracker.sink(run_id),
             ray_address=self.address, tasks=self.spec.evaluation.tasks, eval_batch_size=self.spec.evaluation.batch_size,
         )
 
-    def _execute(self, stage: PlannedStage, ctx: StageContext) -> Manifest:
+    def _execute(self, stage: PlannedStage, run_id: str, publish_to: str) -> Manifest:
         from compressor.runner import execute_stage
 
-        if stage_module(stage.kind).RUNS_AS == "driver":
-            manifest = execute_stage(stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key)
-        else:
-            import ray
+        from compressor.runner import STAGE_LOG, failed_log_uri
 
-            task = ray.remote(max_retries=0)(execute_stage).options(**_ray_resources(stage.entry.resources), name=stage.name)
-            manifest = ray.get(task.remote(stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key))
+        ctx = self._context(stage, run_id)
+        ctx.progress_queue = self._progress_queue()
+        args = (stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key, publish_to)
+        try:
+            if stage_module(stage.kind).RUNS_AS == "driver":
+                manifest = self._in_thread(stage.name, lambda: execute_stage(*args))
+            else:
+                import ray
+
+                task = ray.remote(max_retries=0)(execute_stage).options(**_ray_resources(stage.entry.resources), name=stage.name)
+                manifest = self._await(stage.name, task.remote(*args))
+        except BaseException:
+            workers = ("; its Ray Train workers' output is in Ray's session logs (/tmp/ray/session_latest/logs on each "
+                       "node)") if stage_module(stage.kind).RUNS_AS == "driver" else ""
+            self.console.print(f"{stage.name}: its log is {failed_log_uri(publish_to)}{workers}", soft_wrap=True,
+                               highlight=False)
+            raise
         self.stage_seconds += manifest.seconds or 0.0
+        self.console.print(f"[dim]{stage.name}: done in {manifest.seconds or 0:.1f} s (log: {join(stage.uri, STAGE_LOG)})[/]",
+                           soft_wrap=True, highlight=False)
         return manifest
+
+    # ------------------------------------------------------------------ console: one progress line per stage
+    def _progress_queue(self):
+        """The queue stages send `ctx.info` / `ctx.progress` to (from any node); drained by _await/_in_thread."""
+        if getattr(self, "_queue", None) is None:
+            from ray.util.queue import Queue
+
+            self._queue = Queue(actor_options={"num_cpus": 0})
+        return self._queue
+
+    def _drain(self, label: str, finished) -> None:
+        from compressor.stages.context import DriverProgress
+
+        DriverProgress(self.console, label, self._progress_queue(),
+                       float(os.environ.get("COMPRESSOR_PROGRESS_SECONDS", "30"))).wait(finished)
+
+    def _await(self, label: str, ref):
+        """ray.get(ref), showing the task's progress meanwhile."""
+        import ray
+
+        self._drain(label, lambda: bool(ray.wait([ref], timeout=0)[0]))
+        return ray.get(ref)
+
+    def _in_thread(self, label: str, work):
+        """work() (a driver-side stage) in a thread while this one shows its progress; its error is re-raised here."""
+        import threading
+
+        outcome: dict = {}
+
+        def target():
+            try:
+                outcome["value"] = work()
+            except BaseException as exc:  # re-raised in the calling thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"stage-{label}", daemon=True)
+        thread.start()
+        self._drain(label, lambda: not thread.is_alive())
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     # ------------------------------------------------------------------ evaluation
     def _baseline(self) -> Optional[Scores]:
@@ -208,7 +302,7 @@ class Orchestrator:
         self.tracker.end(run_id)
         return scores
 
-    def _scores(self, model: ModelRef, run_id: str, save: bool = True) -> Optional[Scores]:
+    def _scores(self, model: ModelRef, run_id: str) -> Optional[Scores]:
         """The model's lm-eval scores: from the cache, or evaluated now as a Ray task. Logged to `run_id`."""
         if not self.spec.evaluation.tasks:
             return None
@@ -218,27 +312,43 @@ class Orchestrator:
 
             from compressor.runner import evaluate_ref
 
-            self.console.print(f"[dim]evaluating {model.path} on {', '.join(t.name for t in self.spec.evaluation.tasks)}[/]")
+            self.console.print(f"[dim]evaluating {model.path} on {', '.join(t.name for t in self.spec.evaluation.tasks)}[/]",
+                               soft_wrap=True, highlight=False)
             task = ray.remote(max_retries=0)(evaluate_ref).options(**_ray_resources(self.spec.evaluation.resources))
-            scores, seconds = ray.get(task.remote(model, self.spec.evaluation.tasks, self.spec.evaluation.batch_size))
+            evaluation = self.spec.evaluation
+            log_file = self._eval_log(model)
+            try:
+                scores, seconds = self._await("evaluate", task.remote(model, evaluation.tasks, evaluation.batch_size,
+                                                                      evaluation.resources.num_gpus, log_file))
+            except BaseException:
+                self.console.print(f"evaluation log: {log_file}", soft_wrap=True, highlight=False)
+                raise
+            self.console.print(f"[dim]evaluated in {seconds:.1f} s (log: {log_file})[/]", soft_wrap=True, highlight=False)
             self.stage_seconds += seconds
-            if save:
-                self._save_scores(model, scores)
+            self._save_scores(model, scores)  # keyed by the model's content: valid whatever its gate says
         sink = self.tracker.sink(run_id)
         sink.log_metrics({k: float(v) for k, v in flatten(scores).items() if _is_number(v)})
         self.tracker.log_json(run_id, scores, "eval.json")
         return scores
 
+    def _eval_log(self, model: ModelRef) -> str:
+        """A path on the evaluating node for lm-eval's output: <storage>/_logs/ when the storage is a local path."""
+        import tempfile
+
+        root = Path(tempfile.gettempdir()) / "compressor-logs" if self.plan.remote else self.plan.storage_root / "_logs"
+        import re
+
+        return str(root / f"{self.spec.name}-evaluate-{re.sub(r'[^A-Za-z0-9]+', '-', model.key.split(':', 1)[-1])[:12]}.log")
+
     def _cached_scores(self, model: ModelRef) -> Optional[Scores]:
-        path = self.plan.eval_path(model.key)
-        return json.loads(path.read_text()) if path.is_file() else None
+        text = read_text(self.plan.eval_uri(model.key))
+        try:
+            return json.loads(text) if text else None
+        except json.JSONDecodeError:  # a torn file is a cache miss
+            return None
 
     def _save_scores(self, model: ModelRef, scores: Scores) -> None:
-        path = self.plan.eval_path(model.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(scores, indent=2, sort_keys=True))
-        tmp.replace(path)
+        write_text(self.plan.eval_uri(model.key), json.dumps(scores, indent=2, sort_keys=True))
 
     def _check_registry_tasks(self) -> None:
         registry = [t for t in self.spec.evaluation.tasks if not t.include]
@@ -256,12 +366,16 @@ class Orchestrator:
         baseline = self._cached_scores(self.plan.teacher) if self.spec.evaluation.baseline == "teacher" else None
         return RunSummary(self.plan, outcomes, baseline, self.tracking_uri, None, time.perf_counter() - start)
 
+    def _register(self, summary: RunSummary, parent: str) -> None:
+        """`run --register NAME`: the final model becomes a new version of registered model NAME in MLflow,
+        described by the gate summary (it points at the stage's logged model; no weights are copied)."""
+        if not self.register:
+            return
+        from compressor.tracking import register_final_model
 
-def _ray_train_storage(plan: Plan) -> str:
-    """Ray Train's storage_path: the pipeline storage itself, so checkpoints survive a node (s3://, gs:// or NFS)."""
-    from compressor.storage import join
-
-    return join(plan.storage_uri, "ray") if plan.remote else str(plan.storage_root / "ray")
+        version = register_final_model(self.tracker, self.register, summary, parent)
+        self.console.print(f"registered model {self.register!r}: version {version}" if version else
+                           f"[yellow]--register {self.register}: no stage of this pipeline made a model[/]")
 
 
 def _is_number(value) -> bool:
@@ -280,6 +394,8 @@ def _ray_resources(resources) -> dict:
     out = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
     if resources.memory_gb:
         out["memory"] = int(resources.memory_gb * 2**30)
+    if resources.custom:
+        out["resources"] = dict(resources.custom)
     return out
 
 

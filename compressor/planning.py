@@ -11,7 +11,7 @@ from typing import Optional
 
 from compressor import cache as cache_mod
 from compressor import storage as storage_mod
-from compressor.cache import StageCache, stage_key
+from compressor.cache import stage_key
 from compressor.config.schema import PipelineSpec, StageEntry, TaskSpec, TeacherSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
@@ -26,9 +26,11 @@ class PlannedStage:
     output: ModelRef  # the model after it (the input itself for evaluate)
     in_config: dict
     out_config: dict
-    stage_dir: Path
+    stage_dir: Path  # this node's view of `uri` (the directory itself on local/NFS storage)
     cached: Optional[Manifest]
     warnings: list[str] = field(default_factory=list)
+    uri: str = ""  # <storage>/<pipeline>/<stage>-<key12>: a path or a storage URI
+    held: Optional[tuple[str, Manifest]] = None  # (where, manifest): ran before, its model kept in pending/ or rejected/
 
     @property
     def name(self) -> str:
@@ -47,7 +49,7 @@ class Plan:
     teacher_config: dict
     stages: list[PlannedStage]
     eval_cache_dir: Path
-    storage_uri: str = ""  # what the pipeline asked for; differs from storage_root when remote
+    storage_uri: str = ""  # the storage as a URI, or the absolute local/NFS path
 
     @property
     def pipeline_root(self) -> Path:
@@ -57,14 +59,23 @@ class Plan:
     def remote(self) -> bool:
         return storage_mod.is_remote(self.storage_uri)
 
-    def remote_stage_uri(self, stage: "PlannedStage") -> str:
-        return storage_mod.join(self.storage_uri, self.spec.name, stage.stage_dir.name)
+    @property
+    def pipeline_uri(self) -> str:
+        return storage_mod.join(self.storage_uri, self.spec.name)
 
-    def eval_path(self, model_key: str) -> Path:
+    def pending_uri(self, stage: "PlannedStage") -> str:
+        """Where a stage's output waits for its gate (kept there if evaluation is interrupted)."""
+        return storage_mod.join(self.pipeline_uri, "pending", stage.stage_dir.name)
+
+    def rejected_uri(self, stage: "PlannedStage") -> str:
+        """Where the output of a stage that missed its gate (or failed evaluation) is kept, with the reason."""
+        return storage_mod.join(self.pipeline_uri, "rejected", stage.stage_dir.name)
+
+    def eval_uri(self, model_key: str) -> str:
         from compressor.evaluation import eval_cache_key
 
         key = eval_cache_key(model_key, self.spec.evaluation.tasks, self.spec.evaluation.batch_size)
-        return self.eval_cache_dir / f"{key[:24]}.json"
+        return storage_mod.join(self.storage_uri, "_evals", f"{key[:24]}.json")
 
     def evaluated_models(self) -> list[ModelRef]:
         """Models whose scores the pipeline needs: the teacher baseline and every stage's output."""
@@ -74,15 +85,18 @@ class Plan:
         return models + [s.output for s in self.stages if s.kind != "evaluate"]
 
     def fully_cached(self) -> bool:
-        return all(s.cached for s in self.stages) and all(self.eval_path(m.key).is_file() for m in self.evaluated_models())
+        return all(s.cached for s in self.stages) and all(storage_mod.exists(self.eval_uri(m.key))
+                                                           for m in self.evaluated_models())
 
 
 def _is_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
 
 
-def resolve_teacher(teacher: TeacherSpec) -> tuple[ModelRef, dict]:
-    """ModelRef + config.json dict of the teacher, with a content key for the cache."""
+def resolve_teacher(teacher: TeacherSpec, storage_uri: str, published: Optional[ModelRef] = None) -> tuple[ModelRef, dict]:
+    """ModelRef + config.json dict of the teacher, with a content key for the cache. A hub teacher's key is its commit
+    hash: `published` (the snapshot `run` put on the storage), else the commit the local HF cache knows for the
+    revision (no network, so `validate` and `plan` stay offline and fast), else the revision text."""
     model = teacher.model
     if model.startswith("zoo:"):
         from compressor import zoo
@@ -103,8 +117,23 @@ def resolve_teacher(teacher: TeacherSpec) -> tuple[ModelRef, dict]:
         import json
 
         return ModelRef(path=str(path), key=f"dir:{key}"), json.loads(config_text)
-    key = cache_mod.digest({"hub": model, "revision": teacher.revision, "dtype": teacher.dtype})
-    return ModelRef(path=model, key=f"hub:{key}", revision=teacher.revision), _hub_config(teacher)
+    from compressor import hub
+
+    if not hub.is_hub_id(model):
+        raise UserError(f"teacher.model: {model!r} is neither a local checkpoint directory, `zoo:NAME`, nor a Hugging "
+                        "Face repo id (ORG/NAME)")
+    if published is not None:
+        from compressor.runner import input_config
+
+        return published, input_config(published)
+    commit = hub.cached_commit(model, teacher.revision)
+    if commit is None:
+        return (ModelRef(path=model, key=f"hub:{model}@{teacher.revision or 'main'}:unresolved", revision=teacher.revision),
+                _hub_config(teacher))
+    uri = hub.snapshot_uri(storage_uri, model, commit)
+    ref = ModelRef(path=storage_mod.join(uri, "model") if storage_mod.exists(storage_mod.join(uri, "manifest.json"))
+                   else model, key=hub.model_key(model, commit, teacher.dtype), revision=commit)
+    return ref, _hub_config(teacher)
 
 
 def _hub_config(teacher: TeacherSpec) -> dict:
@@ -162,12 +191,13 @@ def check_local_tasks(tasks: list[TaskSpec]) -> None:
                             f"(defined there: {', '.join(sorted(known)) or 'none'})")
 
 
-def make_plan(spec: PipelineSpec, storage: Optional[str] = None) -> Plan:
+def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Optional[ModelRef] = None) -> Plan:
+    """`teacher`: the hub snapshot `run` published (see resolve_teacher)."""
     storage_uri = storage or spec.storage
     remote = storage_mod.is_remote(storage_uri)
     storage_root = storage_mod.local_mirror(storage_uri) if remote else Path(storage_uri).expanduser().resolve()
-    teacher, teacher_config = resolve_teacher(spec.teacher)
-    cache = StageCache(storage_root / spec.name)
+    storage_uri = storage_uri if remote else str(storage_root)
+    teacher, teacher_config = resolve_teacher(spec.teacher, storage_uri, teacher)
     later_group = _quantize_group_sizes(spec)
     current, config = teacher, teacher_config
     planned: list[PlannedStage] = []
@@ -188,17 +218,30 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None) -> Plan:
         key = stage_key(entry.kind, entry.spec, current.key, extra)
         output = current if entry.kind == "evaluate" else ModelRef(path="", key=f"stage:{key}")
         name = entry.name or entry.kind
-        stage_dir = cache.stage_dir(name, key)
-        cached = cache.lookup(name, key)
-        if cached is None and remote:  # published by another node or an earlier run elsewhere
-            cached = storage_mod.read_manifest(storage_mod.join(storage_uri, spec.name, stage_dir.name))
+        dir_name = f"{name}-{key[:12]}"
+        uri = storage_mod.join(storage_uri, spec.name, dir_name)
+        cached = _published(uri, key)
         if cached is not None and entry.kind != "evaluate":
-            output = ModelRef(path=str(stage_dir / cached.model_uri), key=output.key)
+            output = ModelRef(path=storage_mod.join(uri, cached.model_uri), key=output.key)
         out_config = checked.config if checked else {}
-        planned.append(PlannedStage(entry, key, current, output, config, out_config, stage_dir, cached,
-                                    checked.warnings if checked else []))
+        stage = PlannedStage(entry, key, current, output, config, out_config, storage_root / spec.name / dir_name,
+                             cached, checked.warnings if checked else [], uri)
+        if cached is None:
+            stage.held = next(((where, m) for where in ("pending", "rejected")
+                               if (m := _published(storage_mod.join(storage_uri, spec.name, where, dir_name), key))),
+                              None)
+        planned.append(stage)
         current, config = output, out_config
     return Plan(spec, storage_root, teacher, teacher_config, planned, storage_root / "_evals", storage_uri)
+
+
+def _published(uri: str, key: str) -> Optional[Manifest]:
+    """The manifest of a complete stage directory with this key, or None (missing, torn or another key)."""
+    try:
+        manifest = storage_mod.read_manifest(uri)
+    except ValueError:  # a truncated or foreign manifest.json: the directory is not a finished stage
+        return None
+    return manifest if manifest is not None and manifest.key == key else None
 
 
 def _quantize_group_sizes(spec: PipelineSpec) -> dict[int, int]:

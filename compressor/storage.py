@@ -1,10 +1,11 @@
 """Pipeline storage on local disks, NFS, or any fsspec URL (s3://, gs://, ...).
 
-A stage always works in a local directory. With remote storage, a finished stage directory is uploaded
-to `<storage>/<pipeline>/<stage>-<key12>/` with manifest.json LAST - object stores have no atomic rename,
-so, as on disk, a stage directory counts as done only once its manifest is there. The next stage (possibly
-on another node) downloads it into a local mirror first. Ray Train gets the same storage through
-`train_storage`. s3:// needs `pip install compressor[s3]` (s3fs), gs:// needs `compressor[gcs]` (gcsfs)."""
+A stage's output directory lives at `<storage>/<pipeline>/<stage>-<key12>/` and counts as done only once its
+manifest.json is there. The task that produced it publishes it from the node it ran on (`publish_dir`): on a local
+or NFS path by renaming its temp dir into place, on an object store by uploading manifest.json LAST, since object
+stores have no atomic rename. A consumer on any node reads it from there (`download_stage` into this node's mirror,
+under a lock so several workers of one node download once). Nothing relies on the driver's disk.
+s3:// needs `pip install compressor[s3]` (s3fs), gs:// needs `compressor[gcs]` (gcsfs)."""
 
 from __future__ import annotations
 
@@ -46,11 +47,6 @@ def filesystem(uri: str) -> tuple[Any, str]:
         raise UserError(f"storage {uri}: no filesystem for {protocol}:// ({exc}){hint}") from None
 
 
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
-
-
 def mirror_root() -> Path:
     """Where remote stage directories are cached on this node (COMPRESSOR_CACHE, else ~/.cache/compressor)."""
     return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor")) / "remote"
@@ -63,6 +59,11 @@ def local_mirror(uri: str, root: Optional[Path] = None) -> Path:
         return Path(fsspec.core.url_to_fs(str(uri))[1])
     protocol, path = fsspec.core.split_protocol(str(uri))  # textual: no filesystem driver needed
     return Path(root or mirror_root(), protocol, *[p for p in path.split("/") if p not in ("", ".", "..")])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
 
 
 def read_manifest(stage_uri: str) -> Optional[Manifest]:
@@ -105,21 +106,116 @@ def download_stage(stage_uri: str, local_dir: Optional[Path] = None) -> Path:
     local_dir = Path(local_dir) if local_dir else local_mirror(stage_uri)
     if (local_dir / MANIFEST).is_file() and Manifest.read(local_dir).key == remote.key:
         return local_dir
-    fs, root = filesystem(stage_uri)
-    root = fs._strip_protocol(root).rstrip("/")
+    from filelock import FileLock
+
     local_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = local_dir.parent / f".tmp-{local_dir.name}-{uuid.uuid4().hex[:8]}"
+    with FileLock(str(local_dir.parent / f".{local_dir.name}.lock")):  # workers of one node download once
+        if (local_dir / MANIFEST).is_file() and Manifest.read(local_dir).key == remote.key:
+            return local_dir
+        fs, root = filesystem(stage_uri)
+        root = fs._strip_protocol(root).rstrip("/")
+        work = local_dir.parent / f".tmp-{local_dir.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            files = sorted(p[len(root) + 1:] for p in fs.find(root) if p.startswith(root + "/"))
+            for rel in [f for f in files if f != MANIFEST] + [MANIFEST]:
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{rel}", str(work / rel))
+            if local_dir.exists():
+                shutil.rmtree(local_dir)
+            work.rename(local_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return local_dir
+
+
+def scratch_dir(target_uri: str, name: str) -> Path:
+    """A private local directory to build `target_uri` in: beside it on local/NFS storage (so publishing is an
+    atomic rename on one filesystem), else under this node's mirror root."""
+    if is_remote(target_uri):
+        path = mirror_root() / "work" / f"{name}-{uuid.uuid4().hex[:8]}"
+    else:
+        path = Path(target_uri).parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def publish_dir(work: Path, target_uri: str) -> bool:
+    """Publish a finished local directory (manifest.json inside) as `target_uri` and remove `work`. Returns False when
+    a complete copy was already there (the first publisher of a key wins; ours is dropped)."""
+    work = Path(work)
+    if not (work / MANIFEST).is_file():
+        raise ValueError(f"{work} has no {MANIFEST}: only finished stages are published")
     try:
-        files = sorted(p[len(root) + 1:] for p in fs.find(root) if p.startswith(root + "/"))
-        for rel in [f for f in files if f != MANIFEST] + [MANIFEST]:
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{root}/{rel}", str(work / rel))
-        if local_dir.exists():
-            shutil.rmtree(local_dir)
-        work.rename(local_dir)
+        if is_remote(target_uri):
+            return upload_stage(work, target_uri)
+        final = Path(target_uri)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            if (final / MANIFEST).is_file():
+                return False
+            shutil.rmtree(final)  # a leftover without a manifest is an old failure
+        work.rename(final)
+        return True
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return local_dir
+
+
+def move_stage(source_uri: str, target_uri: str, manifest: Manifest) -> None:
+    """Move a published stage directory (pending/ -> final or rejected/), writing `manifest` last at the target.
+    Local: one rename. Object stores: copy every file (server-side), manifest last, then delete the source."""
+    if source_uri.rstrip("/") == target_uri.rstrip("/"):  # judged again where it was kept: only the record changes
+        write_text(join(target_uri, MANIFEST), manifest.model_dump_json(indent=2))
+        return
+    if not is_remote(target_uri):
+        source, target = Path(source_uri), Path(target_uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        (source / MANIFEST).unlink(missing_ok=True)  # mid-move, neither place claims to be complete
+        source.rename(target)
+        manifest.write(target)
+        return
+    fs, src = filesystem(source_uri)
+    _, dst = filesystem(target_uri)
+    src, dst = fs._strip_protocol(src).rstrip("/"), fs._strip_protocol(dst).rstrip("/")
+    if fs.exists(dst):
+        fs.rm(dst, recursive=True)
+    for path in sorted(fs.find(src)):
+        rel = path[len(src) + 1:]
+        if rel != MANIFEST:
+            fs.copy(path, f"{dst}/{rel}")
+    fs.pipe_file(f"{dst}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
+    fs.rm(src, recursive=True)
+
+
+def remove(uri: str) -> None:
+    """Delete a directory tree (a no-op when it is not there)."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def read_text(uri: str) -> Optional[str]:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path).decode() if fs.exists(path) else None
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small file whole: a temp file renamed into place locally; one PUT on object stores (atomic there)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.pipe_file(path, text.encode())
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def stage_dir_of(model_uri: str) -> str:
+    """The stage directory that holds a model URI `<stage dir>/model`."""
+    return model_uri.rstrip("/").rsplit("/", 1)[0]
 
 
 def train_storage(uri: str) -> tuple[str, Any]:

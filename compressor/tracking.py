@@ -1,18 +1,31 @@
 """MLflow tracking: a parent run per pipeline run, a nested child run per stage (and for the teacher baseline).
 
 Runs are addressed by id through MlflowClient, so a stage running in another process (a Ray task, a Ray Train
-worker) logs into its child run through a picklable `MlflowSink`."""
+worker) logs into its child run through a picklable `MlflowSink`.
+
+At the end of a pipeline run, `log_pipeline_summary` makes the parent run the unit of comparison: the final model's
+figures, every stage's scores under a `<stage>/` prefix, the distinguishing settings as params, gate verdicts as
+tags, each stage's output as an MLflow logged model (pointing at the stage directory; no weights are copied), and
+`stages.json`, the record `compressor report` reads."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from compressor.secrets import redact, redact_mapping
 from compressor.stages.context import MetricsSink
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+# log_batch limits of MLflow's REST API, per request
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+# The MLflow 3 UI opens an experiment on its runs (not on the GenAI trace overview) when it carries this tag.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+STAGES_ARTIFACT = "stages.json"  # the parent run's record of every stage, read by `compressor report`
 
 
 def default_uri(storage_root: Path) -> str:
@@ -32,8 +45,12 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def _client(uri: str):
+    import os
+
     from mlflow.tracking import MlflowClient
 
+    if redact(uri) != uri:  # MLflow prints "View run at <tracking URI>/..." to stdout: not with a password in it
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -54,17 +71,18 @@ class MlflowSink(MetricsSink):
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten(params)
-        if flat:
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
+        rows = [Param(k, v) for k, v in redact_mapping(flatten(params)).items()]  # no secret reaches MLflow
+        for i in range(0, len(rows), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=rows[i:i + MAX_PARAMS_PER_BATCH])
 
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None, model_id: Optional[str] = None) -> None:
+        """`model_id`: also attach the values to that MLflow logged model (shown on its page)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        if rows:
-            self.client.log_batch(self.run_id, metrics=rows)
+        rows = [Metric(k, float(v), now, step or 0, model_id=model_id) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(rows), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=rows[i:i + MAX_METRICS_PER_BATCH])
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -79,17 +97,21 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = None if "://" in uri and not uri.startswith("sqlite") else Path(artifact_root).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older compressor, or by hand
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.parent_id: Optional[str] = None
+        self.logged_models: dict[str, str] = {}  # stage name -> MLflow logged model id (set by log_pipeline_summary)
 
     def start_pipeline(self, name: str, pipeline_yaml: str, params: dict[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={"compressor.pipeline": name})
         self.parent_id = run.info.run_id
         sink = self.sink(self.parent_id)
         sink.log_params(params)
-        self.client.log_text(self.parent_id, pipeline_yaml, "pipeline.yaml")
+        self.client.log_text(self.parent_id, redact(pipeline_yaml), "pipeline.yaml")
         return self.parent_id
 
     def start_stage(self, name: str, kind: str, key: str, params: dict[str, Any], cached: bool = False) -> str:
@@ -103,10 +125,244 @@ class Tracker:
         return MlflowSink(self.uri, run_id)
 
     def tag(self, run_id: str, key: str, value: str) -> None:
-        self.client.set_tag(run_id, key, value)
+        self.client.set_tag(run_id, key, redact(value))
 
     def log_json(self, run_id: str, payload: Any, name: str) -> None:
-        self.client.log_dict(run_id, payload, name)
+        self.client.log_dict(run_id, json.loads(redact(json.dumps(payload))), name)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline summary
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+_UNSAFE = re.compile(r"[^\w\-./ ]")  # characters MLflow refuses in metric, param and tag keys
+
+
+def _key(*parts: str) -> str:
+    return "/".join(_UNSAFE.sub("_", p) for p in parts)
+
+
+def _numbers(scores: Optional[dict]) -> dict[str, float]:
+    """{'task': {'metric': v}} -> {'task.metric': v} for the numeric values (lm-eval also reports aliases)."""
+    out = {}
+    for name, value in flatten(scores or {}).items():
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _gate_rows(outcome) -> list[dict]:
+    """This run's gate rows, or, for a stage taken from the cache, those its manifest kept from the run that made it."""
+    if outcome.gate_rows:
+        return [dict(r.__dict__) for r in outcome.gate_rows]
+    return list(((outcome.manifest.details if outcome.manifest else {}).get("gate") or {}).get("rows") or [])
+
+
+def _verdict(rows: list[dict]) -> str:
+    return "none" if not rows else ("passed" if all(r["passed"] for r in rows) else "warned")
+
+
+def stage_records(summary) -> list[dict]:
+    """One dict per stage of a finished pipeline run, in order: where its model is, its real size (a quantized
+    model's logical parameter count and bits, not its packed storage), seconds, scores, gate rows and verdict."""
+    from compressor import checkpoint
+    from compressor.storage import join
+
+    records = []
+    for planned, outcome in zip(summary.plan.stages, summary.outcomes):
+        m = outcome.manifest
+        model_uri = join(planned.uri, m.model_uri) if m and outcome.kind != "evaluate" else None
+        num_params, bits = (m.num_params if m else None), None
+        if model_uri and outcome.kind == "quantize":
+            num_params, bits = checkpoint.logical_num_params(model_uri), checkpoint.quantized_bits(model_uri)
+        rows = _gate_rows(outcome)
+        records.append({
+            "name": outcome.name, "kind": outcome.kind, "status": outcome.status, "key": m.key if m else planned.key,
+            "stage_uri": planned.uri, "model_uri": model_uri, "num_params": num_params, "bits": bits,
+            "bytes": m.bytes if m and model_uri else None, "seconds": m.seconds if m else None,
+            "scores": outcome.scores, "gate": rows, "gate_verdict": _verdict(rows),
+            "run_id": m.mlflow_run_id if m else None,  # the run that made it (an earlier one when cached)
+        })
+    return records
+
+
+def teacher_record(summary) -> dict:
+    """The teacher's size (parameters from its config; bytes of its checkpoint where this process can see it,
+    else parameters x dtype width) and its baseline scores."""
+    from compressor import checkpoint, estimate, storage, zoo
+
+    plan, spec = summary.plan, summary.plan.spec.teacher
+    num_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
+    path = plan.teacher.path
+    if path.startswith("zoo:"):
+        name = path[len("zoo:"):]
+        path = str(zoo.model_path(name)) if zoo.is_built(name) else ""
+    measured = bool(path) and (storage.is_remote(path) or Path(path).is_dir()) and storage.exists(path)
+    size = checkpoint.checkpoint_bytes(path) if measured else None
+    if not size and num_params:
+        size = num_params * DTYPE_BYTES[spec.dtype]
+    return {"name": "teacher", "kind": "teacher", "model": spec.model + (f"@{spec.revision}" if spec.revision else ""),
+            "key": plan.teacher.key, "num_params": num_params, "bytes": size, "bytes_measured": measured,
+            "scores": summary.baseline}
+
+
+def pipeline_settings(spec) -> dict[str, str]:
+    """Flattened settings that tell pipelines apart: each stage's spec and gate under its name, the data sources
+    and the evaluation tasks. Unset (None) fields are left out."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None and v != {} and v != []}
+        return value
+
+    settings: dict = {"data": {n: d.model_dump(mode="json") for n, d in spec.data.items()},
+                      "evaluation": {"tasks": [t.name for t in spec.evaluation.tasks]}}
+    for entry in spec.stages:
+        settings[entry.name or entry.kind] = {
+            **entry.spec.model_dump(mode="json"),
+            **({"gate": {m: b.model_dump(mode="json") for m, b in entry.gate.metrics.items()}} if entry.gate else {})}
+    return flatten(clean(settings))
+
+
+def recovery(value: Optional[float], base: Optional[float], metric: str) -> Optional[float]:
+    """The fraction of the teacher's score kept, in the sense of the gates' `min_recovery` (for a lower-is-better
+    metric, teacher / value): 1.0 is the teacher's quality, the bar passes at >= min_recovery."""
+    from compressor.evaluation import higher_is_better
+
+    if value is None or not base or not value:
+        return None
+    return value / base if higher_is_better(metric) else base / value
+
+
+def summary_metrics(summary, stages: list[dict], teacher: dict) -> tuple[dict[str, dict[str, float]], Optional[dict]]:
+    """Metrics for the parent run, grouped by the stage whose logged model they describe (None: the run itself),
+    and the final model's record."""
+    from compressor import gates
+
+    groups: dict[Optional[str], dict[str, float]] = {None: {}}
+    run = groups[None]
+    for name, value in {**_numbers(teacher["scores"]), "num_params": teacher["num_params"],
+                        "bytes": teacher["bytes"]}.items():
+        if value is not None:
+            run[_key("teacher", name)] = value
+    for s in stages:
+        group = groups.setdefault(s["name"], {})
+        for name, value in {**_numbers(s["scores"]), "num_params": s["num_params"], "bytes": s["bytes"],
+                            "bits": s["bits"]}.items():
+            if value is not None:
+                group[_key(s["name"], name)] = value
+        if s["seconds"] is not None:
+            run[_key("seconds", s["name"])] = s["seconds"]
+    run[_key("seconds", "wall")] = round(summary.seconds, 3)
+    final = next((s for s in reversed(stages) if s["model_uri"]), None)
+    if final is None:
+        return groups, None
+    finals = groups[final["name"]]
+    for name, value in {**_numbers(final["scores"]), "num_params": final["num_params"], "bytes": final["bytes"],
+                        "bits": final["bits"]}.items():
+        if value is not None:
+            finals[_key("final", name)] = value
+    if teacher["num_params"] and final["num_params"]:
+        finals["final/param_compression"] = teacher["num_params"] / final["num_params"]
+    if teacher["bytes"] and final["bytes"]:
+        finals["final/byte_compression"] = teacher["bytes"] / final["bytes"]
+    gated = {key for entry in summary.plan.spec.stages if entry.gate for key in entry.gate.metrics}
+    for key in sorted(gated):
+        name, value = gates.lookup(final["scores"], key)
+        kept = recovery(value, gates.lookup(teacher["scores"], key)[1], name)
+        if kept is not None:
+            run[_key("recovery", name)] = kept
+    return groups, final
+
+
+def _stage_model(tracker: Tracker, pipeline: str, stage: dict) -> str:
+    """The MLflow logged model of a stage output: one per stage key (a cached stage reuses the model logged when
+    it ran). It records where the checkpoint is (tag compressor.model_uri); the weights stay there."""
+    from mlflow.entities import LoggedModelStatus
+
+    key_filter = f"tags.`compressor.stage_key` = '{stage['key']}'"
+    found = tracker.client.search_logged_models([tracker.experiment_id], filter_string=key_filter, max_results=1)
+    if found:
+        return found[0].model_id
+    params = {k: str(stage[k]) for k in ("num_params", "bytes", "bits") if stage[k] is not None}
+    model = tracker.client.create_logged_model(
+        tracker.experiment_id, name=f"{stage['name']}-{stage['key'][:12]}", source_run_id=stage["run_id"],
+        model_type=f"compressor.{stage['kind']}", params=params,
+        tags={"compressor.stage_key": stage["key"], "compressor.model_uri": redact(stage["model_uri"]),
+              "compressor.pipeline": pipeline, "compressor.stage": stage["name"]})
+    tracker.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def log_pipeline_summary(tracker: Tracker, parent_run_id: str, summary) -> None:
+    """Log a finished pipeline run onto its parent run (see the module docstring); `summary` is the orchestrator's
+    RunSummary. Metric names: `final/<task>.<metric>`, `final/num_params|bytes|bits|param_compression|
+    byte_compression`, `recovery/<gated metric>`, `teacher/...`, `<stage>/...`, `seconds/<stage>|wall`."""
+    from mlflow.entities import LoggedModelOutput
+
+    spec = summary.plan.spec
+    stages, teacher = stage_records(summary), teacher_record(summary)
+    sink = tracker.sink(parent_run_id)
+    sink.log_params(pipeline_settings(spec))
+    for s in stages:
+        if s["model_uri"]:
+            tracker.logged_models[s["name"]] = s["model_id"] = _stage_model(tracker, spec.name, s)
+    tracker.client.log_outputs(parent_run_id, [LoggedModelOutput(tracker.logged_models[s["name"]], step=i)
+                                               for i, s in enumerate(stages) if s["name"] in tracker.logged_models])
+    groups, final = summary_metrics(summary, stages, teacher)
+    for stage_name, metrics in groups.items():
+        sink.log_metrics(metrics, model_id=tracker.logged_models.get(stage_name))
+    tags = {f"gate.{s['name']}": s["gate_verdict"] for s in stages}
+    tags.update({"teacher": teacher["model"], "final_model": final["model_uri"] if final else "",
+                 "compressor.summary": STAGES_ARTIFACT})
+    for key, value in tags.items():
+        tracker.tag(parent_run_id, key, value)
+    tracker.log_json(parent_run_id, {"pipeline": spec.name, "seconds": summary.seconds, "teacher": teacher,
+                                     "stages": stages, "final": final["name"] if final else None}, STAGES_ARTIFACT)
+
+
+def gate_description(summary, final: dict, stages: list[dict], parent_run_id: str) -> str:
+    """Markdown for a registered model version: what it is, where it is, and every gate row of the pipeline."""
+    size = f"{final['num_params'] / 1e6:.2f}M parameters" if final["num_params"] else "unknown size"
+    bits = f", {final['bits']}-bit" if final["bits"] else ""
+    lines = [f"Final model of pipeline `{summary.plan.spec.name}` (MLflow run `{parent_run_id}`): stage "
+             f"`{final['name']}`, {size}{bits}.", "", f"Checkpoint: `{final['model_uri']}`", ""]
+    rows = [(s["name"], r) for s in stages for r in s["gate"]]
+    if not rows:
+        return "\n".join(lines + ["No stage of this pipeline has a gate."])
+    lines += ["| stage | metric | value | bar | verdict |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {stage} | {r['metric']} | {'-' if r['value'] is None else format(r['value'], '.4g')} | {r['bar']} | "
+              f"{'pass' if r['passed'] else 'FAIL (on_fail: warn)'} |" for stage, r in rows]
+    return "\n".join(lines)
+
+
+def register_final_model(tracker: Tracker, name: str, summary, parent_run_id: str) -> Optional[int]:
+    """A new version of registered model `name` for the pipeline's final model (its logged model, so nothing is
+    copied), described by the gate summary. Returns the version number; None when no stage made a model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    stages = stage_records(summary)
+    final = next((s for s in reversed(stages) if s["model_uri"]), None)
+    if final is None or final["name"] not in tracker.logged_models:
+        return None
+    model_id = tracker.logged_models[final["name"]]
+    try:
+        tracker.client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # MLflow's local (sqlite) registry resolves a models:/ source through the global tracking URI.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.uri)
+    try:
+        version = tracker.client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=parent_run_id, model_id=model_id,
+            description=redact(gate_description(summary, final, stages, parent_run_id)),
+            tags={"compressor.model_uri": redact(final["model_uri"]), "compressor.pipeline": summary.plan.spec.name,
+                  "gate": "passed" if all(s["gate_verdict"] != "warned" for s in stages) else "warned"})
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return int(version.version)

@@ -12,18 +12,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "tiny.yaml"
 
-def run(storage: Path, overrides: list[str]):
+def run(storage: Path, overrides: list[str], env: dict):
     cmd = [sys.executable, "-m", "compressor", "run", str(PIPELINE), f"storage={storage}", *overrides,
            "--summary-json", str(storage / "summary.json")]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "GPTQMODEL_DISABLE_PACK_EXT": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True,
+                            env={**__import__("os").environ, "GPTQMODEL_DISABLE_PACK_EXT": "1", **env})
     summary = json.loads((storage / "summary.json").read_text()) if result.returncode == 0 else None
     return result, summary
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides):
+def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides, hub_cache):
+    """The teacher is a hub id (`acme/tiny-llama@main`) served by an offline Hugging Face cache, as a user with the
+    hub would run the flagship recipe: resolved once, published to the storage, read by every stage from there."""
     storage = tmp_path / "artifacts"
-    result, summary = run(storage, tiny_test_overrides)
+    hub_teacher = [f"teacher.model={hub_cache['repo']}", "teacher.revision=main"]
+    result, summary = run(storage, [*tiny_test_overrides, *hub_teacher], hub_cache["env"])
     assert result.returncode == 0, result.stderr[-5000:]
     stages = {s["name"]: s for s in summary["stages"]}
     assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"]
@@ -59,9 +63,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides):
     assert children["distill"].data.tags["gate"] == "passed"
     assert children["distill"].data.metrics["ref_ppl.bits_per_byte"] == pytest.approx(distilled)
     assert "loss" in children["distill"].data.metrics  # per-step training loss from rank 0
+    assert hub_cache["commit"] in parent.data.params["teacher_key"]  # the resolved commit keys the teacher
+    snapshot = storage / "_models" / f"acme--tiny-llama-{hub_cache['commit'][:12]}"
+    assert (snapshot / "manifest.json").is_file() and not list((storage / "tiny").glob("pending/*"))
 
     # a re-run finds everything cached and starts neither Ray nor a new MLflow run
-    result, summary = run(storage, tiny_test_overrides)
+    result, summary = run(storage, [*tiny_test_overrides, *hub_teacher], hub_cache["env"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s["status"] for s in summary["stages"]] == ["cached", "cached", "cached"]
     assert "Ray" not in result.stderr and len(client.search_runs([parent.info.experiment_id])) == len(runs)

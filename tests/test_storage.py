@@ -121,3 +121,33 @@ def test_train_storage_for_ray(tmp_path, remote):
 def test_missing_filesystem_driver_is_a_user_error():
     with pytest.raises(UserError, match="no filesystem"):
         storage.exists("nosuchproto://bucket/x")
+
+
+def test_publish_dir_is_atomic_and_the_first_publisher_wins(tmp_path, remote):
+    for target in (str(tmp_path / "store" / "prune-k"), storage.join(remote, "prune-k")):
+        first = finished_stage(tmp_path / f"work-{uuid.uuid4().hex[:6]}")
+        assert storage.publish_dir(first, target) and not first.exists()
+        second = finished_stage(tmp_path / f"work-{uuid.uuid4().hex[:6]}", key="z" * 64)
+        assert not storage.publish_dir(second, target) and not second.exists()
+        assert storage.read_manifest(target).key == "k" * 64
+
+
+def test_a_leftover_without_manifest_is_replaced(tmp_path):
+    target = tmp_path / "prune-k"
+    (target / "model").mkdir(parents=True)  # a crash left it half-written
+    assert storage.read_manifest(str(target)) is None
+    assert storage.publish_dir(finished_stage(tmp_path / "work"), str(target))
+    assert storage.read_manifest(str(target)) is not None
+
+
+def test_move_stage_writes_the_new_manifest_last_and_removes_the_source(tmp_path, remote):
+    for root in (str(tmp_path / "store"), remote):
+        pending, final = storage.join(root, "pending", "q-k"), storage.join(root, "q-k")
+        storage.publish_dir(finished_stage(tmp_path / f"w-{uuid.uuid4().hex[:6]}"), pending)
+        record = storage.read_manifest(pending).model_copy(update={"details": {"gate": "passed"}})
+        storage.move_stage(pending, final, record)
+        assert storage.read_manifest(final).details == {"gate": "passed"}
+        assert storage.exists(storage.join(final, "model", "model.safetensors"))
+        assert storage.read_manifest(pending) is None and not storage.exists(pending)
+        storage.move_stage(final, final, record.model_copy(update={"details": {"gate": "again"}}))  # in place
+        assert storage.read_manifest(final).details == {"gate": "again"}

@@ -22,7 +22,7 @@ from compressor.commands import submit
 from compressor.errors import UserError
 
 BIN = Path(sys.executable).parent
-FAILING_PIPELINE = "name: will-fail\nteacher: {model: /nonexistent/teacher}\n"
+FAILING_PIPELINE = "name: will-fail\nteacher: {model: /nonexistent/teacher}\nstages: [{evaluate: {}}]\n"
 
 
 def free_port() -> int:
@@ -140,8 +140,8 @@ def test_pipeline_outside_the_working_dir_and_bad_env(tmp_path):
         submit.entrypoint_for(tmp_path / "p.yaml", tmp_path / "wd", [])
     with pytest.raises(UserError, match="KEY=VALUE"):
         submit.runtime_env_for(tmp_path, ["NOVALUE"], [])
-    assert submit.entrypoint_for(tmp_path / "wd" / "my p.yaml", tmp_path / "wd", ["storage=/x y"]) == \
-        "compressor run 'my p.yaml' 'storage=/x y'"
+    entrypoint = submit.entrypoint_for(tmp_path / "wd" / "my p.yaml", tmp_path / "wd", ["storage=/x y"])
+    assert "-m compressor run 'my p.yaml' 'storage=/x y'" in entrypoint  # tests/test_security.py runs it
     assert submit.storage_warning("./artifacts") and not submit.storage_warning("/mnt/shared/c")
     assert not submit.storage_warning("s3://b/c")
 

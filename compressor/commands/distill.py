@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -34,7 +35,10 @@ def build_spec(**options):
     except ValidationError as exc:
         error = exc.errors()[0]
         where = f"--{str(error['loc'][-1]).replace('_', '-')}" if error["loc"] else "options"
-        raise UserError(f"distill {where}: {error['msg']}") from None
+        # "give only one of `steps` and `tokens`" -> "... `--steps` and `--tokens`": the names on this command line
+        message = re.sub(r"`(\w+)`", lambda m: f"`--{m.group(1).replace('_', '-')}`",
+                         error["msg"].removeprefix("Value error, "))
+        raise UserError(f"distill {where}: {message}") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -69,11 +73,18 @@ def register(app: typer.Typer) -> None:
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)."),
         seed: int = typer.Option(0, "--seed"),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+        trust_remote_code: bool = typer.Option(
+            False, "--trust-remote-code", help="Run Python code the checkpoint ships (config.json auto_map); only for "
+                                                "a source you trust."),
     ) -> None:
         """Knowledge distillation: train the student on the frozen teacher's logits (DeepSpeed ZeRO in Ray Train)."""
-        from compressor.runner import resolve_model
+        from compressor import remote_code
         from compressor.config.schema import DataSource
-        from compressor.runner import run_standalone
+        from compressor.preflight import check_standalone
+        from compressor.runner import resolve_model, run_standalone
+
+        if trust_remote_code:
+            remote_code.allow(teacher)
 
         spec = build_spec(
             steps=steps, tokens=tokens, seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, lr=lr,
@@ -91,6 +102,8 @@ def register(app: typer.Typer) -> None:
         if address:
             os.environ["RAY_ADDRESS"] = address
         source = DataSource(source=data, seq_len=seq_len, text_field=text_field)
+        check_standalone("distill", spec, student_dir, out, source, "--data", 1, seq_len, teacher_dir=teacher_dir,
+                         model_flag="--student")  # one sequence here; the driver checks the whole budget
         manifest = run_standalone("distill", spec, student_dir, out, data={"distill": source}, teacher=teacher_dir,
                                   seed=seed, quiet=quiet)
         metrics, details = manifest.metrics, manifest.details

@@ -22,6 +22,15 @@ def parse_tasks(tasks: str, include: Optional[str], limit: Optional[float]):
     return [TaskSpec(name=n, include=include, limit=limit) for n in names]
 
 
+def parse_batch_size(value: str) -> int | str:
+    """--batch-size: a positive integer or "auto"."""
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise UserError(f'--batch-size {value!r}: give a positive number of sequences, or "auto"')
+
+
 def resolve(model: str, include: Optional[str]) -> tuple[str, Optional[str]]:
     """(checkpoint dir, include). `zoo:NAME` builds/finds the model and defaults --include to its tasks."""
     if model.startswith("zoo:"):
@@ -40,7 +49,7 @@ def register(app: typer.Typer) -> None:
         tasks: str = typer.Option("ref_ppl,ref_next", "--tasks", help="Comma-separated lm-eval task names."),
         include: Optional[str] = typer.Option(
             None, "--include", help="Directory of task YAMLs, or zoo:NAME (default for a zoo model: its own tasks)."),
-        batch_size: int = typer.Option(16, "--batch-size", min=1),
+        batch_size: str = typer.Option("16", "--batch-size", help='Sequences per forward pass, or "auto".'),
         limit: Optional[float] = typer.Option(None, "--limit", help="Docs per task (or a fraction below 1)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
         output: Optional[Path] = typer.Option(None, "--output", help="Also write {task: {metric: value}} here."),
@@ -49,18 +58,23 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from compressor.evaluation import evaluate, higher_is_better, primary_metric
+        from compressor.evaluation import STDERR_SUFFIX, evaluate, higher_is_better, primary_metric
 
         model_dir, include = resolve(model, include)
-        results = evaluate(model_dir, parse_tasks(tasks, include, limit), batch_size=batch_size, device=device)
+        results = evaluate(model_dir, parse_tasks(tasks, include, limit), batch_size=parse_batch_size(batch_size),
+                           device=device)
         table = Table(title=f"{model}", title_justify="left")
-        for col in ("task", "metric", "value", "better"):
+        for col in ("task", "metric", "value", "stderr", "better"):
             table.add_column(col)
         for task, metrics in results.items():
             main = primary_metric(task, metrics) if metrics else None
             for metric, value in metrics.items():
+                if metric.endswith(STDERR_SUFFIX):
+                    continue
                 name = f"[bold]{metric}[/]" if metric == main else metric
-                table.add_row(task, name, f"{value:.4f}", "higher" if higher_is_better(metric) else "lower")
+                stderr = metrics.get(metric + STDERR_SUFFIX)
+                table.add_row(task, name, f"{value:.4f}", "-" if stderr is None else f"±{stderr:.4f}",
+                              "higher" if higher_is_better(metric) else "lower")
         Console().print(table)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import List, Optional
@@ -9,6 +10,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from compressor.secrets import redact
 
 DEFAULT_PIPELINE = "tiny"
 PipelineArg = typer.Argument(None, help="Pipeline YAML, or the name of a pipeline shipped with compressor "
@@ -41,28 +44,46 @@ def register(app: typer.Typer) -> None:
         tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI; default sqlite:///<storage>/mlflow.db."),
         storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
         summary_json: Optional[Path] = typer.Option(None, help="Also write the run summary as JSON here."),
+        register: Optional[str] = typer.Option(
+            None, "--register", metavar="NAME", help="Register the final model in MLflow's model registry as a new "
+            "version of NAME, with the gate summary as its description (it points at the stage directory)."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show libraries' output (warnings, their progress "
+                                     "bars, Ray workers' lines) live; by default it goes to each stage's stage.log."),
     ) -> None:
         """Run a pipeline: stages in order, each evaluated and gated; finished stages are taken from the cache."""
         import json
 
         from compressor.orchestrator import Orchestrator, summary_dict
+        from compressor.preflight import check_pipeline
 
+        from compressor.raylocal import VERBOSE_ENV, quiet_driver_logs
+
+        if verbose:
+            os.environ[VERBOSE_ENV] = "1"  # read by this process and by local Ray workers (started after this)
+        quiet_driver_logs()
         path, spec = _load(pipeline, overrides)
+        check_pipeline(spec, path, storage)  # bad input is refused before Ray, MLflow or the storage are touched
+        if spec.teacher.trust_remote_code:
+            from compressor import remote_code
+
+            remote_code.allow(spec.teacher.model, warn=False)  # this process, its local Ray workers, a cluster's job
         console = Console(stderr=True)
         summary = Orchestrator(spec, path.read_text(), storage=storage, tracking_uri=tracking_uri,
-                               address=address, console=console).run()
+                               address=address, console=console, register=register).run()
         print_summary(summary, Console())
         if summary_json:
             summary_json.write_text(json.dumps(summary_dict(summary) | {"stage_seconds": summary.stage_seconds}, indent=2))
 
     @app.command()
     def validate(pipeline: Optional[str] = PipelineArg, overrides: Optional[List[str]] = OverridesArg) -> None:
-        """Check a pipeline YAML (schema, references, target shapes) without loading any model."""
+        """Check a pipeline YAML (schema, references, target shapes, storage, data files) without loading any model."""
         from compressor.planning import check_local_tasks, make_plan
+        from compressor.preflight import check_pipeline
 
         path, spec = _load(pipeline, overrides)
         plan = make_plan(spec)
         check_local_tasks(spec.evaluation.tasks)
+        check_pipeline(spec, path, plan=plan)  # storage writable with room, data files are text, gate metrics exist
         for stage in plan.stages:
             for warning in stage.warnings:
                 Console(stderr=True).print(f"[yellow]warning:[/] {stage.name}: {warning}")
@@ -98,7 +119,7 @@ def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
 
     teacher_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
     console.print(f"[bold]{plan.spec.name}[/]: teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params), "
-                  f"storage {plan.storage_root / plan.spec.name}", soft_wrap=True)
+                  f"storage {redact(plan.pipeline_uri)}", soft_wrap=True)
     table = Table(caption=f"FLOPs and GPU-hours: estimates for {gpu} at {mfu:.0%} MFU, evaluation not included",
                   caption_justify="left")
     for col in ("#", "stage", "resources", "cache", "params", "FLOPs", "GPU-h"):
@@ -116,36 +137,53 @@ def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
         params_in = _fmt_params(estimate.param_count(stage.in_config) if stage.in_config else None)
         params_out = _fmt_params(estimate.param_count(stage.out_config) if stage.out_config else None)
         table.add_row(str(i), stage.name if stage.name == stage.kind else f"{stage.name} ({stage.kind})", resources_text,
-                      "[green]cached[/]" if stage.cached else "to run",
+                      "[green]cached[/]" if stage.cached else
+                      f"[yellow]kept in {stage.held[0]}/: re-gate[/]" if stage.held else "to run",
                       params_in if params_in == params_out else f"{params_in} -> {params_out}",
                       f"{flops:.2e}" if flops else "-", _fmt_hours(hours))
     console.print(table)
     console.print(f"total: {_fmt_hours(total_hours)} {gpu}-hours")
+    from compressor.commands.data import shard_status
+
+    for stage in (s for s in plan.stages if s.kind == "distill" and not s.cached):
+        console.print(f"{stage.name} data: {shard_status(plan, stage)}", soft_wrap=True)
     for stage in plan.stages:
         for warning in stage.warnings:
             console.print(f"[yellow]warning:[/] {stage.name}: {warning}")
 
 
 def print_summary(summary, console: Console) -> None:
-    """One screen: a row per stage (teacher baseline first) with size, time, each task's main score and the gate."""
+    """One screen: a row per stage (teacher baseline first) with size, time, each task's gated metrics (else its
+    main metric) and the gate. Columns are in a fixed order (by task, then metric); a quantized model shows its real
+    parameter count and its bits."""
     from compressor.evaluation import primary_metric
+    from compressor.gates import lookup
+    from compressor.tracking import stage_records, teacher_record
 
-    rows = ([("teacher", "baseline", None, summary.baseline, "-")] if summary.baseline else []) + [
-        (o.name, o.status, o.manifest, o.scores,
-         "-" if not o.gate_rows else ("pass" if all(r.passed for r in o.gate_rows) else "warn"))
-        for o in summary.outcomes]
-    metrics = {t: primary_metric(t, v) for _, _, _, scores, _ in rows for t, v in (scores or {}).items()}
+    gates = {"passed": "pass", "warned": "warn", "none": "-"}
+    rows = [{**teacher_record(summary), "status": "baseline", "gate_verdict": "none", "seconds": None}] \
+        if summary.baseline else []
+    rows += stage_records(summary)
+    gated = {tuple(lookup(r["scores"], key)[0].split(".", 1)) for e in summary.plan.spec.stages if e.gate
+             for key in e.gate.metrics for r in rows if r["scores"]}
+    metrics = sorted(gated | {(t, primary_metric(t, v)) for r in rows for t, v in (r["scores"] or {}).items()
+                              if not any(g[0] == t for g in gated)})
     table = Table(title=f"{summary.plan.spec.name}: {summary.seconds:.1f}s", title_justify="left")
-    for col in ("stage", "status", "params", "MB", "s", *(f"{t}\n{m}" for t, m in metrics.items()), "gate"):
+    for col in ("stage", "status", "params", "MB", "s", *(f"{t}\n{m}" for t, m in metrics), "gate"):
         table.add_column(col)
-    for name, status, m, scores, gate in rows:
-        values = [f"{scores[t][m_]:.4g}" if scores and m_ in scores.get(t, {}) else "-" for t, m_ in metrics.items()]
-        table.add_row(name, status, _fmt_params(m.num_params if m else None),
-                      f"{m.bytes / 1e6:.1f}" if m and m.bytes else "-",
-                      f"{m.seconds:.1f}" if m and m.seconds else "-", *values, gate)
+    for r in rows:
+        scores = r["scores"] or {}
+        values = [f"{scores[t][m]:.4g}" if m in scores.get(t, {}) else "-" for t, m in metrics]
+        params = _fmt_params(r["num_params"]) + (f" ({r['bits']}-bit)" if r.get("bits") else "")
+        table.add_row(r["name"], r["status"], params, f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-",
+                      f"{r['seconds']:.1f}" if r["seconds"] else "-", *values, gates[r["gate_verdict"]])
     console.print(table)
-    last = next((o for o in reversed(summary.outcomes) if o.manifest and o.kind != "evaluate"), None)
-    if last:
-        console.print(f"final model: {summary.plan.pipeline_root / (last.name + '-' + last.manifest.key[:12]) / 'model'}")
+    final = next((r for r in reversed(rows) if r.get("model_uri")), None)
+    if final:
+        console.print(f"final model: {redact(final['model_uri'])}", soft_wrap=True)
     note = "" if summary.parent_run_id else "   (all stages cached: nothing new logged)"
-    console.print(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}{note}", soft_wrap=True)
+    tracking_uri = redact(summary.tracking_uri)  # a server URI may carry a password or token
+    console.print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}{note}", soft_wrap=True)
+    if summary.parent_run_id:
+        console.print(f"report: compressor report {summary.parent_run_id} --tracking-uri {tracking_uri}",
+                      soft_wrap=True)

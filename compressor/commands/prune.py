@@ -46,12 +46,14 @@ def build_spec(target: str, keep_layers: Optional[str], drop_layers: Optional[st
 
     from compressor.config.stages import PruneSpec, PruneTarget
 
+    if keep_layers is not None and drop_layers is not None:
+        raise UserError("--keep-layers and --drop-layers: give only one of them (the layers to keep, or to drop)")
     layers = {"keep_layers": parse_layers("--keep-layers", keep_layers), "drop_layers": parse_layers("--drop-layers", drop_layers)}
     try:
         shape = PruneTarget(**parse_target(target), **{k: v for k, v in layers.items() if v is not None})
         return PruneSpec(target=shape, calibration="calib", **options)
     except ValidationError as exc:
-        raise UserError(f"prune options: {exc.errors()[0]['msg']}") from None
+        raise UserError(f"prune options: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -79,10 +81,18 @@ def register(app: typer.Typer) -> None:
         text_field: str = typer.Option("text", "--text-field", help="Text column of JSONL / parquet / hf data."),
         seed: int = typer.Option(0, "--seed"),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+        trust_remote_code: bool = typer.Option(
+            False, "--trust-remote-code", help="Run Python code the checkpoint ships (config.json auto_map); only for "
+                                                "a source you trust."),
     ) -> None:
         """Minitron structured pruning: rank heads, neurons, channels and layers on calibration text, then slice."""
+        from compressor import remote_code
         from compressor.config.schema import DataSource
+        from compressor.preflight import check_standalone
         from compressor.runner import resolve_model, run_standalone
+
+        if trust_remote_code:
+            remote_code.allow(model)
 
         spec = build_spec(target, keep_layers, drop_layers, samples=samples, seq_len=seq_len,
                           depth_metric=depth_metric.value, batch_size=batch_size, align=align, quantize_group_size=group_size)
@@ -94,6 +104,7 @@ def register(app: typer.Typer) -> None:
             calibration = f"zoo:{zoo_name}"
         source = DataSource(source=calibration, samples=samples, text_field=text_field, **({"seq_len": seq_len} if seq_len else {}))
         data = {"calib": source}
+        check_standalone("prune", spec, model_dir, out, source, "--calibration", samples, seq_len)  # before loading
         manifest = run_standalone("prune", spec, model_dir, out, data=data, seed=seed, quiet=quiet)
         details = manifest.details
         typer.echo(f"pruned {details['params_before']:,} -> {details['params_after']:,} parameters "

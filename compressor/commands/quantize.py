@@ -51,14 +51,21 @@ def register(app: typer.Typer) -> None:
         text_field: str = typer.Option("text", "--text-field", help="Text column of JSONL / parquet / hf data."),
         seed: int = typer.Option(0, "--seed"),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+        trust_remote_code: bool = typer.Option(
+            False, "--trust-remote-code", help="Run Python code the checkpoint ships (config.json auto_map); only for "
+                                                "a source you trust."),
     ) -> None:
         """GPTQ through GPTQModel: a 4/8-bit checkpoint that GPTQModel, transformers, lm-eval and vLLM load."""
         from pydantic import ValidationError
 
-        from compressor.runner import resolve_model
+        from compressor import remote_code
         from compressor.config.schema import DataSource
         from compressor.config.stages import QuantizeSpec
-        from compressor.runner import run_standalone
+        from compressor.preflight import check_standalone
+        from compressor.runner import resolve_model, run_standalone
+
+        if trust_remote_code:
+            remote_code.allow(model)
 
         model_dir, zoo_name = resolve_model(model)
         if calibration is None:
@@ -77,6 +84,7 @@ def register(app: typer.Typer) -> None:
             error = exc.errors()[0]
             flag = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "options"
             raise UserError(f"{flag}: {error['msg'].removeprefix('Value error, ')}") from None
+        check_standalone("quantize", spec, model_dir, out, data["calib"], "--calibration", samples, seq_len)
         manifest = run_standalone("quantize", spec, model_dir, out, data=data, seed=seed, quiet=quiet)
         d = manifest.details
         typer.echo(

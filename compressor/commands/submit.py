@@ -1,7 +1,13 @@
 """`compressor submit` and `compressor jobs status|logs|stop|list`: pipelines as Ray jobs on a cluster.
 
-Built on Ray's JobSubmissionClient: the working dir is uploaded, `compressor run PIPELINE [overrides]`
-is the entrypoint, and the job's driver joins the cluster through the RAY_ADDRESS Ray sets for it."""
+Built on Ray's JobSubmissionClient: the working dir is uploaded, `python -m compressor run PIPELINE [overrides]`
+is the entrypoint, and the job's driver joins the cluster through the RAY_ADDRESS Ray sets for it.
+
+The entrypoint never relies on `compressor` being on the head's PATH (a head started as `.venv/bin/ray start`
+without the venv activated has none): it runs through the first Python that can import compressor, trying
+--python (default: this interpreter, right when the head shares this machine or image), then python3 and python.
+
+Secrets: `--env` values and URI credentials are never printed (compressor.secrets)."""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Iterator, List, Optional
 import typer
 
 from compressor.errors import CompressorError, UserError
+from compressor.secrets import redact, register as register_secret
 
 ADDRESS_ENV = ["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"]  # the variables `ray job submit` reads too
 CONNECT_TIMEOUT_S = 10.0
@@ -108,23 +115,35 @@ def _call(what: str, job_id: str, fn, *args):
 
 
 # ----------------------------------------------------------------------------- submit
-def entrypoint_for(pipeline: Path, working_dir: Path, overrides: List[str]) -> str:
-    """`compressor run <pipeline relative to the working dir> <overrides>`, shell-quoted."""
+def run_command(args: List[str], python: Optional[str] = None) -> str:
+    """A POSIX shell command that runs `python -m compressor <args>` with the first of `python` (default: this
+    interpreter), python3 and python that can import compressor on the node, or says which were tried (exit 2)."""
+    candidates = list(dict.fromkeys([python or sys.executable, "python3", "python"]))
+    missing = (f"error: no Python on the Ray head can run compressor (tried {', '.join(candidates)}); install "
+               f"compressor there or pass `compressor submit --python /path/to/bin/python`. The job's PATH: ")
+    return (f"for py in {' '.join(map(shlex.quote, candidates))}; do "
+            f'"$py" -c "import compressor.cli" >/dev/null 2>&1 && exec "$py" {shlex.join(["-m", "compressor", *args])}; '
+            f'done; echo {shlex.quote(missing)}"$PATH" >&2; exit 2')
+
+
+def entrypoint_for(pipeline: Path, working_dir: Path, overrides: List[str], python: Optional[str] = None) -> str:
+    """`python -m compressor run <pipeline relative to the working dir> <overrides>` (see run_command)."""
     try:
         relative = pipeline.resolve().relative_to(working_dir.resolve())
     except ValueError:
         raise UserError(f"{pipeline}: the pipeline must be inside the uploaded working dir {working_dir} "
                         f"(pass --working-dir)") from None
-    return shlex.join(["compressor", "run", relative.as_posix(), *overrides])
+    return run_command(["run", relative.as_posix(), *overrides], python)
 
 
 def runtime_env_for(working_dir: Path, env: List[str], excludes: List[str]) -> dict:
     env_vars = {}
-    for item in env:
+    for n, item in enumerate(env, 1):
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--env {item!r}: expected KEY=VALUE")
+        if not sep or not key:  # the item may be a secret with a typo: never echo it
+            raise UserError(f"--env number {n} (starting {item[:3]!r}...): expected KEY=VALUE")
         env_vars[key] = value
+        register_secret(value)  # never shown on the console from now on
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": DEFAULT_EXCLUDES + list(excludes)}
     if env_vars:
         runtime_env["env_vars"] = env_vars
@@ -149,7 +168,7 @@ def wait_for(client, job_id: str, follow_logs: bool = True, poll_s: float = 1.0)
     if follow_logs:
         async def stream() -> None:
             async for chunk in client.tail_job_logs(job_id):
-                sys.stdout.write(chunk)
+                sys.stdout.write(redact(chunk))  # Ray echoes the entrypoint, overrides and all
                 sys.stdout.flush()
 
         try:
@@ -180,21 +199,26 @@ def raise_unless_succeeded(client, job_id: str, address: str) -> None:
 
 def submit_pipeline(
     address: Optional[str], pipeline: Path, overrides: List[str], working_dir: Path,
-    env: List[str] = (), excludes: List[str] = (), job_id: Optional[str] = None,
+    env: List[str] = (), excludes: List[str] = (), job_id: Optional[str] = None, python: Optional[str] = None,
 ) -> tuple[object, str, str]:
     """Validate locally, then submit. Returns (client, job id, dashboard address)."""
     from compressor.commands.pipeline import resolve_pipeline
     from compressor.config.load import load_pipeline
 
+    address = check_address(address)  # before anything is printed or read: a missing address is the usual slip
     if not working_dir.is_dir():
         raise UserError(f"--working-dir {working_dir}: no such directory")
     resolved = resolve_pipeline(str(pipeline))
+    runtime_env = runtime_env_for(working_dir, list(env), list(excludes))  # registers --env values as secrets
     spec = load_pipeline(resolved, overrides)  # a bad YAML fails here, not after an upload
     if resolved != pipeline:  # a pipeline shipped with compressor, e.g. `tiny`: the cluster has it too
-        entrypoint = shlex.join(["compressor", "run", str(pipeline), *overrides])
+        entrypoint = run_command(["run", str(pipeline), *overrides], python)
     else:
-        entrypoint = entrypoint_for(pipeline, working_dir, overrides)
-    runtime_env = runtime_env_for(working_dir, list(env), list(excludes))
+        entrypoint = entrypoint_for(pipeline, working_dir, overrides, python)
+    from compressor import remote_code
+
+    if spec.teacher.trust_remote_code:  # the job's processes load models with the teacher's code too
+        runtime_env.setdefault("env_vars", {})[remote_code.ENV] = "1"
     if (warning := storage_warning(spec.storage)) is not None:
         typer.secho(f"warning: {warning}", err=True, fg="yellow")
     client = connect(address)
@@ -202,7 +226,7 @@ def submit_pipeline(
         submitted = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
                                metadata={"compressor.pipeline": spec.name})
     except Exception as exc:  # upload too large, duplicate id, ...: Ray's message names the cause
-        raise UserError(f"submitting {pipeline} to {client.get_address()} failed: {exc}") from None
+        raise UserError(f"submitting {pipeline} to {client.get_address()} failed: {redact(exc)}") from None
     return client, submitted, client.get_address()
 
 
@@ -231,10 +255,14 @@ def register(app: typer.Typer) -> None:
         env: Optional[List[str]] = typer.Option(None, "--env", help="KEY=VALUE environment for the job (repeatable)."),
         exclude: Optional[List[str]] = typer.Option(None, help="Extra upload exclusions, gitignore syntax (repeatable)."),
         job_id: Optional[str] = typer.Option(None, help="Submission id; default: generated by Ray."),
+        python: Optional[str] = typer.Option(
+            None, "--python", envvar="COMPRESSOR_JOB_PYTHON",
+            help="Python on the head that has compressor installed; default: this interpreter, then python3 and "
+                 "python from the job's PATH, whichever imports compressor first."),
     ) -> None:
         """Run a pipeline on a Ray cluster as a Ray job; prints the job id."""
         client, submitted, url = submit_pipeline(address, pipeline, overrides or [], working_dir,
-                                                 env or [], exclude or [], job_id)
+                                                 env or [], exclude or [], job_id, python)
         typer.echo(submitted)
         typer.secho(f"submitted to {url}; follow with: compressor jobs logs {submitted} --follow --address {url}",
                     err=True)
@@ -254,7 +282,7 @@ def register(app: typer.Typer) -> None:
                              ("exit code", info.driver_exit_code), ("started", _when(info.start_time)),
                              ("ended", _when(info.end_time))):
             if value not in (None, ""):
-                typer.echo(f"  {label}: {value}")
+                typer.echo(f"  {label}: {redact(value)}")  # an override may carry a URI with a password
 
     @jobs.command("logs")
     def logs(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt,
@@ -265,7 +293,7 @@ def register(app: typer.Typer) -> None:
             _call("querying", job_id, client.get_job_status, job_id)
             _watch(client, job_id, client.get_address())
         else:
-            typer.echo(_call("reading logs of", job_id, client.get_job_logs, job_id), nl=False)
+            typer.echo(redact(_call("reading logs of", job_id, client.get_job_logs, job_id)), nl=False)
 
     @jobs.command("stop")
     def stop(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt) -> None:
@@ -281,7 +309,8 @@ def register(app: typer.Typer) -> None:
         """Jobs on the cluster, newest last."""
         client = connect(address)
         for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
-            typer.echo(f"{job.submission_id or job.job_id}\t{job.status.value}\t{_when(job.start_time)}\t{job.entrypoint}")
+            typer.echo(f"{job.submission_id or job.job_id}\t{job.status.value}\t{_when(job.start_time)}\t"
+                       f"{redact(job.entrypoint)}")
 
 
 def _watch(client, job_id: str, address: str) -> None:

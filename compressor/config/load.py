@@ -4,6 +4,8 @@ Every failure becomes a UserError of one paragraph naming the file, the field pa
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +15,8 @@ from pydantic import ValidationError
 from compressor.config.schema import PipelineSpec
 from compressor.config.stages import STAGE_SPECS
 from compressor.errors import UserError
+
+log = logging.getLogger("compressor")
 
 
 def _line_of(node: Optional[yaml.Node], loc: tuple) -> Optional[int]:
@@ -79,10 +83,14 @@ def apply_override(data: dict, override: str) -> None:
 
 def _format(error: dict, path: str, root: Optional[yaml.Node]) -> str:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+    message = error["msg"].removeprefix("Value error, ")
+    named = re.match(r"(stages\.\d+[\w.\-]*): (.*)", message, re.DOTALL) if not loc else None
+    if named:  # a check across fields names its own place, e.g. "stages.1.name: duplicate stage name 'x'"
+        loc = tuple(int(p) if p.isdigit() else p for p in named.group(1).split("."))
+        message = named.group(2)
     field = ".".join(str(p) for p in loc) or "(top level)"
     line = _line_of(root, loc)
     where = f"{path}:{line}" if line else path
-    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (check its spelling and its place in the file)"
     return f"{where}: {field}: {message}"
@@ -96,15 +104,20 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
         raise UserError(f"pipeline file {path}: no such file") from None
     except OSError as exc:
         raise UserError(f"pipeline file {path}: cannot read it ({exc.strerror})") from None
-    try:
+    try:  # the safe loader: a tag that would construct a Python object (!!python/object, ...) is an error
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise UserError(f"{path}:{mark.line + 1}: tag {_tag_of(exc)} refused: pipeline files are read with YAML's safe "
+                        "loader, and no field constructs Python objects or runs code") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a pipeline file must be a mapping with name, teacher, stages, ...")
+    _refuse_duplicate_keys(root, str(path))
     for override in overrides:
         apply_override(data, override)
     try:
@@ -113,7 +126,33 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
         errors = [_format(e, str(path), root) for e in exc.errors()]
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise UserError("invalid pipeline: " + "; ".join(errors[:3]) + more) from None
+    if spec.teacher.trust_remote_code:
+        log.warning("warning: teacher.trust_remote_code is on: the Python code shipped with %s (and with the models "
+                    "made from it) will run on every node that loads them. Only use it for a repository you trust.",
+                    spec.teacher.model)
     return spec
+
+
+def _tag_of(exc: yaml.constructor.ConstructorError) -> str:
+    problem = exc.problem or ""
+    return problem.split("tag ", 1)[1].strip() if "tag " in problem else "(unknown)"
+
+
+def _refuse_duplicate_keys(node: Optional[yaml.Node], path: str) -> None:
+    """YAML lets a later key silently replace an earlier one in the same mapping; a pipeline refuses it."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    raise UserError(f"{path}:{line}: key {key.value!r} appears twice in one mapping (first on line "
+                                    f"{seen[key.value]}); YAML would silently keep only the last one")
+                seen[key.value] = line
+            _refuse_duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path)
 
 
 def pipeline_dir(path: str | Path) -> Path:

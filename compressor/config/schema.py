@@ -22,6 +22,10 @@ class TeacherSpec(Strict):
     revision: Optional[str] = Field(None, description="Hub revision (commit, tag or branch).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     config: Optional[str] = Field(None, description="A config.json used by `plan` instead of the hub (offline estimates).")
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code a checkpoint ships (config.json `auto_map`) when loading it and the "
+        "models made from it, on every node. Off by default: only set it for a repository you trust (it is logged "
+        "as a warning).")
 
 
 class DataSource(Strict):
@@ -47,24 +51,50 @@ class TaskSpec(Strict):
 
 
 class EvaluationSpec(Strict):
+    """lm-eval after each stage (and once for the teacher baseline), as a Ray task with `resources`.
+
+    With `resources.num_gpus` > 0 the model is loaded straight onto the GPU (a GPTQ checkpoint with GPTQModel's
+    GPU kernel); otherwise evaluation runs on the CPU."""
+
     tasks: list[TaskSpec] = Field(default_factory=list)
     baseline: Literal["teacher", "none"] = "teacher"
-    batch_size: int = Field(16, gt=0)
+    batch_size: Union[int, Literal["auto"]] = Field(
+        16, description='Sequences per forward pass, or "auto": lm-eval finds the largest that fits (64 down).')
     resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f'{v}: give a positive number of sequences, or "auto"')
+        return v
 
 
 class GateBar(Strict):
-    """Bars for one metric. Direction (higher or lower is better) is known per metric."""
+    """Bars for one metric; every bar given must pass. Direction (higher or lower is better) is known per metric.
+
+    An evaluation score is a sample: on Winogrande (1,267 items) or ARC-Challenge (1,172) its standard error is
+    about 0.012-0.014, so an absolute `max_drop: 0.01` can fail a model that lost nothing up to about 30% of the time.
+    `max_drop_stderr: k` allows a drop of k standard errors of the difference, sqrt(se_previous² + se_now²),
+    with the standard errors lm-eval reports (shown in the gate table, logged to MLflow as `<metric>_stderr`).
+    Noise alone fails it with one-sided normal probability: k=2 about 2.3% per metric, k=2.5 about 0.6%
+    (four gated metrics: up to about 9% and 2.5% per stage). Both evaluations see the same documents, so the
+    true noise of the difference is smaller than this formula says: the rates are upper bounds, and the bar
+    is lenient on real drops by the same token. Metrics whose lm-eval aggregation gives no standard error
+    (weighted perplexity, bits per byte) fail this bar with a row saying so; gate them with `max_drop`."""
 
     min: Optional[float] = Field(None, description="Absolute floor (for lower-is-better metrics: ceiling, see `max`).")
     max: Optional[float] = Field(None, description="Absolute ceiling, e.g. for perplexity.")
     min_recovery: Optional[float] = Field(None, gt=0, description="Fraction of the teacher baseline to keep.")
     max_drop: Optional[float] = Field(None, ge=0, description="Allowed quality loss against the previous stage.")
+    max_drop_stderr: Optional[float] = Field(
+        None, gt=0, description="Allowed quality loss against the previous stage, in standard errors of the "
+        "difference (2.5: noise alone fails it about 0.6% of the time).")
 
     @model_validator(mode="after")
     def _some_bar(self):
-        if all(v is None for v in (self.min, self.max, self.min_recovery, self.max_drop)):
-            raise ValueError("a gate metric needs at least one of min, max, min_recovery, max_drop")
+        if all(v is None for v in (self.min, self.max, self.min_recovery, self.max_drop, self.max_drop_stderr)):
+            raise ValueError("a gate metric needs at least one of min, max, min_recovery, max_drop, max_drop_stderr")
         return self
 
 
@@ -76,7 +106,8 @@ class GateSpec(Strict):
 class StageEntry(Strict):
     """One stage: exactly one of prune / distill / quantize / evaluate, plus its gate and resources."""
 
-    name: Optional[str] = Field(None, description="Default: the stage kind, numbered if repeated.")
+    name: Optional[str] = Field(None, description="Default: the stage kind, numbered if repeated. Letters, digits, "
+                                "'.', '_' and '-' (it names the stage's directory under the storage root).")
     prune: Optional[STAGE_SPECS["prune"]] = None  # type: ignore[valid-type]
     distill: Optional[STAGE_SPECS["distill"]] = None  # type: ignore[valid-type]
     quantize: Optional[STAGE_SPECS["quantize"]] = None  # type: ignore[valid-type]
@@ -93,6 +124,15 @@ class StageEntry(Strict):
             on_fail = gate.pop("on_fail", "stop")
             data = {**data, "gate": {"on_fail": on_fail, "metrics": gate}}
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: Optional[str]) -> Optional[str]:
+        # The name becomes <storage>/<pipeline>/<name>-<key12>: '/', '..' or an absolute path would write elsewhere.
+        if v is not None and (not NAME_RE.match(v) or ".." in v):
+            raise ValueError(f"{v!r}: use letters, digits, '.', '_' and '-' only, without '..' (the name becomes a "
+                             "directory under the storage root)")
+        return v
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -120,16 +160,25 @@ class PipelineSpec(Strict):
     teacher: TeacherSpec
     storage: str = Field("./artifacts", description="Local/NFS path or fsspec URI (s3://, gs://).")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="Seeds data order, calibration samples and training (numpy needs >= 0).")
     data: dict[str, DataSource] = Field(default_factory=dict)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    stages: list[StageEntry] = Field(default_factory=list)
+    stages: list[StageEntry] = Field(description="The stages, in order (at least one).")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only (it names directories and MLflow experiments)")
+        if not NAME_RE.match(v) or ".." in v:
+            raise ValueError("use letters, digits, '.', '_' and '-' only, without '..' (it names directories and MLflow "
+                             "experiments)")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _some_stage(cls, v: list) -> list:
+        if not v:
+            raise ValueError("a pipeline needs at least one stage (prune, distill, quantize or evaluate); "
+                             "one without stages does nothing")
         return v
 
     @model_validator(mode="after")

@@ -3,13 +3,15 @@ validating a pipeline never imports torch. Field docs feed docs/reference.md."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Fields that change how a stage is operated, not what it outputs: left out of its cache key (compressor.cache).
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset()
 
 
 class Resources(Strict):
@@ -18,6 +20,9 @@ class Resources(Strict):
     num_cpus: float = Field(1, ge=0, description="CPUs per task/worker.")
     num_gpus: float = Field(0, ge=0, description="GPUs per task/worker.")
     memory_gb: Optional[float] = Field(None, gt=0, description="Memory reservation in GiB (Ray `memory`).")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources, e.g. {node_type_a100: 1} to place a stage on the "
+        "nodes that advertise them.")
 
 
 # ----------------------------------------------------------------------------- prune
@@ -97,16 +102,33 @@ class DeepSpeedOptions(Strict):
     )
     bf16: Optional[bool] = Field(None, description="Train in bf16 (fp32 master weights). Default: on when the GPUs support it, off on CPU.")
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload).")
+    zero_hpz_partition_size: int = Field(
+        1, ge=1, description="ZeRO++ hierarchical partitioning (ZeRO-3 only): each group of this many consecutive "
+        "workers also keeps a copy of the weights split among themselves, so the backward pass all-gathers within "
+        "the group. For multi-node GPU runs: set it to the GPUs per node (8); it must divide `workers`.",
+    )
 
 
 class DistillSpec(Strict):
     """Knowledge distillation from the frozen teacher into the previous stage's output, in Ray Train with DeepSpeed."""
 
+    # A re-run may change these and still resume the same Ray Train run from its checkpoints. `workers` stays in the
+    # key: ZeRO checkpoints are sharded per worker and do not load into another world size.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({
+        "max_failures", "checkpoint_every", "wait_for_resources_s", "placement_strategy",
+        "cpus_per_worker", "max_epochs", "gradient_checkpointing"})
+
     data: str = Field(description="Name of a data source under `data:`; tokenized with the teacher's tokenizer.")
     teacher: Optional[str] = Field(None, description="Teacher model (directory or hub id); default: the pipeline teacher.")
     steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to train (give this or `tokens`).")
-    tokens: Optional[float] = Field(None, gt=0, description="Token budget; steps = floor(tokens / (global_batch * seq_len)).")
+    tokens: Optional[float] = Field(None, gt=0, description="Token budget; steps = ceil(tokens / (global_batch * seq_len)), "
+                                    "so at least this many tokens are trained.")
     seq_len: Optional[int] = Field(None, gt=0, description="Tokens per packed sequence; default: the data source's seq_len.")
+    max_epochs: float = Field(
+        1.0, ge=1.0, description="How many times the run may see its data. With the default 1, a budget larger than "
+        "the source is refused before training (exit 2, naming both numbers); e.g. 3 lets each sequence come up to "
+        "3 times (a new seeded order each epoch).",
+    )
     global_batch: int = Field(8, gt=0, description="Sequences per optimizer step, across all workers.")
     micro_batch: int = Field(
         4, gt=0, description="Sequences per worker per forward pass (at most global_batch / workers); the rest is gradient accumulation."
@@ -126,13 +148,29 @@ class DistillSpec(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers on nodes (STRICT_SPREAD: one worker per node)."
     )
-    wait_for_resources: bool = Field(
-        False,
-        description="Start even when the cluster cannot place the workers yet (an autoscaler will add nodes); "
-        "by default such a run is refused before training.",
+    wait_for_resources_s: float = Field(
+        0,
+        ge=0,
+        description="When the Ray cluster cannot place the workers yet, ask its autoscaler for them and wait up to "
+        "this many seconds, with a progress line every 30 s (0 = refuse at once; autoscaling clusters: e.g. 1800).",
     )
     checkpoint_every: int = Field(50, gt=0, description="Steps between DeepSpeed checkpoints reported to Ray Train.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (from the last checkpoint) before the stage fails.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the student's decoder layers in the backward pass instead of keeping their "
+        "activations: about 1/3 more student compute for far less activation memory (longer seq_len or micro_batch).",
+    )
+
+    @model_validator(mode="after")
+    def _hierarchical_partitioning(self):
+        hpz = self.deepspeed.zero_hpz_partition_size
+        if hpz > 1 and self.deepspeed.zero_stage != 3:
+            raise ValueError(f"deepspeed.zero_hpz_partition_size {hpz} needs deepspeed.zero_stage 3 (it partitions "
+                             "the weights, which only ZeRO-3 does)")
+        if hpz > 1 and self.workers % hpz:
+            raise ValueError(f"deepspeed.zero_hpz_partition_size {hpz} does not divide workers {self.workers}: the "
+                             "workers split into groups of that size (the GPUs of one node)")
+        return self
 
     @model_validator(mode="after")
     def _budget(self):

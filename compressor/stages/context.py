@@ -31,18 +31,24 @@ class MetricsSink:
 
 @dataclass
 class StageContext:
-    work_dir: Path  # private temp dir; becomes <storage>/<pipeline>/<stage>-<key12> on success
+    # Private scratch dir on the node that runs the stage, set there by runner.execute_stage; published to
+    # <storage>/<pipeline>/pending/<stage>-<key12> once the stage returns.
+    work_dir: Optional[Path] = None
     teacher: Optional[ModelRef] = None
     data: dict[str, DataSource] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     seed: int = 0
     storage_path: str = ""  # pipeline storage root (Ray Train storage_path)
+    data_root: str = ""  # where token shards are kept: <storage>/_data, a path or a storage URI
     run_name: str = ""  # stable name for resumable training: "<pipeline>-<stage>-<key12>"
     sink: MetricsSink = field(default_factory=MetricsSink)
     quiet: bool = False
     ray_address: Optional[str] = None
     tasks: list[TaskSpec] = field(default_factory=list)  # the pipeline's evaluation tasks (evaluate stage)
-    eval_batch_size: int = 16
+    eval_batch_size: int | str = 16  # or "auto" (lm-eval finds the largest that fits)
+    # In pipeline runs, a ray.util.queue.Queue the driver drains (DriverProgress): `info` and `progress` go there, one
+    # progress line per stage on the console, whichever node the stage runs on. None (the stage CLIs) prints here.
+    progress_queue: Any = None
 
     @property
     def model_dir(self) -> Path:
@@ -67,20 +73,50 @@ class StageContext:
         return path
 
     def info(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+        if self.quiet:
+            return
+        if self.progress_queue is not None and self._send(("info", message)):
+            return
+        print(message, file=sys.stderr, flush=True)
 
     def progress(self, items: Iterable[T], total: Optional[int] = None, desc: str = "") -> Iterator[T]:
-        """Wrap an iterable with a progress bar (tqdm; readable in Ray worker logs too)."""
-        from tqdm.auto import tqdm
+        """Wrap an iterable with a progress bar: tqdm here, or (pipeline runs) the stage's line on the driver's console,
+        updated at most once a second."""
+        if self.progress_queue is None:
+            from tqdm.auto import tqdm
 
-        yield from tqdm(items, total=total, desc=desc, disable=self.quiet, file=sys.stderr, mininterval=1.0)
+            yield from tqdm(items, total=total, desc=desc, disable=self.quiet, file=sys.stderr, mininterval=1.0)
+            return
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)
+        done, sent = 0, 0.0
+        for item in items:
+            yield item
+            done += 1
+            if time.monotonic() - sent >= 1.0:
+                self._send(("progress", desc, done, total))
+                sent = time.monotonic()
+        self._send(("progress", desc, done, total))
+
+    def _send(self, message: tuple) -> bool:
+        try:
+            self.progress_queue.put(message, timeout=5)
+            return True
+        except Exception:  # noqa: BLE001  (the driver's queue is gone: the stage goes on without a progress line)
+            return False
+
+    @property
+    def shards_root(self) -> str:
+        """Where token shards are kept: `data_root`, else `_data` beside the work dir."""
+        return self.data_root or str(Path(self.work_dir).expanduser().resolve().parent / "_data")
 
     def calibration_blocks(self, name: Optional[str], tokenizer, samples: Optional[int], seq_len: Optional[int],
                            max_positions: Optional[int], default_samples: int, stage: str):
-        """[n, seq_len] token blocks of data source `name`; the stage's own samples/seq_len win over the source's,
-        and seq_len is capped at the model's context."""
+        """Exactly `samples` [samples, seq_len] token blocks of data source `name` (UserError naming the numbers when
+        the source is too small); the stage's own samples/seq_len win over the source's, and seq_len is capped at the
+        model's context."""
         from compressor.data import token_blocks
+        from compressor.errors import UserError
 
         source = self.data_source(name)
         seq_len = seq_len or source.seq_len
@@ -88,10 +124,10 @@ class StageContext:
             self.info(f"{stage}: seq_len {seq_len} is beyond the model's max_position_embeddings; using {max_positions}")
             seq_len = max_positions
         samples = samples or source.samples or default_samples
-        blocks = token_blocks(source, tokenizer, samples, seq_len, self.seed)
-        if blocks.shape[0] < samples:
-            self.info(f"{stage}: the calibration text yields {blocks.shape[0]} sequences of {seq_len} tokens, not {samples}")
-        return blocks
+        try:
+            return token_blocks(source, tokenizer, samples, seq_len, self.seed)
+        except UserError as exc:
+            raise UserError(f"{stage} calibration: {exc}") from None
 
     def data_source(self, name: Optional[str]) -> DataSource:
         from compressor.errors import UserError
@@ -103,6 +139,71 @@ class StageContext:
         if name not in self.data:
             raise UserError(f"unknown data source {name!r}; known: {', '.join(self.data) or 'none'}")
         return self.data[name]
+
+
+class DriverProgress:
+    """The driver's view of one running stage: drains its `progress_queue` into one rich progress line with ETA on a
+    terminal, or (no TTY, e.g. CI) into one plain line every `interval` seconds; `info` messages print as they come."""
+
+    def __init__(self, console, label: str, queue, interval: float = 30.0):
+        self.console, self.label, self.queue, self.interval = console, label, queue, interval
+        self.start = time.monotonic()
+        self.last_line = self.start
+        self.state: Optional[tuple] = None  # (desc, done, total)
+        self.bar = None
+
+    def wait(self, finished) -> None:
+        """Drain until `finished()` is true (the stage's task or thread is done), then whatever is left."""
+        from ray.util.queue import Empty
+
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+            self.task = self.bar.add_task(self.label, total=None)
+            self.bar.start()
+        try:
+            while True:
+                stop = finished()
+                try:
+                    while True:
+                        self._show(self.queue.get(timeout=0.5) if not stop else self.queue.get_nowait())
+                except Empty:
+                    pass
+                except Exception:  # noqa: BLE001  (the queue actor died: keep waiting for the stage itself)
+                    if not stop:
+                        time.sleep(0.5)
+                if stop:
+                    break
+                self._line()
+        finally:
+            if self.bar is not None:
+                self.bar.stop()
+
+    def _show(self, message: tuple) -> None:
+        if message[0] == "info":
+            self.console.print(f"[dim]{message[1]}[/]", soft_wrap=True, highlight=False)
+            return
+        _, desc, done, total = message
+        self.state = (desc, done, total)
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{self.label}: {desc}", completed=done, total=total)
+
+    def _line(self) -> None:
+        now = time.monotonic()
+        if self.bar is not None or now - self.last_line < self.interval:
+            return
+        self.last_line = now
+        elapsed = now - self.start
+        text = f"{self.label}: running, {elapsed:.0f} s"
+        if self.state:
+            desc, done, total = self.state
+            text = f"{self.label}: {desc} {done}/{total or '?'}, {elapsed:.0f} s"
+            if total and done:
+                text += f", about {elapsed * (total - done) / done:.0f} s left"
+        self.console.print(f"[dim]{text}[/]", highlight=False)
 
 
 class Timer:

@@ -18,7 +18,7 @@ def check(spec: EvaluateSpec, config: dict) -> CheckResult:
 
 
 def run(spec: EvaluateSpec, model: ModelRef, ctx: StageContext) -> StageResult:
-    from compressor.evaluation import evaluate
+    from compressor.evaluation import device_for, evaluate
 
     tasks = ctx.tasks
     if spec.tasks is not None:
@@ -26,7 +26,8 @@ def run(spec: EvaluateSpec, model: ModelRef, ctx: StageContext) -> StageResult:
         if unknown:
             raise UserError(f"evaluate.tasks: {', '.join(unknown)} not among the pipeline's evaluation tasks")
         tasks = [t for t in ctx.tasks if t.name in spec.tasks]
-    scores = evaluate(model.path, tasks, batch_size=ctx.eval_batch_size)
+    # The stage's own resources are what its Ray task reserved: a GPU there is the one to evaluate on.
+    scores = evaluate(model.path, tasks, batch_size=ctx.eval_batch_size, device=device_for(ctx.resources.num_gpus))
     ctx.save_json_artifact("eval.json", scores)
     flat = {f"{task}.{metric}": float(v) for task, metrics in scores.items() for metric, v in metrics.items()}
     ctx.log_metrics(flat)

@@ -65,11 +65,30 @@ def build_corpus(name: str, final: Path) -> Path:
     return _build_once(final, fill)
 
 
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal (CI, a Ray worker's log): a line this often, not a live bar
+
+
 def _progress(iterable, description: str):
     from rich.console import Console
     from rich.progress import track
 
-    return track(iterable, description=description, console=Console(stderr=True), transient=False)
+    console = Console(stderr=True)
+    if console.is_terminal:
+        return track(iterable, description=description, console=console, transient=False)
+    return _plain_progress(iterable, description)
+
+
+def _plain_progress(iterable, description: str, interval: float = PLAIN_PROGRESS_SECONDS):
+    """A rich bar draws nothing on a non-terminal until it ends; the teacher build takes minutes."""
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    start = last = time.monotonic()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= interval:
+            last = now
+            left = f", about {(now - start) * (total - done) / done:.0f} s left" if total else ""
+            stderr_log(f"zoo: {description} {done}/{total or '?'}, {now - start:.0f} s{left}")
 
 
 def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:

@@ -75,7 +75,7 @@ class FileSink(MetricsSink):
         with self.path.open("a") as fh:
             fh.write(json.dumps({"step": step, **metrics, "pid": os.getpid()}) + "\n")
         marker = self.path.with_suffix(f".died{self.die_at_step}")
-        if step == self.die_at_step and not marker.exists():
+        if self.die_at_step is not None and step == self.die_at_step and not marker.exists():
             marker.touch()
             time.sleep(3.0)
             os._exit(1)

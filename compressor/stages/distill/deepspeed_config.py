@@ -6,6 +6,13 @@ from compressor.config.stages import DistillSpec
 
 QUIET = {"steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
+# ZeRO-3 keeps a gathered weight when the module trace of the previous micro-batch says it is used again within
+# this many parameters. The chunked KD loss calls each output head once per chunk in the forward and again when
+# backward recomputes the chunk, back to back, so with any positive distance each 128k-vocabulary head is
+# all-gathered once per micro-batch instead of once per call (tests/stages/test_distill_engines.py counts the
+# gathers). This is DeepSpeed's default, written out because the loss depends on it.
+MAX_REUSE_DISTANCE = 1_000_000_000
+
 
 def effective_zero_stage(requested: int, world_size: int) -> int:
     """ZeRO-3 partitions the weights across workers. With one worker there is nothing to partition, and its per-module
@@ -17,7 +24,14 @@ def effective_zero_stage(requested: int, world_size: int) -> int:
 def student_config(spec: DistillSpec, world_size: int, micro_batch: int, grad_accum: int, bf16: bool,
                    on_gpu: bool) -> dict:
     """The student's engine: the global batch as micro-batches x accumulation x workers, clipping, ZeRO, bf16."""
-    zero: dict = {"stage": effective_zero_stage(spec.deepspeed.zero_stage, world_size)}
+    stage = effective_zero_stage(spec.deepspeed.zero_stage, world_size)
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero["stage3_max_reuse_distance"] = MAX_REUSE_DISTANCE
+        if spec.deepspeed.zero_hpz_partition_size > 1:
+            # ZeRO++ hpZ: a second copy of the weights split within each group of consecutive ranks (Ray Train gives
+            # the workers of one node consecutive ranks), so backward's all-gathers stay on NVLink.
+            zero["zero_hpz_partition_size"] = spec.deepspeed.zero_hpz_partition_size
     config = {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -42,7 +56,7 @@ def teacher_config(micro_batch: int, bf16: bool) -> dict:
     """ZeRO-3 without an optimizer: each worker holds 1/N of the teacher and gathers a layer at a time."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": 3, "stage3_max_reuse_distance": MAX_REUSE_DISTANCE},
         "bf16": {"enabled": bf16},
         **QUIET,
     }

@@ -3,100 +3,140 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import threading
 import uuid
 from pathlib import Path
 
-from compressor.cache import digest
+from compressor.cache import digest, key_fields
 from compressor.config.stages import DistillSpec
 from compressor.errors import StageFailed, UserError
 from compressor.manifest import ModelRef
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
 from compressor.stages.distill.deepspeed_config import effective_zero_stage
-from compressor.stages.distill.layout import batch_layout, budget_steps, check_cluster, check_pair, check_student
+from compressor.stages.distill.layout import batch_layout, budget_steps, check_pair, check_student
 from compressor.stages.distill.train import EXPORT_DIR, DistillJob, train_func
 
 
-def model_config(path: str) -> dict:
-    local = Path(path).expanduser()
-    if (local / "config.json").is_file():
-        return json.loads((local / "config.json").read_text())
-    try:
-        from transformers import AutoConfig
+def model_config(model: ModelRef) -> dict:
+    """config.json of a model wherever it lives (a directory, a storage URI), without downloading its weights."""
+    from compressor.runner import input_config, materialize
 
-        return AutoConfig.from_pretrained(path).to_dict()
-    except Exception as exc:  # not a checkpoint directory, hub unreachable, unknown id
-        raise UserError(f"distill: cannot read the config of model {path!r} ({exc})") from None
+    config = input_config(model)
+    if config:
+        return config
+    local = Path(materialize(model).path)  # zoo: built here; a hub id outside a pipeline: fetched
+    return json.loads((local / "config.json").read_text())
 
 
 def teacher_ref(spec: DistillSpec, ctx: StageContext) -> ModelRef:
-    from compressor.runner import materialize
-
+    """The teacher as a reference: each worker materializes it on its own node (never through the driver's disk)."""
     if spec.teacher:
-        return materialize(ModelRef(path=spec.teacher, key=f"path:{spec.teacher}"))
+        return ModelRef(path=spec.teacher, key=f"path:{spec.teacher}")
     if ctx.teacher is None:
         raise UserError("distill: no teacher; set `teacher:` in the distill stage or the pipeline (CLI: --teacher)")
-    return materialize(ctx.teacher)
+    return ctx.teacher
 
 
 def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
     import ray
 
+    from compressor.data import first_sequence_check, normalized
     from compressor.modeling import load_tokenizer
     from compressor.raylocal import ensure_ray
-    from compressor.stages.distill.data import pack_blocks
+    from compressor.runner import materialize
+    from compressor.shards import read_index, shard_dir, tokenizer_digest
+    from compressor.stages.distill.data import TRACE_ENV, prepare_in_ray, run_data
 
     # Everything that can be wrong with the inputs is found here, before a worker starts.
+    ctx.run_name = ctx.run_name or f"distill-{uuid.uuid4().hex[:12]}"  # names the Ray Train run (resume finds it)
     teacher = teacher_ref(spec, ctx)
-    student_config = model_config(model.path)
+    student_config = model_config(model)
     check_student(spec, student_config)
-    check_pair(spec, student_config, model_config(teacher.path), teacher.path)
-    source = ctx.data_source(spec.data)
+    check_pair(spec, student_config, model_config(teacher), teacher.path)
+    source = normalized(ctx.data_source(spec.data))
     seq_len = spec.seq_len or source.seq_len
     layout = batch_layout(spec)
     steps = budget_steps(spec, seq_len)
-    blocks = pack_blocks(source, load_tokenizer(teacher.path), seq_len, steps * spec.global_batch, ctx.seed)
+    # The data: token shards under ctx.shards_root, keyed by source, tokenizer and seq_len (compressor.shards).
+    needed = steps * spec.global_batch
+    tokenizer_dir = materialize(teacher).path
+    shards = shard_dir(ctx.shards_root, source, tokenizer_digest(tokenizer_dir), seq_len)
+    index = read_index(shards)
+    ready = index is not None and (index.exhausted or index.sequences >= needed)
+    if ready:
+        run_data(shards, index, steps, spec.global_batch, spec.max_epochs, source.source)
+    elif index is None:  # a missing, empty or too short source is refused before Ray starts
+        first_sequence_check(source, load_tokenizer(tokenizer_dir), seq_len)
     ensure_ray(ctx.ray_address)
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    warning = check_cluster(spec, ray.cluster_resources(), alive)
-    if warning:
-        ctx.info(f"warning: {warning}")
+    from compressor.stages.distill.cluster import wait_for_workers
+
+    if not spec.wait_for_resources_s:
+        wait_for_workers(spec, ctx)  # a cluster that cannot place the workers is refused before any tokenizing
+    if not ready:
+        ctx.info(f"distill: tokenizing {source.source} into token shards at {shards}")
+        shards, index = prepare_in_ray(source, teacher, seq_len, needed, ctx.shards_root,
+                                       lambda items, total: ctx.progress(items, total, desc="tokenize"))
+    if spec.wait_for_resources_s:
+        # Ask the autoscaler for the GPU nodes only now: they would sit idle (and billed) while the data is tokenized.
+        wait_for_workers(spec, ctx)
+    data = run_data(shards, index, steps, spec.global_batch, spec.max_epochs, source.source)
     ctx.info(f"distill: {steps} steps x {spec.global_batch} sequences x {seq_len} tokens on {spec.workers} worker(s), "
-             f"{len(blocks)} distinct sequences of {source.source}")
+             f"{data.sequences:,} distinct sequences of {source.source} ({data.epochs:.2f} epochs)")
 
     from ray.util.queue import Queue
 
     progress = Queue(actor_options={"num_cpus": 0})
     job = DistillJob(
-        spec=spec, student_path=model.path, teacher_path=teacher.path, blocks=ray.put(blocks), steps=steps,
-        micro_batch=layout.micro_batch, grad_accum=layout.grad_accum, seed=ctx.seed,
-        fingerprint=fingerprint(spec, model, teacher, source, seq_len, ctx.seed), sink=ctx.sink, progress=progress,
+        spec=spec, student_path=model.path, teacher_path=teacher.path, data=data.directory, sequences=data.sequences,
+        seq_len=seq_len, steps=steps, micro_batch=layout.micro_batch, grad_accum=layout.grad_accum, seed=ctx.seed,
+        # The shard directory's name is the data's content key (source files, tokenizer, seq_len).
+        fingerprint=fingerprint(spec, model, teacher, shards.rstrip("/").rsplit("/", 1)[-1], seq_len, ctx.seed),
+        sink=ctx.sink, progress=progress, trace_dir=os.environ.get(TRACE_ENV),
     )
     try:
         result = fit(trainer_for(spec, job, ctx), progress, steps, ctx)
     finally:
         ray.kill(progress.actor)
-    with result.checkpoint.as_directory() as directory:
-        shutil.copytree(Path(directory) / EXPORT_DIR, ctx.model_dir, dirs_exist_ok=True)
-    # The stage output is published now; the DeepSpeed checkpoints (3x the model with optimizer state) are not needed.
-    result.filesystem.delete_dir(result.path)
+    # Only the exported student travels to this node, not the DeepSpeed shards (3x the model with optimizer state).
+    # Those stay in storage until the pipeline has published the model (manifest `scratch`, see runner.drop_scratch):
+    # a failed gate or evaluation after days of training must never cost the training.
+    import pyarrow.fs
+
+    pyarrow.fs.copy_files(f"{result.checkpoint.path}/{EXPORT_DIR}", str(ctx.model_dir),
+                          source_filesystem=result.checkpoint.filesystem)
     final = result.metrics or {}
     metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
+    metrics.update(distinct_tokens=float(data.distinct_tokens), epochs=data.epochs)
+    ctx.log_metrics({"tokens": float(steps * spec.global_batch * seq_len), "distinct_tokens": float(data.distinct_tokens),
+                     "epochs": data.epochs})  # per-step metrics came from rank 0; these describe the whole run
     details = {"steps": steps, "tokens": steps * spec.global_batch * seq_len, "seq_len": seq_len,
+               "distinct_tokens": data.distinct_tokens, "epochs": data.epochs, "data": data.directory,
                "workers": spec.workers, "worker_nodes": final.get("worker_nodes"),
                "zero_stage": effective_zero_stage(spec.deepspeed.zero_stage, spec.workers),
-               "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum, "teacher": teacher.path}
+               "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum, "teacher": teacher.path,
+               "scratch": [run_storage_uri(ctx)]}
     return StageResult(metrics=metrics, details=details)
 
 
-# Settings that change how a run is operated, not what it computes: a re-run may change them and still resume.
-OPERATIONAL = {"max_failures", "checkpoint_every", "wait_for_resources", "placement_strategy", "cpus_per_worker"}
-
-
 def fingerprint(spec: DistillSpec, student: ModelRef, teacher: ModelRef, source, seq_len: int, seed: int) -> str:
-    return digest(spec.model_dump(mode="json", exclude=OPERATIONAL), student.key, teacher.key, source, seq_len, seed)
+    """What a checkpoint must match to be resumed: operational fields (DistillSpec.NOT_IN_KEY) may change."""
+    return digest(key_fields(spec), student.key, teacher.key, source, seq_len, seed)
+
+
+def run_storage_uri(ctx: StageContext) -> str:
+    """The Ray Train run's directory (its checkpoints), as a path or storage URI."""
+    from compressor import storage
+
+    return storage.join(train_storage_root(ctx), ctx.run_name)
+
+
+def train_storage_root(ctx: StageContext) -> str:
+    from compressor import storage
+
+    root = ctx.storage_path or str(Path(ctx.work_dir) / "ray")
+    return root if storage.is_remote(root) else str(Path(root).expanduser().resolve())
 
 
 def trainer_for(spec: DistillSpec, job: DistillJob, ctx: StageContext):
@@ -105,9 +145,9 @@ def trainer_for(spec: DistillSpec, job: DistillJob, ctx: StageContext):
 
     use_gpu = spec.gpus_per_worker > 0
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {})}
-    storage = ctx.storage_path or str(Path(ctx.work_dir) / "ray")
-    if "://" not in storage:  # Ray Train wants an absolute local path (or a URI)
-        storage = str(Path(storage).expanduser().resolve())
+    from compressor.storage import train_storage
+
+    storage_path, storage_filesystem = train_storage(train_storage_root(ctx))
     return TorchTrainer(
         train_func,
         train_loop_config={"job": job},
@@ -116,8 +156,9 @@ def trainer_for(spec: DistillSpec, job: DistillJob, ctx: StageContext):
                                      placement_strategy=spec.placement_strategy),
         run_config=RunConfig(
             # A stable name: a re-run of the same stage finds this run's checkpoints and resumes from them.
-            name=ctx.run_name or f"distill-{uuid.uuid4().hex[:12]}",
-            storage_path=storage,
+            name=ctx.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -151,7 +192,7 @@ def fit(trainer, progress, steps: int, ctx: StageContext):
                 return
             if step <= done:  # replayed after a restart from a checkpoint
                 continue
-            if step % max(1, steps // 10) == 0 or step == steps:
+            if step % max(1, -(-steps // 4)) == 0 or step == steps:  # a loss line each quarter; the bar does the rest
                 ctx.info(f"distill step {step}/{steps}: loss {metrics['loss']:.4f} (kd {metrics['kd_loss']:.4f}, "
                          f"ce {metrics['ce_loss']:.4f}), {metrics['tokens_per_s']:.0f} tokens/s")
             yield from range(step - done)

@@ -3,7 +3,8 @@
 The student is trained under ZeRO 0-3 with a torch AdamW client optimizer (DeepSpeed's CPU AdamW under ZeRO-Offload
 on GPUs). The teacher is frozen and, with several
 workers, wrapped in its own optimizer-less ZeRO-3 engine, so N workers each hold 1/N of it. The loss runs inside the
-student engine's forward, so ZeRO-3 gathers the student's output head when the chunked loss calls it.
+student engine's forward, so ZeRO-3 gathers the student's output head when the chunked loss calls it (once per
+micro-batch, not per chunk: see deepspeed_config.MAX_REUSE_DISTANCE).
 """
 
 from __future__ import annotations
@@ -94,15 +95,23 @@ def build_engines(spec: DistillSpec, student_path: str, teacher_path: str, world
     import deepspeed
     from transformers import AutoModelForCausalLM
 
+    from compressor import remote_code
+
     bf16 = use_bf16(spec)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).eval().requires_grad_(False)
+    trust = remote_code.enabled()  # off unless the pipeline sets teacher.trust_remote_code
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=trust)
+    teacher = teacher.eval().requires_grad_(False)
     teacher_states = TeacherStates(teacher, bool(spec.loss.hidden_mse))
     if world_size > 1:  # shard the frozen teacher: each worker holds 1/N of it
         teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=teacher_config(micro_batch, bf16))
     teacher_states.eval()
 
-    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype)
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype, trust_remote_code=trust)
+    if spec.gradient_checkpointing:
+        # Each decoder layer keeps only its input and recomputes the rest in backward. Non-reentrant: it works under
+        # ZeRO-3's gather hooks and needs no input that requires grad.
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = StudentWithLoss(student, teacher.get_output_embeddings(), spec)
     config = student_config(spec, world_size, micro_batch, grad_accum, bf16, torch.cuda.is_available())
     if "optimizer" in config:  # DeepSpeed builds it (ZeRO-Offload)

@@ -4,8 +4,8 @@ Everything here raises UserError before any model is loaded or any worker starte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
 
 from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
@@ -38,13 +38,13 @@ def batch_layout(spec: DistillSpec) -> Layout:
 
 
 def budget_steps(spec: DistillSpec, seq_len: int) -> int:
-    """Optimizer steps: `steps`, or the token budget over the tokens of one global batch."""
+    """Optimizer steps: `steps`, or enough global batches to train on at least `tokens` tokens (rounded up)."""
     if spec.steps is not None:
         steps = spec.steps
     else:
         per_step = spec.global_batch * seq_len
-        steps = int(spec.tokens // per_step)
-        if steps == 0:
+        steps = math.ceil(spec.tokens / per_step)
+        if spec.tokens < per_step:  # most likely a typo (1e3 for 1e9): refused rather than rounded up to one step
             raise UserError(
                 f"distill.tokens: a budget of {spec.tokens:g} tokens is less than one optimizer step "
                 f"(global_batch {spec.global_batch} x seq_len {seq_len} = {per_step} tokens); nothing would be trained"
@@ -94,26 +94,42 @@ def check_pair(spec: DistillSpec, student: dict, teacher: dict, teacher_name: st
         )
 
 
-def check_cluster(spec: DistillSpec, total: dict, nodes: list[dict]) -> Optional[str]:
-    """Refuse a worker group the cluster cannot place (Ray would otherwise wait forever). `total` is
-    ray.cluster_resources(), `nodes` the alive nodes' resource dicts. With `wait_for_resources`, return a warning."""
-    need = {"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker}
+def worker_bundle(spec: DistillSpec) -> dict[str, float]:
+    """The Ray resources of one distill worker (Ray Train's resources_per_worker)."""
+    bundle = {"CPU": float(spec.cpus_per_worker)}
+    if spec.gpus_per_worker:
+        bundle["GPU"] = float(spec.gpus_per_worker)
+    return bundle
+
+
+def workers_fitting(node: dict, bundle: dict[str, float]) -> int:
+    """How many whole workers one node's resources hold (Ray counts resources in units of 1e-4)."""
+    return min(math.floor(node.get(resource, 0.0) / amount + 1e-6) for resource, amount in bundle.items())
+
+
+def check_cluster(spec: DistillSpec, nodes: list[dict]) -> list[str]:
+    """Why the alive Ray nodes cannot hold the worker group under `placement_strategy`; empty when they can.
+    `nodes` are the nodes' total resources (ray.nodes()' "Resources"): capacity, not what is free right now, since
+    Ray Train queues behind running tasks but waits forever for capacity that does not exist."""
+    bundle, workers = worker_bundle(spec), spec.workers
     problems = []
-    for resource, per_worker in need.items():
-        if per_worker and total.get(resource, 0) < per_worker * spec.workers:
-            problems.append(
-                f"{spec.workers} workers x {per_worker:g} {resource} need {per_worker * spec.workers:g} {resource}, "
-                f"the cluster has {total.get(resource, 0):g}"
-            )
-        elif per_worker and not any(n.get(resource, 0) >= per_worker for n in nodes):
+    for resource, per_worker in bundle.items():
+        total = sum(node.get(resource, 0.0) for node in nodes)
+        if total < per_worker * workers:
+            problems.append(f"{workers} workers x {per_worker:g} {resource} need {per_worker * workers:g} {resource}, "
+                            f"the cluster has {total:g}")
+        elif not any(node.get(resource, 0.0) >= per_worker for node in nodes):
             problems.append(f"no single node has the {per_worker:g} {resource} one worker needs")
-    if spec.placement_strategy == "STRICT_SPREAD" and len(nodes) < spec.workers:
-        problems.append(
-            f"STRICT_SPREAD puts each of the {spec.workers} workers on its own node, the cluster has {len(nodes)}"
-        )
-    if not problems:
-        return None
-    message = "distill.workers: the Ray cluster cannot place the workers: " + "; ".join(problems)
-    if spec.wait_for_resources:
-        return message + " (waiting for more nodes: wait_for_resources is set)"
-    raise UserError(message + ". Lower workers / cpus_per_worker / gpus_per_worker, or add nodes.")
+    fits = [workers_fitting(node, bundle) for node in nodes]
+    if spec.placement_strategy == "STRICT_SPREAD":
+        hosts = sum(1 for n in fits if n >= 1)
+        if hosts < workers:
+            problems.append(f"STRICT_SPREAD puts each of the {workers} workers on its own node, and {hosts} of the "
+                            f"cluster's {len(nodes)} nodes can hold one")
+    elif spec.placement_strategy == "STRICT_PACK":
+        if max(fits, default=0) < workers:
+            problems.append(f"STRICT_PACK puts all {workers} workers on one node, and the largest holds "
+                            f"{max(fits, default=0)}")
+    elif not problems and sum(fits) < workers:  # enough in total, but split across nodes in pieces too small
+        problems.append(f"the nodes hold {sum(fits)} of the {workers} workers once split into whole workers")
+    return problems

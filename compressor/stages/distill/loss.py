@@ -6,7 +6,9 @@ heads, and for each chunk of tokens computes both heads' logits in fp32, the los
 Each chunk runs under activation checkpointing, so backward recomputes that chunk's logits instead of
 keeping them, and the peak is one chunk's logits whatever the sequence length. The heads are called as
 modules (not through their weights) so that DeepSpeed ZeRO-3, which gathers a module's shards in its
-forward hooks, stays in charge of them.
+forward hooks, stays in charge of them; since the calls come back to back, ZeRO-3 keeps a head gathered
+from the first chunk to the last recomputation in backward, one all-gather per micro-batch
+(deepspeed_config.MAX_REUSE_DISTANCE).
 """
 
 from __future__ import annotations

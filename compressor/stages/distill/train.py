@@ -19,7 +19,7 @@ import torch
 from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
 from compressor.stages.context import MetricsSink
-from compressor.stages.distill.data import BatchPlan
+from compressor.stages.distill.data import BatchPlan, WorkerData
 from compressor.stages.distill.engines import Engines, build_engines, lr_at, train_step
 
 EXPORT_DIR = "model"
@@ -30,9 +30,11 @@ class DistillJob:
     """Everything a worker needs; pickled into the workers by Ray."""
 
     spec: DistillSpec
-    student_path: str
+    student_path: str  # a directory, a storage URI or zoo:NAME: each worker materializes it on its own node
     teacher_path: str
-    blocks: Any  # ObjectRef of an int32 [n, seq_len] array (or the array itself)
+    data: str  # the token shard directory (path or URI; compressor.shards); each worker reads its own ids from it
+    sequences: int  # the run draws from the first `sequences` sequences of the shards (see data.RunData)
+    seq_len: int
     steps: int
     micro_batch: int
     grad_accum: int
@@ -40,13 +42,11 @@ class DistillJob:
     fingerprint: str  # identifies the run's inputs, so a stale checkpoint is never resumed into another run
     sink: Optional[MetricsSink] = None  # rank 0 logs per-step metrics here (MLflow in pipelines)
     progress: Any = None  # a ray.util.queue.Queue the driver reads for its progress line
+    trace_dir: Optional[str] = None  # COMPRESSOR_DATA_TRACE of the driver: where workers log the ids they read
 
-    def load_blocks(self):
-        import ray
-
-        if isinstance(self.blocks, ray.ObjectRef):
-            self.blocks = ray.get(self.blocks)
-        return self.blocks
+    def open_data(self, rank: int, world: int) -> WorkerData:
+        plan = BatchPlan(self.sequences, self.spec.global_batch, world, self.micro_batch, self.seed)
+        return WorkerData(self.data, self.sequences, plan, rank, self.steps, self.trace_dir)
 
 
 def train_func(config: dict) -> None:
@@ -62,29 +62,45 @@ def train_func(config: dict) -> None:
     torch.manual_seed(job.seed)
     hf_logging.disable_progress_bar()
 
+    job.student_path, job.teacher_path = local_path(job.student_path), local_path(job.teacher_path)
     engines = build_engines(job.spec, job.student_path, job.teacher_path, world, job.micro_batch, job.grad_accum)
-    blocks = torch.tensor(job.load_blocks(), dtype=torch.long)  # a copy: object-store arrays are read-only
+    data = job.open_data(rank, world)
     nodes = [None] * world  # where the workers ran, for the manifest
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     step = resume(engines, job)
-    metrics = train_steps(engines, job, blocks, step, rank, world)
+    metrics = train_steps(engines, job, data, step, rank, world)
+    data.close()
     save_and_report(engines, job, job.steps, {**metrics, "worker_nodes": nodes}, rank, export=True)
 
 
-def train_steps(engines: Engines, job: DistillJob, blocks: torch.Tensor, step: int, rank: int, world: int) -> dict:
+def mean_over_workers(values: list[float], device: torch.device, world: int) -> list[float]:
+    """All-reduce on the worker's own device: a GPU process group is NCCL, which has no CPU support
+    (torch's backend_capability["nccl"] == ["cuda"]), so a CPU tensor there fails at the first step."""
+    terms = torch.tensor(values, dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(terms)
+    return (terms / world).tolist()
+
+
+def local_path(model: str) -> str:
+    """A directory on this worker's node: remote models are downloaded into its mirror (once per node)."""
+    from compressor.manifest import ModelRef
+    from compressor.runner import materialize
+
+    return materialize(ModelRef(path=model, key=model)).path
+
+
+def train_steps(engines: Engines, job: DistillJob, data: WorkerData, step: int, rank: int, world: int) -> dict:
     """Steps `step`..job.steps, checkpointing on the way; returns the last step's metrics."""
-    plan = BatchPlan(len(blocks), job.spec.global_batch, world, job.micro_batch, job.seed)
-    tokens_per_step = job.spec.global_batch * blocks.shape[1]
+    tokens_per_step = job.spec.global_batch * job.seq_len
     metrics: dict = {}
     trained, seconds_total = 0, 0.0
     while step < job.steps:
         start = time.perf_counter()
         lr = lr_at(step, job.spec, job.steps)
-        result = train_step(engines, [blocks[torch.from_numpy(ids)] for ids in plan.micro_batches(step, rank)], lr)
+        result = train_step(engines, data.batch(step), lr)
         # The loss of the whole global batch: the mean over workers of their (equal-sized) shares.
-        terms = torch.tensor([result.loss, result.kd_loss, result.ce_loss, result.hidden_mse])
-        torch.distributed.all_reduce(terms)
-        loss, kd, ce, hidden = (terms / world).tolist()
+        loss, kd, ce, hidden = mean_over_workers(
+            [result.loss, result.kd_loss, result.ce_loss, result.hidden_mse], engines.device, world)
         seconds = time.perf_counter() - start
         step, trained, seconds_total = step + 1, trained + 1, seconds_total + seconds
         metrics = {"loss": loss, "kd_loss": kd, "ce_loss": ce, "lr": lr, "tokens_per_s": tokens_per_step / seconds,

@@ -29,8 +29,11 @@ def read_source_config(model: ModelRef) -> dict:
         return json.loads(local.read_text())
     from transformers import AutoConfig
 
+    from compressor import remote_code
+
     try:
-        return AutoConfig.from_pretrained(model.path, revision=model.revision).to_dict()
+        return AutoConfig.from_pretrained(model.path, revision=model.revision,
+                                          trust_remote_code=remote_code.enabled()).to_dict()
     except OSError as exc:
         raise UserError(f"model {model.path}: cannot read its config.json ({exc})") from None
 

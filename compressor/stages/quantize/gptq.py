@@ -40,7 +40,10 @@ def read_config(model: ModelRef) -> dict:
         return json.loads(local.read_text())
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model.path, revision=model.revision).to_dict()
+    from compressor import remote_code
+
+    return AutoConfig.from_pretrained(model.path, revision=model.revision,
+                                      trust_remote_code=remote_code.enabled()).to_dict()
 
 
 def source_dir(model: ModelRef) -> Optional[Path]:
@@ -140,9 +143,11 @@ def run_gptqmodel(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Res
     with gptqmodel_output(work / "gptqmodel.log"):
         from gptqmodel import GPTQModel
 
+        from compressor import remote_code
+
         extra = {"revision": model.revision} if model.revision else {}
         qmodel = GPTQModel.load(model.path, quantize_config(spec, resolution.group_size, offload),
-                                dtype=load_dtype(spec), **extra)
+                                dtype=load_dtype(spec), trust_remote_code=remote_code.enabled(), **extra)
         ticks = ctx.progress(range(num_layers or 0), total=num_layers, desc="GPTQ layers")
         next(ticks, None)  # draws 0/N; each quantized layer advances it (a layer is reported twice: done, finalized)
         qmodel.layer_callback = lambda layer_idx, submodule_finalized: None if submodule_finalized else next(ticks, None)
