@@ -95,7 +95,6 @@ def test_operational_fields_can_change_and_a_killed_distill_resumes(tmp_path):
     first = subprocess.Popen([sys.executable, "-m", "compressor", "run", str(pipeline)], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # once step 6's checkpoint is being written, step 4's is complete (Ray Train persists them in order)
         wait_for(lambda: list((tmp_path / "store" / "ray").glob("*/checkpoint_step00000006")), 600,
                  "the checkpoint of step 6")
     finally:
@@ -107,7 +106,8 @@ def test_operational_fields_can_change_and_a_killed_distill_resumes(tmp_path):
     steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")]
     killed_steps = [m.step for m in client.get_metric_history(killed.info.run_id, "loss")]
     assert min(killed_steps) == 1
-    # continued right after one of the killed run's checkpoints (every 2 steps, at least step 4), not from 0
+    # Continued right after one of the killed run's checkpoints (every 2 steps), not from 0. Which one depends on
+    # when Ray Train's controller had registered it before the kill (it polls every 2 s), so not necessarily the last.
     resumed_from = min(steps) - 1
-    assert resumed_from >= 4 and resumed_from % 2 == 0 and resumed_from <= max(killed_steps), (steps, killed_steps)
+    assert resumed_from >= 2 and resumed_from % 2 == 0 and resumed_from <= max(killed_steps), (steps, killed_steps)
     assert sorted(steps) == list(range(resumed_from + 1, 13))

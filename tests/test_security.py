@@ -163,8 +163,9 @@ def test_ensure_ray_passes_remote_code_to_a_cluster(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setenv(remote_code.ENV, "1")
+    monkeypatch.delenv("COMPRESSOR_VERBOSE", raising=False)
     raylocal.ensure_ray("ray://head:10001")
-    assert seen == {"address": "ray://head:10001", "runtime_env": {"env_vars": {remote_code.ENV: "1"}}}
+    assert seen["address"] == "ray://head:10001" and seen["runtime_env"] == {"env_vars": {remote_code.ENV: "1"}}
     assert raylocal.LOCAL_HEAD_ARGS["dashboard_host"] == raylocal.LOCAL_HEAD_ARGS["_node_ip_address"] == "127.0.0.1"
 
 
