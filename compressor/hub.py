@@ -152,12 +152,3 @@ def publish_snapshot(repo_id: str, revision: Optional[str], storage_uri: str, dt
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ref
-
-
-def is_snapshot_published(storage_uri: str, repo_id: str, revision: Optional[str]) -> Optional[bool]:
-    """For `plan`: True/False when the commit is known without the network, else None."""
-    commit = cached_commit(repo_id, revision)
-    if commit is None:
-        return None
-    return storage.read_manifest(snapshot_uri(storage_uri, repo_id, commit)) is not None
-

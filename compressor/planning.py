@@ -48,12 +48,7 @@ class Plan:
     teacher: ModelRef
     teacher_config: dict
     stages: list[PlannedStage]
-    eval_cache_dir: Path
     storage_uri: str = ""  # the storage as a URI, or the absolute local/NFS path
-
-    @property
-    def pipeline_root(self) -> Path:
-        return self.storage_root / self.spec.name
 
     @property
     def remote(self) -> bool:
@@ -232,7 +227,7 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Option
                               None)
         planned.append(stage)
         current, config = output, out_config
-    return Plan(spec, storage_root, teacher, teacher_config, planned, storage_root / "_evals", storage_uri)
+    return Plan(spec, storage_root, teacher, teacher_config, planned, storage_uri)
 
 
 def _published(uri: str, key: str) -> Optional[Manifest]:
