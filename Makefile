@@ -9,5 +9,6 @@ setup:
 run: setup  ## run the embedded default pipeline (offline reference teacher: prune -> distill -> quantize)
 	.venv/bin/compressor run
 
-test: setup  ## run the test suite, the end-to-end pipeline test included
+test: setup  ## lint (ruff, configured in pyproject.toml), then the test suite, the end-to-end pipeline test included
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q --durations=15

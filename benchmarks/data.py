@@ -126,10 +126,10 @@ def distill_throughput(text: Path, tokenizer_dir: str, steps: int) -> dict:
 
     from compressor import shards
     from compressor.config.schema import DataSource
-    from compressor.config.stages import DistillSpec
     from compressor.modeling import load_tokenizer
     from compressor.stages.distill.data import BatchPlan, WorkerData
     from compressor.stages.distill.engines import build_engines, train_step
+    from compressor.stages.distill.spec import DistillSpec
 
     torch.set_num_threads(1)
     with socket.socket() as s:

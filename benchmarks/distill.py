@@ -9,7 +9,7 @@
 
 GPU MFU is not measured: this machine has no GPU.
 
-    python benchmarks/distill.py [--steps 16] [--zero 3]
+    python benchmarks/distill.py [--steps 16] [--zero 3]   # --zero: the student's deepspeed.zero_stage
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def plain_kd_step(student, teacher, optimizer, batches, clip: float) -> None:
 def throughput(steps: int, zero: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from compressor.config.stages import DistillSpec
     from compressor.stages.distill.engines import build_engines, train_step
+    from compressor.stages.distill.spec import DistillSpec
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,8 +118,8 @@ def throughput(steps: int, zero: int) -> dict:
 # ----------------------------------------------------------------------------- memory
 def memory_probe(variant: str, chunk_tokens: int) -> dict:
     """Runs in a fresh process: peak RSS growth of one forward + backward of the KD loss."""
-    from compressor.config.stages import KDLoss
     from compressor.stages.distill.loss import kd_loss
+    from compressor.stages.distill.spec import KDLoss
 
     torch.manual_seed(0)
     head_s, head_t = torch.nn.Linear(HIDDEN, VOCAB, bias=False), torch.nn.Linear(HIDDEN, VOCAB, bias=False)
@@ -180,7 +180,7 @@ def main() -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.chunk)))
         return
-    from compressor.config.stages import KDLoss
+    from compressor.stages.distill.spec import KDLoss
 
     report = {"memory": memory([KDLoss().chunk_tokens, 256]), "throughput": throughput(args.steps, args.zero),
               "gpu_mfu": "not measured: no GPU on this machine"}

@@ -75,11 +75,11 @@ def measure(model_dir: str, samples: int, seq_len: int, batch_size: int, threads
 
     import torch
 
-    from compressor.config.stages import PruneSpec
     from compressor.modeling import load_model, read_config
     from compressor.stages.prune import shapes
     from compressor.stages.prune.importance import estimate
     from compressor.stages.prune.plan import make_plan
+    from compressor.stages.prune.spec import PruneSpec
     from compressor.stages.prune.surgery import apply_plan
 
     torch.set_num_threads(threads)

@@ -32,7 +32,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     from compressor.config.schema import DataSource
-    from compressor.config.stages import QuantizeSpec
+    from compressor.stages.quantize.spec import QuantizeSpec
 
     spec = QuantizeSpec(bits=args.bits, group_size=args.group_size, calibration="calib",
                         samples=args.samples, seq_len=args.seq_len)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")  # .gguf: a GGUF quantize stage's one weights file
 
 
 def safetensors_header(path: Path) -> dict:
@@ -56,8 +55,9 @@ def num_params(model_dir: str | Path) -> int:
     return sum(math.prod(s) for s in tensor_shapes(model_dir).values())
 
 
-# GPTQ keeps a quantized linear layer as `qweight` (its weights, `bits` wide, packed into pack_dtype words along the
-# input dimension) plus `qzeros`, `scales` and `g_idx`: quantization state, not parameters of the model.
+# GPTQ and AWQ keep a quantized linear layer as `qweight` (its weights, `bits` wide, packed into pack_dtype words
+# along the input (GPTQ) or output (AWQ) dimension) plus `qzeros`, `scales` and (GPTQ) `g_idx`: quantization state,
+# not parameters of the model.
 QUANT_STATE_TENSORS = ("qzeros", "scales", "g_idx")
 PACK_BITS = {"int8": 8, "int16": 16, "int32": 32, "int64": 64}
 
@@ -81,7 +81,8 @@ def _remote_headers(model_dir: str) -> dict[str, dict]:
 
 
 def quantization_config(model_dir: str | Path) -> dict:
-    """quantize_config.json of a GPTQ checkpoint (else config.json's quantization_config); {} when not quantized."""
+    """quantize_config.json of a GPTQ / AWQ checkpoint (else config.json's quantization_config, which is where a GGUF
+    stage output names its file); {} when not quantized."""
     fs, path = _dir_fs(model_dir)
     for name, pick in (("quantize_config.json", lambda d: d), ("config.json", lambda d: d.get("quantization_config"))):
         target = f"{path.rstrip('/')}/{name}"
@@ -99,6 +100,8 @@ def logical_num_params(model_dir: str | Path) -> int:
     from compressor import storage
 
     config = quantization_config(model_dir)
+    if config.get("quant_method") == "gguf":  # weights in a .gguf, not safetensors: the writer recorded the count
+        return int(config["num_params"])
     if storage.is_remote(model_dir):
         shapes = {n: i["shape"] for n, i in _remote_headers(str(model_dir)).items() if n != "__metadata__"}
     else:
@@ -130,15 +133,3 @@ def checkpoint_bytes(model_dir: str | Path) -> int:
 
 def weight_bytes(model_dir: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.suffix in WEIGHT_SUFFIXES)
-
-
-def content_hash(model_dir: str | Path) -> str:
-    """sha256 over every file's name and bytes, in name order (reproducibility check of outputs)."""
-    digest = hashlib.sha256()
-    for f in sorted(Path(model_dir).rglob("*")):
-        if f.is_file():
-            digest.update(str(f.relative_to(model_dir)).encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()

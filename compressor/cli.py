@@ -33,6 +33,14 @@ for _name in MODULES:
     _module.register(app)
 
 
+def application() -> typer.Typer:
+    """The app, with a command for every stage kind registered so far (a plugin's or a test's too)."""
+    from compressor.commands import stage
+
+    stage.register(app)
+    return app
+
+
 def fail(exc: CompressorError) -> None:
     from compressor.secrets import redact
 
@@ -55,7 +63,7 @@ def usage_error(exc: ClickException) -> None:
 
 def main() -> None:
     try:
-        code = app(standalone_mode=False)  # click's errors come here, to be told in one paragraph
+        code = application()(standalone_mode=False)  # click's errors come here, to be told in one paragraph
     except CompressorError as exc:
         fail(exc)
     except ClickException as exc:

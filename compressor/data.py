@@ -17,8 +17,9 @@ import json
 import queue
 import random
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -290,7 +291,7 @@ def shuffled(items: Iterable[str], seed: int, buffer: int = SHUFFLE_BUFFER) -> I
     yield from pool
 
 
-def token_blocks(ds: DataSource, tokenizer, samples: int | None = None, seq_len: int | None = None, seed: int = 0) -> "torch.Tensor":
+def token_blocks(ds: DataSource, tokenizer, samples: int | None = None, seq_len: int | None = None, seed: int = 0) -> torch.Tensor:
     """Exactly `samples` blocks of `seq_len` tokens ([samples, seq_len] LongTensor) for calibration or evaluation:
     documents in a seeded shuffle (`shuffled`), joined with EOS, cut; reading stops once the blocks are there.
     A source too small raises UserError naming the numbers. With `samples=None` (and no `samples` on the source),

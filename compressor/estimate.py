@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from compressor.errors import UserError
+from compressor.shapes import Shape, vocab_size
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -31,10 +32,6 @@ GPU_PEAK_TFLOPS: dict[str, float] = {
 }
 GPU_TFLOPS = GPU_PEAK_TFLOPS  # the name `compressor plan --help` points to
 
-# Used when neither the stage nor its data source says how many calibration sequences to take.
-DEFAULT_PRUNE_SAMPLES = 1024  # Minitron's calibration set
-DEFAULT_GPTQ_SAMPLES = 128  # the GPTQ paper's calibration set
-
 # lm-eval tasks the recipes use: (documents, choices per document, mean tokens of one example). A request
 # holds num_fewshot + 1 examples and is one forward per choice. Rough by design; other tasks get the default.
 TASK_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -48,39 +45,17 @@ DEFAULT_TASK_SHAPE = (1000, 4, 128)
 
 
 # ----------------------------------------------------------------------------- shapes
-def _get(config: dict, key: str) -> Any:
-    if config.get(key) is None:
-        raise UserError(
-            f"model config has no {key!r}; compressor estimates Llama, Mistral and Qwen2-style decoders "
-            f"(model_type {config.get('model_type', 'unknown')!r})"
-        )
-    return config[key]
-
-
 def shape(config: dict) -> dict[str, int]:
-    """The numbers every estimate needs, with HF's defaults filled in (kv heads, head_dim)."""
-    hidden = int(_get(config, "hidden_size"))
-    heads = int(_get(config, "num_attention_heads"))
-    return {
-        "vocab": int(_get(config, "vocab_size")),
-        "hidden": hidden,
-        "intermediate": int(_get(config, "intermediate_size")),
-        "layers": int(_get(config, "num_hidden_layers")),
-        "heads": heads,
-        "kv_heads": int(config.get("num_key_value_heads") or heads),
-        "head_dim": int(config.get("head_dim") or hidden // heads),
-    }
+    """The numbers every estimate needs (compressor.shapes, with HF's defaults filled in), in short names."""
+    s = Shape.from_config(config)
+    return {"vocab": vocab_size(config), "hidden": s.hidden_size, "intermediate": s.intermediate_size,
+            "layers": s.num_layers, "heads": s.num_attention_heads, "kv_heads": s.num_key_value_heads,
+            "head_dim": s.head_dim}
 
 
 def _linears(config: dict) -> list[tuple[str, int, int]]:
     """(name, d_in, d_out) of the linear layers of ONE decoder layer."""
-    s = shape(config)
-    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
-    h, i = s["hidden"], s["intermediate"]
-    return [
-        ("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
-        ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h),
-    ]
+    return [(name, d_in, d_out) for name, d_in, d_out, _ in Shape.from_config(config).linears()]
 
 
 def _layer_biases(config: dict) -> int:
@@ -119,7 +94,7 @@ def forward_flops_per_token(config: dict, seq_len: int) -> float:
 
 
 # ----------------------------------------------------------------------------- stages
-def _calibration(spec, pipeline, default_samples: int) -> tuple[int, int]:
+def calibration_size(spec, pipeline, default_samples: int) -> tuple[int, int]:
     """(samples, seq_len) a calibrating stage will use, resolved like the stage does."""
     name = getattr(spec, "calibration", None)
     if name is None and len(pipeline.data) == 1:
@@ -128,13 +103,6 @@ def _calibration(spec, pipeline, default_samples: int) -> tuple[int, int]:
     samples = spec.samples or (source.samples if source else None) or default_samples
     seq_len = spec.seq_len or (source.seq_len if source else 512)
     return samples, seq_len
-
-
-def distill_tokens(spec, pipeline) -> tuple[float, int]:
-    """(token budget, sequence length) of a distill stage."""
-    seq_len = spec.seq_len or pipeline.data[spec.data].seq_len
-    tokens = spec.tokens if spec.tokens is not None else spec.steps * spec.global_batch * seq_len
-    return float(tokens), seq_len
 
 
 def eval_flops(config: dict, tasks) -> float:
@@ -160,32 +128,13 @@ def gptq_flops(config: dict, samples: int, seq_len: int) -> float:
 
 
 def stage_flops(kind: str, spec, in_config: dict, out_config: dict, pipeline, teacher_cfg: Optional[dict] = None) -> float:
-    """Estimated FLOPs of one stage. `in_config`/`out_config` are the model before and after it (from the
-    stages' `check`); `teacher_cfg` is the distillation teacher's (default: resolved from the pipeline,
-    falling back to `in_config` when it cannot be found offline)."""
-    if kind == "prune":
-        samples, seq_len = _calibration(spec, pipeline, DEFAULT_PRUNE_SAMPLES)
-        passes = 1  # width importance and block importance come from the same forward pass
-        if spec.depth_metric == "loss" and _prunes_depth(spec):
-            passes += shape(in_config)["layers"]  # one forward with each layer dropped
-        return passes * samples * seq_len * forward_flops_per_token(in_config, seq_len)
-    if kind == "distill":
-        tokens, seq_len = distill_tokens(spec, pipeline)
-        teacher = teacher_cfg or teacher_config(pipeline.teacher) or in_config
-        per_token = forward_flops_per_token(teacher, seq_len) + 3 * forward_flops_per_token(in_config, seq_len)
-        return tokens * per_token
-    if kind == "quantize":
-        samples, seq_len = _calibration(spec, pipeline, DEFAULT_GPTQ_SAMPLES)
-        return gptq_flops(in_config, samples, seq_len)
-    if kind == "evaluate":
-        wanted = set(spec.tasks) if spec.tasks else None
-        return eval_flops(in_config, [t for t in pipeline.evaluation.tasks if wanted is None or t.name in wanted])
-    raise ValueError(f"unknown stage kind {kind!r}")
+    """Estimated FLOPs of one stage, by its kind's own `flops` (compressor/stages/<kind>/__init__.py).
+    `in_config`/`out_config` are the model before and after it (from the stages' `check`); `teacher_cfg` is the
+    pipeline teacher's (default: resolved from the pipeline, else `in_config` when it cannot be found offline)."""
+    from compressor.stages import get
+    from compressor.stages.base import EstimateInput
 
-
-def _prunes_depth(spec) -> bool:
-    target = spec.target
-    return any(getattr(target, n) is not None for n in ("num_layers", "keep_layers", "drop_layers"))
+    return get(kind).flops(spec, EstimateInput(in_config, out_config, pipeline, teacher_cfg))
 
 
 def gpu_hours(flops: float, gpu: str, mfu: float) -> float:

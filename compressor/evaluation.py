@@ -4,15 +4,15 @@ torch and lm-eval are imported inside `evaluate` only, so gates and `validate` s
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import os
-import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from compressor.cache import digest
 from compressor.config.schema import TaskSpec
@@ -86,14 +86,29 @@ def _load(model_dir: Path, device: str, dtype: str):
         if not torch.cuda.is_available():
             raise UserError(f"evaluation on {device!r}: torch {torch.__version__} sees no CUDA device here; "
                             "reserve no GPU (evaluation.resources.num_gpus: 0) or install a CUDA build of torch")
-    # Straight onto the device, as a user would load it: a GPTQ checkpoint (via its config) then gets
+    # Straight onto the device, as a user would load it: a GPTQ or AWQ checkpoint (via its config) then gets
     # GPTQModel's kernel for that device, and an 8B model never sits whole in host memory first.
     # lm-eval's HFLM keeps a passed model where it is, so this is where the device is decided.
     from compressor import remote_code
 
     trust = remote_code.enabled()  # off unless the pipeline sets teacher.trust_remote_code
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device, trust_remote_code=trust,
+                                                 **_gguf_weights(model_dir))
     return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust)
+
+
+def _gguf_weights(model_dir: Path) -> dict:
+    """A GGUF stage output keeps its weights in the .gguf that config.json's quantization_config names; transformers
+    reads them (dequantized: the gate judges the GGUF's weights) only when given the file. The checkpoint's own
+    config goes with it: transformers' GGUF config mapping drops rope scaling (llama.cpp keeps it as a tensor)."""
+    quant = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") != "gguf":
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    del config.quantization_config  # the file is named by gguf_file; transformers warns when given both
+    return {"gguf_file": quant["gguf_file"], "config": config}
 
 
 def flatten(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -221,20 +236,18 @@ def eval_cache_key(model_key: str, tasks: list[TaskSpec], batch_size: int | str)
     })
 
 
-def load_cached(path: str | Path) -> Optional[dict[str, dict[str, float]]]:
-    path = Path(path)
-    if not path.is_file():
-        return None
+def load_cached(uri: str) -> Optional[dict[str, dict[str, float]]]:
+    """Scores cached under `uri` (a path or storage URI), or None: missing, torn or foreign files are cache misses."""
+    from compressor.storage import read_text
+
     try:
-        return json.loads(path.read_text())["results"]
+        return json.loads(read_text(uri) or "null")["results"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return None  # a torn or foreign file is a cache miss, not an error
+        return None
 
 
-def save_cached(path: str | Path, results: dict[str, dict[str, float]]) -> None:
-    """Atomic write: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({"results": results}, indent=2, sort_keys=True))
-    tmp.replace(path)
+def save_cached(uri: str, results: dict[str, dict[str, float]]) -> None:
+    """Written whole (renamed into place locally, one PUT on object stores): readers never see half a file."""
+    from compressor.storage import write_text
+
+    write_text(uri, json.dumps({"results": results}, indent=2, sort_keys=True))

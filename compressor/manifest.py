@@ -36,6 +36,7 @@ class Manifest(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict, description="Stage-specific facts (shapes, bits, ...).")
     mlflow_run_id: Optional[str] = None
     compressor_version: Optional[str] = None
+    files: dict[str, int] = Field(default_factory=dict, description="Bytes of each file of the output model (path inside model_uri); a stage whose files differ is computed again.")
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -45,5 +46,5 @@ class Manifest(BaseModel):
         return path
 
     @classmethod
-    def read(cls, directory: Path) -> "Manifest":
+    def read(cls, directory: Path) -> Manifest:
         return cls.model_validate_json((Path(directory) / MANIFEST).read_text())

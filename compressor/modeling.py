@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "config.json").read_text())
 
 
 def load_model(path: str | Path, dtype: str = "float32", revision: str | None = None):

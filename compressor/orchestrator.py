@@ -5,7 +5,6 @@ moves only ModelRefs and manifests between them. A fully cached pipeline never s
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -16,15 +15,15 @@ from typing import Optional
 from rich.console import Console
 
 from compressor import gates
+from compressor import stages as stage_kinds
 from compressor.config.schema import PipelineSpec
 from compressor.errors import CompressorError, GateFailed, StageFailed
 from compressor.manifest import Manifest, ModelRef
 from compressor.planning import Plan, PlannedStage, check_local_tasks, check_storage, make_plan
-from compressor.stages import stage_module
 from compressor.runner import drop_scratch
 from compressor.stages.context import StageContext
-from compressor.storage import join, move_stage, read_text, write_text
-from compressor.tracking import Tracker, default_uri, flatten, log_pipeline_summary
+from compressor.storage import join, move_stage
+from compressor.tracking import default_uri, flatten, log_pipeline_summary
 
 Scores = dict[str, dict[str, float]]
 
@@ -80,19 +79,26 @@ class Orchestrator:
             return self._cached_summary(start)
         self._check_registry_tasks()
         plan.storage_root.mkdir(parents=True, exist_ok=True)
-        self.tracker = Tracker(self.tracking_uri, self.spec.tracking.experiment or self.spec.name, plan.storage_root / "mlartifacts")
+        from compressor.locks import open_tracker, stage_lease
+
+        # issue 14: open_tracker = Tracker, safe when several runs start on one sqlite store at once (compressor.locks)
+        self.tracker = open_tracker(self.tracking_uri, self.spec.tracking.experiment or self.spec.name, plan.storage_root / "mlartifacts")
         parent = self.tracker.start_pipeline(self.spec.name, self.pipeline_yaml, {
             "teacher": self.spec.teacher.model, "teacher_key": plan.teacher.key, "seed": self.spec.seed,
             "storage": plan.storage_uri, "stages": [s.name for s in plan.stages]})
         from compressor.raylocal import ensure_ray
 
         ensure_ray(self.address)
+        from compressor import interrupt
+
+        interrupt.reassert()  # issue 14: ray.init put its own SIGTERM handler (sys.exit) in place of `run`'s
         outcomes: list[StageOutcome] = []
         try:
             baseline = self._baseline()
             previous = baseline
             for stage in plan.stages:
-                outcome = self._run_stage(stage, baseline, previous)
+                with stage_lease(self, stage):  # issue 14: one writer per stage dir; what another run finished is reused
+                    outcome = self._run_stage(stage, baseline, previous)
                 outcomes.append(outcome)
                 previous = outcome.scores or previous
         except GateFailed:
@@ -129,14 +135,14 @@ class Orchestrator:
     def _run_stage(self, stage: PlannedStage, baseline: Optional[Scores], previous: Optional[Scores]) -> StageOutcome:
         if not stage.input.path:  # the previous stage ran in this run: read its published output
             stage.input = stage.input.model_copy(update={"path": self.published[stage.input.key]})
-            if stage.kind == "evaluate":
+            if not stage.produces_model:
                 stage.output = stage.input
         params = {"kind": stage.kind, "key": stage.key, "input_key": stage.input.key, **stage.entry.spec.model_dump(mode="json")}
         if stage.cached:
             run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params, cached=True)
             self.tracker.sink(run_id).log_metrics({k: v for k, v in {"num_params": stage.cached.num_params,
                                                                      "bytes": stage.cached.bytes}.items() if v})
-            scores = self._scores(stage.output, run_id) if stage.kind != "evaluate" else stage.cached.details.get("scores")
+            scores = self._scores(stage.output, run_id) if stage.produces_model else stage.cached.details.get("scores")
             self.tracker.end(run_id)
             self.console.print(f"[dim]{stage.name}: cached ({stage.uri})[/]")
             return StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores)
@@ -157,10 +163,10 @@ class Orchestrator:
                 where = self.plan.pending_uri(stage)
                 manifest = self._execute(stage, run_id, where)
             manifest.mlflow_run_id = run_id
-            if stage.kind == "evaluate":
-                scores = manifest.details.get("scores")
-            else:
+            if stage.produces_model:
                 scores = self._scores(ModelRef(path=join(where, manifest.model_uri), key=stage.output.key), run_id)
+            else:  # the stage judged its input: its scores are its result
+                scores = manifest.details.get("scores")
             rows = gates.check_gate(stage.entry.gate, scores or {}, baseline, previous) if stage.entry.gate else []
             if rows:
                 self.console.print(gates.render(stage.name, rows))
@@ -194,7 +200,7 @@ class Orchestrator:
         manifest.details["gate"] = {"status": status, "rows": [r.__dict__ for r in rows]}
         move_stage(where, stage.uri, manifest)
         drop_scratch(manifest)  # distill's Ray Train checkpoints, kept until the model was published
-        if stage.kind != "evaluate":
+        if stage.produces_model:
             self.published[stage.output.key] = join(stage.uri, manifest.model_uri)
         self.tracker.log_json(run_id, manifest.model_dump(mode="json"), "manifest.json")
         self.tracker.end(run_id)
@@ -212,7 +218,7 @@ class Orchestrator:
 
     def _context(self, stage: PlannedStage, run_id: str) -> StageContext:
         return StageContext(
-            teacher=self.plan.teacher, data=self.spec.data, resources=stage.entry.resources,
+            teacher=self.plan.teacher, shared_teacher=self.plan.teacher, data=self.spec.data, resources=stage.entry.resources,
             seed=self.spec.seed, storage_path=join(self.plan.storage_uri, "ray"),
             data_root=join(self.plan.storage_uri, "_data"),
             run_name=f"{self.spec.name}-{stage.name}-{stage.key[:12]}", sink=self.tracker.sink(run_id),
@@ -220,15 +226,14 @@ class Orchestrator:
         )
 
     def _execute(self, stage: PlannedStage, run_id: str, publish_to: str) -> Manifest:
-        from compressor.runner import execute_stage
-
-        from compressor.runner import STAGE_LOG, failed_log_uri
+        from compressor.runner import STAGE_LOG, execute_stage, failed_log_uri
 
         ctx = self._context(stage, run_id)
         ctx.progress_queue = self._progress_queue()
         args = (stage.name, stage.kind, stage.entry.spec, stage.input, ctx, stage.key, publish_to)
+        runs_in_driver = stage_kinds.get(stage.kind).runs_as == "driver"
         try:
-            if stage_module(stage.kind).RUNS_AS == "driver":
+            if runs_in_driver:
                 manifest = self._in_thread(stage.name, lambda: execute_stage(*args))
             else:
                 import ray
@@ -237,7 +242,7 @@ class Orchestrator:
                 manifest = self._await(stage.name, task.remote(*args))
         except BaseException:
             workers = ("; its Ray Train workers' output is in Ray's session logs (/tmp/ray/session_latest/logs on each "
-                       "node)") if stage_module(stage.kind).RUNS_AS == "driver" else ""
+                       "node)") if runs_in_driver else ""
             self.console.print(f"{stage.name}: its log is {failed_log_uri(publish_to)}{workers}", soft_wrap=True,
                                highlight=False)
             raise
@@ -341,14 +346,14 @@ class Orchestrator:
         return str(root / f"{self.spec.name}-evaluate-{re.sub(r'[^A-Za-z0-9]+', '-', model.key.split(':', 1)[-1])[:12]}.log")
 
     def _cached_scores(self, model: ModelRef) -> Optional[Scores]:
-        text = read_text(self.plan.eval_uri(model.key))
-        try:
-            return json.loads(text) if text else None
-        except json.JSONDecodeError:  # a torn file is a cache miss
-            return None
+        from compressor.evaluation import load_cached
+
+        return load_cached(self.plan.eval_uri(model.key))
 
     def _save_scores(self, model: ModelRef, scores: Scores) -> None:
-        write_text(self.plan.eval_uri(model.key), json.dumps(scores, indent=2, sort_keys=True))
+        from compressor.evaluation import save_cached
+
+        save_cached(self.plan.eval_uri(model.key), scores)
 
     def _check_registry_tasks(self) -> None:
         registry = [t for t in self.spec.evaluation.tasks if not t.include]
@@ -360,8 +365,8 @@ class Orchestrator:
     def _cached_summary(self, start: float) -> RunSummary:
         outcomes = []
         for stage in self.plan.stages:
-            scores = (stage.cached.details.get("scores") if stage.kind == "evaluate"
-                      else self._cached_scores(stage.output))
+            scores = (self._cached_scores(stage.output) if stage.produces_model
+                      else stage.cached.details.get("scores"))
             outcomes.append(StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores))
         baseline = self._cached_scores(self.plan.teacher) if self.spec.evaluation.baseline == "teacher" else None
         return RunSummary(self.plan, outcomes, baseline, self.tracking_uri, None, time.perf_counter() - start)

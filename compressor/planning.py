@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 from compressor import cache as cache_mod
+from compressor import stages as stage_kinds
 from compressor import storage as storage_mod
 from compressor.cache import stage_key
 from compressor.config.schema import PipelineSpec, StageEntry, TaskSpec, TeacherSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
-from compressor.stages import stage_module
+from compressor.stages.base import PlanContext
 
 
 @dataclass
@@ -23,7 +24,7 @@ class PlannedStage:
     entry: StageEntry
     key: str
     input: ModelRef  # the model this stage reads
-    output: ModelRef  # the model after it (the input itself for evaluate)
+    output: ModelRef  # the model after it (the input itself for a kind that makes no model)
     in_config: dict
     out_config: dict
     stage_dir: Path  # this node's view of `uri` (the directory itself on local/NFS storage)
@@ -39,6 +40,10 @@ class PlannedStage:
     @property
     def kind(self) -> str:
         return self.entry.kind
+
+    @property
+    def produces_model(self) -> bool:
+        return stage_kinds.get(self.kind).produces_model
 
 
 @dataclass
@@ -58,11 +63,11 @@ class Plan:
     def pipeline_uri(self) -> str:
         return storage_mod.join(self.storage_uri, self.spec.name)
 
-    def pending_uri(self, stage: "PlannedStage") -> str:
+    def pending_uri(self, stage: PlannedStage) -> str:
         """Where a stage's output waits for its gate (kept there if evaluation is interrupted)."""
         return storage_mod.join(self.pipeline_uri, "pending", stage.stage_dir.name)
 
-    def rejected_uri(self, stage: "PlannedStage") -> str:
+    def rejected_uri(self, stage: PlannedStage) -> str:
         """Where the output of a stage that missed its gate (or failed evaluation) is kept, with the reason."""
         return storage_mod.join(self.pipeline_uri, "rejected", stage.stage_dir.name)
 
@@ -77,7 +82,7 @@ class Plan:
         if not self.spec.evaluation.tasks:
             return []
         models = [self.teacher] if self.spec.evaluation.baseline == "teacher" else []
-        return models + [s.output for s in self.stages if s.kind != "evaluate"]
+        return models + [s.output for s in self.stages if s.produces_model]
 
     def fully_cached(self) -> bool:
         return all(s.cached for s in self.stages) and all(storage_mod.exists(self.eval_uri(m.key))
@@ -118,9 +123,9 @@ def resolve_teacher(teacher: TeacherSpec, storage_uri: str, published: Optional[
         raise UserError(f"teacher.model: {model!r} is neither a local checkpoint directory, `zoo:NAME`, nor a Hugging "
                         "Face repo id (ORG/NAME)")
     if published is not None:
-        from compressor.runner import input_config
+        from compressor.models import read_config
 
-        return published, input_config(published)
+        return published, read_config(published)
     commit = hub.cached_commit(model, teacher.revision)
     if commit is None:
         return (ModelRef(path=model, key=f"hub:{model}@{teacher.revision or 'main'}:unresolved", revision=teacher.revision),
@@ -193,30 +198,26 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Option
     storage_root = storage_mod.local_mirror(storage_uri) if remote else Path(storage_uri).expanduser().resolve()
     storage_uri = storage_uri if remote else str(storage_root)
     teacher, teacher_config = resolve_teacher(spec.teacher, storage_uri, teacher)
-    later_group = _quantize_group_sizes(spec)
     current, config = teacher, teacher_config
     planned: list[PlannedStage] = []
     for i, entry in enumerate(spec.stages):
-        stage_spec = entry.spec
-        extra = {"seed": spec.seed, "data": {n: ds.model_dump(mode="json") for n, ds in spec.data.items()
-                                             if n in (getattr(stage_spec, "calibration", None), getattr(stage_spec, "data", None))}}
-        if entry.kind == "distill":
-            extra["teacher"] = teacher.key
-        if entry.kind == "evaluate":
-            extra["tasks"] = [t.model_dump(mode="json") for t in spec.evaluation.tasks]
-        if entry.kind == "prune" and stage_spec.quantize_group_size is None and later_group.get(i):
-            stage_spec = stage_spec.model_copy(update={"quantize_group_size": later_group[i]})
+        kind = stage_kinds.get(entry.kind)
+        around = PlanContext(spec, i, teacher.key)
+        stage_spec = kind.planned_spec(entry.spec, around)
+        extra = {"seed": spec.seed, **kind.key_extra(entry.spec, around),
+                 "data": {n: ds.model_dump(mode="json") for n, ds in spec.data.items()
+                          if n in (getattr(stage_spec, "calibration", None), getattr(stage_spec, "data", None))}}
         try:
-            checked = stage_module(entry.kind).check(stage_spec, config) if config else None
+            checked = kind.check(stage_spec, config) if config else None
         except UserError as exc:
             raise UserError(f"stages.{i}.{entry.kind}: {exc}") from None
         key = stage_key(entry.kind, entry.spec, current.key, extra)
-        output = current if entry.kind == "evaluate" else ModelRef(path="", key=f"stage:{key}")
+        output = ModelRef(path="", key=f"stage:{key}") if kind.produces_model else current
         name = entry.name or entry.kind
         dir_name = f"{name}-{key[:12]}"
         uri = storage_mod.join(storage_uri, spec.name, dir_name)
         cached = _published(uri, key)
-        if cached is not None and entry.kind != "evaluate":
+        if cached is not None and kind.produces_model:
             output = ModelRef(path=storage_mod.join(uri, cached.model_uri), key=output.key)
         out_config = checked.config if checked else {}
         stage = PlannedStage(entry, key, current, output, config, out_config, storage_root / spec.name / dir_name,
@@ -231,21 +232,6 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Option
 
 
 def _published(uri: str, key: str) -> Optional[Manifest]:
-    """The manifest of a complete stage directory with this key, or None (missing, torn or another key)."""
-    try:
-        manifest = storage_mod.read_manifest(uri)
-    except ValueError:  # a truncated or foreign manifest.json: the directory is not a finished stage
-        return None
-    return manifest if manifest is not None and manifest.key == key else None
-
-
-def _quantize_group_sizes(spec: PipelineSpec) -> dict[int, int]:
-    """For each prune stage index, the group size of the first quantize stage after it (for its warning)."""
-    out: dict[int, int] = {}
-    for i, entry in enumerate(spec.stages):
-        if entry.kind == "prune":
-            later = next((e.quantize for e in spec.stages[i + 1:] if e.kind == "quantize"), None)
-            if later is not None and later.group_size > 0:
-                out[i] = later.group_size
-    return out
-
+    """The manifest of a complete stage directory with this key, or None (missing, torn, another key, or naming
+    files that are not there: storage.finished_manifest, issue 14)."""
+    return storage_mod.finished_manifest(uri, key)

@@ -213,24 +213,25 @@ def check_standalone(kind: str, spec, model_dir: str, out: str, source=None, dat
     stage's own shape checks, the data (enough tokens for `samples` sequences of `seq_len`), and --out with room
     for the output."""
     from compressor import checkpoint
-    from compressor.stages import stage_module
+    from compressor.stages import get as stage_kind
 
     try:  # what the stage refuses in the config alone (an architecture, a shape) is said before file problems
         early = json.loads(Path(model_dir, "config.json").read_text())
     except (OSError, ValueError):
         early = None
     if isinstance(early, dict):
-        stage_module(kind).check(spec, early)
+        stage_kind(kind).check(spec, early)
     config = check_checkpoint(model_dir, model_flag, tokenizer=teacher_dir is None)
     tokenizer_dir = model_dir
     if teacher_dir is not None:
         check_checkpoint(teacher_dir, "--teacher")
         tokenizer_dir = teacher_dir  # distill trains on the teacher's tokens and saves its tokenizer
-    out_config = stage_module(kind).check(spec, config).config if config else {}
+    out_config = stage_kind(kind).check(spec, config).config if config else {}
     need = 0
     if out_config and Path(model_dir, "config.json").is_file():
         stored = checkpoint.num_params(model_dir)
-        width = spec.bits / 8 if kind == "quantize" else checkpoint.weight_bytes(model_dir) / max(stored, 1)
+        bits = getattr(spec, "bits", None)  # a quantizing kind's output width
+        width = bits / 8 if bits else checkpoint.weight_bytes(model_dir) / max(stored, 1)
         need = output_bytes(out_config, width)
     if source is not None:
         seq_len = min(seq_len or source.seq_len, config.get("max_position_embeddings") or 1 << 30)
@@ -251,9 +252,9 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
     else:
         check_storage(plan.storage_root)
         dtype = spec.teacher.dtype
-        need = sum(output_bytes(s.out_config, s.entry.spec.bits / 8 if s.kind == "quantize"
+        need = sum(output_bytes(s.out_config, bits / 8 if (bits := getattr(s.entry.spec, "bits", None))
                                 else bytes_per_param(s.out_config, dtype))
-                   for s in plan.stages if s.kind != "evaluate" and not s.cached and s.out_config)
+                   for s in plan.stages if s.produces_model and not s.cached and s.out_config)
         check_space(plan.storage_root, need, f"storage {plan.storage_uri}")
     for name, source in spec.data.items():
         check_data(source, f"data.{name}.source")

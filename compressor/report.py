@@ -182,9 +182,9 @@ def load_run(client, run_id: str) -> PipelineRun:
     result = PipelineRun(run_id, record["pipeline"], run.info.start_time, run.info.status, dict(run.data.params),
                          dict(run.data.metrics), dict(run.data.tags), record["teacher"], record["stages"],
                          record.get("final"), record["seconds"], label=f"{record['pipeline']} {run_id[:8]}")
-    for stage in result.stages:
-        if stage["kind"] == "distill":
-            result.curves[stage["name"]] = _curves(client, stage.get("run_id"))
+    for stage in result.stages:  # stages that log training curves (distill)
+        if curves := _curves(client, stage.get("run_id")):
+            result.curves[stage["name"]] = curves
     return result
 
 

@@ -6,74 +6,20 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from pydantic import BaseModel
 
 from compressor import __version__, checkpoint, storage
+from compressor import stages as stage_kinds
 from compressor.config.schema import DataSource, TaskSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
-from compressor.stages import stage_module
+from compressor.models import materialize, read_config
 from compressor.stages.context import StageContext
-
-
-def input_config(model: ModelRef) -> dict:
-    """config.json of a stage's input, read where it lives (a local directory or a storage URI); {} for a hub id or
-    a zoo model not built yet (those are checked when loaded)."""
-    import json
-
-    if model.path.startswith("zoo:"):
-        return {}
-    if storage.is_remote(model.path):
-        text = storage.read_text(storage.join(model.path, "config.json"))
-        if text is None:
-            raise UserError(f"model {model.path}: no config.json there; has the stage that makes it been published?")
-        return json.loads(text)
-    path = Path(model.path).expanduser()
-    if path.is_dir():
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise UserError(f"model {model.path}: no config.json there; is it a Hugging Face checkpoint directory?")
-        return json.loads(cfg.read_text())
-    if path.exists() or model.path.startswith((".", "/", "~")):
-        raise UserError(f"model {model.path}: not a checkpoint directory")
-    return {}
-
-
-def resolve_model(model: str) -> tuple[str, Optional[str]]:
-    """(checkpoint dir, zoo name or None). Accepts a checkpoint dir, a stage output dir, or zoo:NAME."""
-    if model.startswith("zoo:"):
-        from compressor import zoo
-
-        name = model[len("zoo:"):]
-        return str(zoo.ensure_model(name)), name
-    path = Path(model).expanduser()
-    if not (path / "config.json").is_file() and (path / "manifest.json").is_file():
-        return model_path(Manifest.read(path), path), None
-    return model, None
-
-
-def materialize(ref: ModelRef) -> ModelRef:
-    """A ModelRef whose path is a directory on this node. `zoo:NAME` is built (or found) here; a model on remote
-    storage (`s3://.../<stage>-<key>/model`) is downloaded into this node's mirror (once per node, under a lock);
-    a hub id not resolved by a pipeline is fetched through the Hugging Face cache."""
-    if ref.path.startswith("zoo:"):
-        from compressor import zoo
-
-        return ref.model_copy(update={"path": str(zoo.ensure_model(ref.path[len("zoo:"):]))})
-    if storage.is_remote(ref.path):
-        stage_dir = storage.download_stage(storage.stage_dir_of(ref.path))
-        return ref.model_copy(update={"path": str(stage_dir / Path(ref.path.rstrip("/")).name)})
-    from compressor import hub
-
-    if hub.is_hub_id(ref.path):
-        commit = hub.resolve_commit(ref.path, ref.revision)
-        return ref.model_copy(update={"path": str(hub._download(ref.path, commit)), "revision": commit})
-    return ref
-
 
 STAGE_LOG = "stage.log"  # third-party output of a pipeline stage, published with it
 
@@ -161,14 +107,14 @@ def execute_stage(name: str, kind: str, spec: BaseModel, model: ModelRef, ctx: S
                   publish_to: str) -> Manifest:
     """Run the stage on this node into a private scratch dir, write its manifest last and publish the directory to
     `publish_to` (a path or storage URI) from here, then drop the scratch dir. Returns the manifest."""
-    module = stage_module(kind)
+    stage_kind = stage_kinds.get(kind)
     ctx.work_dir = storage.scratch_dir(publish_to, f"{name}-{key[:12]}")
     # In pipeline runs (a progress queue to the driver) libraries' output goes to <stage dir>/stage.log, published
     # with the stage and kept as failed_log_uri(publish_to) when it fails.
     log_file = Path(ctx.work_dir) / STAGE_LOG if ctx.progress_queue is not None else None
     try:
-        with captured_output(log_file, fds=module.RUNS_AS == "task"):
-            return _execute_stage(module, name, kind, spec, model, ctx, key, publish_to)
+        with captured_output(log_file, fds=stage_kind.runs_as == "task"):
+            return _execute_stage(stage_kind, name, spec, model, ctx, key, publish_to)
     except BaseException:
         if log_file is not None and log_file.is_file():
             storage.write_text(failed_log_uri(publish_to), log_file.read_text(errors="replace"))
@@ -182,20 +128,20 @@ def failed_log_uri(publish_to: str) -> str:
     return publish_to.rstrip("/") + ".log"
 
 
-def _execute_stage(module, name: str, kind: str, spec: BaseModel, model: ModelRef, ctx: StageContext, key: str,
+def _execute_stage(stage_kind, name: str, spec: BaseModel, model: ModelRef, ctx: StageContext, key: str,
                    publish_to: str) -> Manifest:
-    if module.RUNS_AS == "task":  # a driver-side stage (distill) leaves the loading to its own workers
+    if stage_kind.runs_as == "task":  # a driver-side stage (distill) leaves the loading to its own workers
         model = materialize(model)
         if ctx.teacher is not None:
             ctx.teacher = materialize(ctx.teacher)
     start = time.perf_counter()
-    result = module.run(spec, model, ctx)
+    result = stage_kind.run(spec, model, ctx)
     seconds = time.perf_counter() - start
     model_dir = Path(ctx.work_dir) / "model"
     has_model = (model_dir / "config.json").is_file()
     manifest = Manifest(
         stage=name,
-        kind=kind,
+        kind=stage_kind.name,
         key=key,
         input_key=model.key,
         model_uri="model" if has_model else model.path,
@@ -205,17 +151,13 @@ def _execute_stage(module, name: str, kind: str, spec: BaseModel, model: ModelRe
         metrics=result.metrics,
         details=result.details,
         compressor_version=__version__,
+        files=storage.file_sizes(model_dir) if has_model else {},  # issue 14: checked before the stage is reused
     )
     ctx.log_metrics({"seconds": seconds, **({"num_params": manifest.num_params, "bytes": manifest.bytes}
                                             if has_model else {})})
     manifest.write(ctx.work_dir)
     storage.publish_dir(ctx.work_dir, publish_to)
     return manifest
-
-
-def model_path(manifest: Manifest, stage_dir: Path) -> str:
-    """Absolute model location of a published stage (model_uri is relative to its dir when produced there)."""
-    return str(stage_dir / manifest.model_uri) if manifest.model_uri == "model" else manifest.model_uri
 
 
 def run_standalone(
@@ -228,19 +170,19 @@ def run_standalone(
     seed: int = 0,
     quiet: bool = False,
 ) -> Manifest:
-    """`compressor prune|distill|quantize --model IN --out OUT`: check, run, publish OUT atomically."""
+    """`compressor KIND --model IN --out OUT`: check, run, and make OUT the output checkpoint itself (what
+    `from_pretrained(OUT)` loads), with the stage's manifest.json beside the weights. Nothing appears at OUT until
+    the stage finished: it runs into a hidden sibling directory that is renamed into place."""
     out_dir = Path(out).expanduser().resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"--out {out}: directory exists and is not empty; choose a new one")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty directory; choose a new one")
     local = Path(model_path_in).expanduser().resolve()
     model = ModelRef(path=str(local) if local.exists() else model_path_in, key=f"path:{local}")
-    stage_module(kind).check(spec, input_config(model))
+    stage_kinds.get(kind).check(spec, read_config(model))
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create it ({exc.strerror})") from None
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked above); the stage is renamed into its place
     ctx = StageContext(
         teacher=ModelRef(path=teacher, key=f"path:{teacher}") if teacher else None,
         data=data or {},
@@ -252,8 +194,23 @@ def run_standalone(
     )
     from compressor.cache import stage_key
 
-    manifest = execute_stage(kind, kind, spec, model, ctx, stage_key(kind, spec, model.key), str(out_dir))
-    drop_scratch(manifest)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        manifest = execute_stage(kind, kind, spec, model, ctx, stage_key(kind, spec, model.key), str(staging))
+        drop_scratch(manifest)
+        if (staging / "model" / "config.json").is_file():  # the checkpoint becomes OUT; the stage's files join it
+            for item in staging.iterdir():
+                if item.name not in ("model", "manifest.json"):
+                    item.rename(staging / "model" / item.name)
+            manifest.model_uri = "."
+            manifest.write(staging / "model")
+            staging = staging / "model"
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}", ignore_errors=True)
     return manifest
 
 

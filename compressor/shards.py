@@ -40,8 +40,9 @@ import json
 import re
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class ShardIndex:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "ShardIndex":
+    def from_json(cls, text: str) -> ShardIndex:
         return cls(**json.loads(text))
 
 
@@ -127,10 +128,23 @@ def prepare(ds: DataSource, tokenizer_dir: str, seq_len: int, sequences: int, da
             progress: Optional[Callable[[int], None]] = None, shard_bytes: int = SHARD_BYTES) -> tuple[str, ShardIndex]:
     """(shard directory, index) holding at least `sequences` sequences of `ds`, or all the source has: reuses
     the shards there, extends them, or writes them. `progress(n)` is called with the sequences written so far."""
-    from compressor.modeling import load_tokenizer
-
     tokenizer_key = tokenizer_digest(tokenizer_dir)
     directory = shard_dir(data_root, ds, tokenizer_key, seq_len)
+    index = read_index(directory)
+    if index is not None and (index.exhausted or index.sequences >= sequences):
+        return directory, index
+    from compressor.locks import holding
+
+    # issue 14: one writer at a time. Two pipelines on the same data would otherwise both write an index, and the
+    # last one (maybe the shorter) would win under a run that needs more. The second then finds the first's shards.
+    with holding(directory, f"token shards {directory}"):
+        return _prepare_alone(ds, tokenizer_dir, tokenizer_key, directory, seq_len, sequences, progress, shard_bytes)
+
+
+def _prepare_alone(ds: DataSource, tokenizer_dir: str, tokenizer_key: str, directory: str, seq_len: int, sequences: int,
+                   progress: Optional[Callable[[int], None]], shard_bytes: int) -> tuple[str, ShardIndex]:
+    from compressor.modeling import load_tokenizer
+
     index = read_index(directory)
     if index is not None and (index.exhausted or index.sequences >= sequences):
         return directory, index

@@ -75,6 +75,38 @@ def read_manifest(stage_uri: str) -> Optional[Manifest]:
     return Manifest.model_validate_json(fs.cat_file(target))
 
 
+def finished_manifest(stage_uri: str, key: str) -> Optional[Manifest]:
+    """The manifest of a complete stage directory with this key, else None: no manifest, a torn or foreign one,
+    another key, or one whose listed files are missing or of another size (a directory emptied by hand, a copy
+    that stopped half-way): such a stage is computed again."""
+    try:
+        manifest = read_manifest(stage_uri)
+    except ValueError:  # a truncated manifest.json
+        return None
+    if manifest is None or manifest.key != key or missing_files(stage_uri, manifest):
+        return None
+    return manifest
+
+
+def missing_files(stage_uri: str, manifest: Manifest) -> list[str]:
+    """Files of the stage's model that the manifest lists (`files`: path inside model_uri -> bytes) and that are absent
+    or of another size. A manifest written before `files` existed is checked for its model's config.json only. One
+    listing (one LIST request on object stores); no file is read."""
+    if manifest.model_uri not in ("model", "."):  # a stage that made no model of its own (it names its input)
+        return []
+    fs, root = filesystem(join(stage_uri, manifest.model_uri) if manifest.model_uri != "." else stage_uri)
+    root = fs._strip_protocol(root).rstrip("/")
+    if not manifest.files:
+        return [] if fs.exists(f"{root}/config.json") else ["config.json"]
+    found = {path[len(root) + 1:]: info.get("size") for path, info in fs.find(root, detail=True).items()}
+    return [rel for rel, size in manifest.files.items() if found.get(rel) != size]
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Bytes of every file under a local directory, by relative path (what a manifest lists of its model)."""
+    return {rel: (Path(directory) / rel).stat().st_size for rel in _relative_files(Path(directory))}
+
+
 def _relative_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 

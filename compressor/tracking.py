@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from compressor.secrets import redact, redact_mapping
-from compressor.stages.context import MetricsSink
+from compressor.sinks import MetricsSink
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # log_batch limits of MLflow's REST API, per request
@@ -86,6 +86,18 @@ class MlflowSink(MetricsSink):
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
+
+    def child(self, name: str, params: dict[str, Any]) -> MlflowSink:
+        """A nested run under this one (the UI shows it beneath its parent), tagged `compressor.nested`."""
+        parent = self.client.get_run(self.run_id)
+        run = self.client.create_run(parent.info.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.run_id, "compressor.nested": "true"})
+        sink = MlflowSink(self.uri, run.info.run_id)
+        sink.log_params(params)
+        return sink
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 class Tracker:
@@ -174,10 +186,10 @@ def stage_records(summary) -> list[dict]:
     records = []
     for planned, outcome in zip(summary.plan.stages, summary.outcomes):
         m = outcome.manifest
-        model_uri = join(planned.uri, m.model_uri) if m and outcome.kind != "evaluate" else None
+        model_uri = join(planned.uri, m.model_uri) if m and planned.produces_model else None
         num_params, bits = (m.num_params if m else None), None
-        if model_uri and outcome.kind == "quantize":
-            num_params, bits = checkpoint.logical_num_params(model_uri), checkpoint.quantized_bits(model_uri)
+        if model_uri and (bits := checkpoint.quantized_bits(model_uri)):
+            num_params = checkpoint.logical_num_params(model_uri)
         rows = _gate_rows(outcome)
         records.append({
             "name": outcome.name, "kind": outcome.kind, "status": outcome.status, "key": m.key if m else planned.key,

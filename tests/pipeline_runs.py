@@ -44,7 +44,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = None
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 2 processes instead of ~9
         env.pop("MLFLOW_TRACKING_URI", None)
         self.process = subprocess.Popen(

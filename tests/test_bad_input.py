@@ -19,9 +19,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -140,8 +140,28 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
     "yaml-unknown-nested-key": (lambda e: e.validate("intermediate_size: 192", "intermediat_size: 192"),
                                 "stages.0.prune.target.intermediat_size"),
     "yaml-impossible-bits": (lambda e: e.validate("bits: 4", "bits: 3"), "stages.1.quantize.bits"),
+    "yaml-awq-3-bits": (lambda e: e.validate("bits: 4", "method: awq, bits: 3"),
+                        "p.yaml:11: stages.1.quantize.bits: AWQ checkpoints are 4-bit"),
+    "yaml-gguf-group-size": (lambda e: e.validate("bits: 4, group_size: 64, calibration: calib",
+                                                  "method: gguf, quant_type: Q4_0, group_size: 64"),
+                             "stages.1.quantize.group_size: unknown key"),
+    "yaml-gguf-unknown-quant-type": (lambda e: e.validate("bits: 4, group_size: 64, calibration: calib",
+                                                          "method: gguf, quant_type: Q3_K_X"),
+                                     "stages.1.quantize.quant_type: 'Q3_K_X' is not a quant type"),
+    "yaml-unknown-quantize-method": (lambda e: e.validate("bits: 4", "method: exl2, bits: 4"),
+                                     "stages.1.quantize: method: not one of gptq, awq, gguf"),
+    "yaml-gguf-k-quant-misaligned": (lambda e: e.validate("bits: 4, group_size: 64, calibration: calib",
+                                                          "method: gguf, quant_type: Q4_K_M"),
+                                     "Q4_K_M stores rows in blocks of 256 weights"),
     "yaml-target-larger-than-teacher": (lambda e: e.validate("intermediate_size: 192", "intermediate_size: 4096"),
                                         "stages.0.prune"),
+    "yaml-budget-larger-than-teacher": (lambda e: e.validate("{intermediate_size: 192}", "{params: 5.0e6}"),
+                                        "prune.target.params: 5,000,000 is more than the source's 1,049,728"),
+    "yaml-budget-below-every-shape": (lambda e: e.validate("{intermediate_size: 192}", "{params: 0.001}"),
+                                      "the smallest aligned shape has 11,360"),
+    "yaml-budget-conflicting-constraints": (
+        lambda e: e.validate("{intermediate_size: 192}", "{params: 0.2, hidden_size: 128, num_layers: 4}"),
+        "the smallest aligned shape with hidden_size 128, num_layers 4 has 181,376"),
     "yaml-negative-seed": (lambda e: e.validate("seed: 0", "seed: -1"), "p.yaml:3: seed"),
     "yaml-no-stages-key": (lambda e: ["validate", e.pipeline(PIPELINE.split("stages:")[0]), f"storage={e.storage}"],
                            "stages: Field required"),
@@ -168,11 +188,11 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
     "unknown-command": (lambda e: ["frobnicate"], "No such command 'frobnicate'"),
     "plan-mfu-out-of-range": (lambda e: ["plan", e.pipeline(), "--mfu", "2"], "--mfu"),
     "prune-missing-model-flag": (lambda e: ["prune", "--out", str(e.root / "out")], "--model"),
-    "prune-keep-and-drop-layers": (lambda e: e.prune(None, "--keep-layers", "0,1", "--drop-layers", "2"),
-                                   "--keep-layers and --drop-layers"),
+    "prune-keep-and-drop-layers": (lambda e: e.prune(None, "--target", "keep_layers=[0,1],drop_layers=[2]"),
+                                   "give only one of num_layers, keep_layers, drop_layers"),
     "prune-bad-target": (lambda e: ["prune", "--model", str(e.teacher), "--out", str(e.root / "out"),
-                                    "--target", "hidden=64"], "--target"),
-    "distill-steps-and-tokens": (lambda e: ["distill", "--teacher", str(e.teacher), "--student", str(e.teacher),
+                                    "--target", "hidden=64"], "--target: unknown key 'hidden'"),
+    "distill-steps-and-tokens": (lambda e: ["distill", "--teacher", str(e.teacher), "--model", str(e.teacher),
                                             "--out", str(e.root / "out"), "--steps", "3", "--tokens", "1e6"],
                                  "`--steps` and `--tokens`"),
     "quantize-bits": (lambda e: ["quantize", "--model", str(e.teacher), "--out", str(e.root / "out"), "--bits", "3",
@@ -285,4 +305,4 @@ def test_help_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "compressor", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     commands = {"run", "validate", "plan", "eval", "prune", "distill", "quantize", "submit", "jobs", "zoo"}
-    assert len(MODULES) >= 8 and all(f" {name} " in result.stdout for name in commands), result.stdout
+    assert MODULES and all(f" {name} " in result.stdout for name in commands), result.stdout

@@ -1,7 +1,8 @@
 """Stage keys change with the output-relevant spec and the input only."""
 
 from compressor.cache import stage_key
-from compressor.config.stages import DistillSpec, QuantizeSpec
+from compressor.stages.distill.spec import DistillSpec
+from compressor.stages.quantize.spec import GPTQSpec as QuantizeSpec
 
 
 def test_key_is_stable_and_sensitive():

@@ -41,9 +41,9 @@ def test_help_everywhere():
 
 
 def test_validate_is_light(pipeline):
-    code = ("import sys; sys.argv=['compressor','validate',%r]\nfrom compressor.cli import main\n"
+    code = (f"import sys; sys.argv=['compressor','validate',{str(pipeline())!r}]\nfrom compressor.cli import main\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')") % str(pipeline())
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "ok (1 stages" in result.stdout and result.stdout.strip().endswith("NO-TORCH")

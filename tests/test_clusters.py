@@ -73,7 +73,7 @@ def test_aws_launcher_has_gpu_workers_shared_storage_and_mlflow():
     gpu_types = [n for n in workers if n["node_config"]["InstanceType"].split(".")[0] in {"p4d", "p4de", "p5", "p5e", "g5", "g6", "g6e"}]
     assert gpu_types and sum(n["max_workers"] for n in gpu_types) * 8 >= 64  # room for the 64 distill workers
     host_setup = " ".join(config["initialization_commands"])
-    assert f"mount -t nfs4" in host_setup and SHARED in host_setup
+    assert "mount -t nfs4" in host_setup and SHARED in host_setup
     assert f"-v {SHARED}:{SHARED}" in config["docker"]["run_options"]
     head_start, worker_start = " ".join(config["head_start_ray_commands"]), " ".join(config["worker_start_ray_commands"])
     assert "mlflow server" in head_start and f"{SHARED}/mlflow" in head_start
@@ -221,7 +221,7 @@ def test_the_image_installs_efa_and_the_nccl_plugin():
 
 
 def test_recipes_wait_for_the_gpu_nodes_the_clusters_start_without():
-    from compressor.config.stages import DistillSpec
+    from compressor.stages.distill.spec import DistillSpec
 
     config = launcher_config()
     gpu_types = [n for name, n in config["available_node_types"].items() if name != config["head_node_type"]]

@@ -34,8 +34,8 @@ def test_captured_output_takes_c_level_python_and_logging_output_and_restores_th
 
 
 def test_driver_progress_without_a_tty_prints_a_line_per_interval_not_per_update():
-    from rich.console import Console
     from ray.util.queue import Empty
+    from rich.console import Console
 
     from compressor.stages.context import DriverProgress
 
@@ -99,21 +99,26 @@ def test_teacher_build_without_a_terminal_prints_a_line_per_interval(capsys):
 
 
 def test_a_failing_stage_keeps_its_log_where_the_driver_says(tmp_path, monkeypatch, capfd):
-    from types import SimpleNamespace
-
-    from compressor import runner
+    from compressor import runner, stages
     from compressor.manifest import ModelRef
+    from compressor.stages.base import StageKind
     from compressor.stages.context import StageContext
+    from compressor.stages.evaluate.spec import EvaluateSpec
 
     def run(spec, model, ctx):
         os.write(2, b"CUDA error from a C library\n")
         raise RuntimeError("the stage broke")
 
-    monkeypatch.setattr(runner, "stage_module", lambda kind: SimpleNamespace(RUNS_AS="task", run=run))
+    stages.register(StageKind(name="broken", spec=EvaluateSpec, summary="A stage that fails.", check=None, run=run,
+                              flops=None))
     ctx = StageContext(progress_queue=object())  # a pipeline run: the queue to the driver is set
-    publish_to = str(tmp_path / "tiny" / "pending" / "prune-0123456789ab")
-    with pytest.raises(RuntimeError, match="the stage broke"):
-        runner.execute_stage("prune", "prune", None, ModelRef(path=str(tmp_path), key="dir:x"), ctx, "0" * 64, publish_to)
+    publish_to = str(tmp_path / "tiny" / "pending" / "broken-0123456789ab")
+    try:
+        with pytest.raises(RuntimeError, match="the stage broke"):
+            runner.execute_stage("broken", "broken", None, ModelRef(path=str(tmp_path), key="dir:x"), ctx, "0" * 64,
+                                 publish_to)
+    finally:
+        stages.unregister("broken")
     assert "CUDA error from a C library" in Path(runner.failed_log_uri(publish_to)).read_text()
     assert "CUDA error" not in capfd.readouterr().err
     assert not Path(ctx.work_dir).exists()

@@ -10,8 +10,8 @@ import pytest
 from compressor import estimate
 from compressor.config.load import load_pipeline
 from compressor.config.schema import TeacherSpec
-from compressor.config.stages import EvaluateSpec
 from compressor.errors import UserError
+from compressor.stages.evaluate.spec import EvaluateSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = json.loads((estimate.SHIPPED_CONFIGS / "meta-llama--Llama-3.1-8B.json").read_text())

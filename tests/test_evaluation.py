@@ -10,7 +10,13 @@ import pytest
 from compressor.config.schema import TaskSpec
 from compressor.errors import UserError
 from compressor.evaluation import (
-    eval_cache_key, evaluate, flatten, higher_is_better, load_cached, primary_metric, save_cached,
+    eval_cache_key,
+    evaluate,
+    flatten,
+    higher_is_better,
+    load_cached,
+    primary_metric,
+    save_cached,
 )
 
 MC_DOCS, PPL_DOCS = 100, 40
@@ -133,11 +139,11 @@ def _zoo_tasks():
 
 def test_result_cache_round_trip_and_torn_files(tmp_path):
     path = tmp_path / "evals" / "k.json"
-    assert load_cached(path) is None
-    save_cached(path, {"ref_next": {"acc": 0.75}})
-    assert load_cached(path) == {"ref_next": {"acc": 0.75}}
+    assert load_cached(str(path)) is None
+    save_cached(str(path), {"ref_next": {"acc": 0.75}})
+    assert load_cached(str(path)) == {"ref_next": {"acc": 0.75}}
     path.write_text('{"results": {"ref_ne')
-    assert load_cached(path) is None
+    assert load_cached(str(path)) is None
 
 
 def test_cli_eval_prints_a_table_and_writes_json(tiny_teacher, tmp_path):
@@ -230,10 +236,11 @@ def test_pipeline_evaluation_loads_the_model_onto_the_reserved_gpu(tiny_teacher,
 
 @pytest.mark.parametrize("num_gpus,device", [(1, "cuda"), (0, "cpu")])
 def test_evaluate_stage_loads_the_model_onto_its_own_gpu(tiny_teacher, tmp_path, loader_calls, num_gpus, device):
-    from compressor.config.stages import EvaluateSpec, Resources
+    from compressor.config.base import Resources
     from compressor.manifest import ModelRef
     from compressor.stages import evaluate as stage
     from compressor.stages.context import StageContext
+    from compressor.stages.evaluate.spec import EvaluateSpec
 
     ctx = StageContext(work_dir=tmp_path, resources=Resources(num_gpus=num_gpus), tasks=SMALL, eval_batch_size=8,
                        quiet=True)

@@ -69,7 +69,7 @@ def test_report_writes_html_md_and_real_plots_and_logs_them(server, tmp_path):
         task, _, name = metric.partition(".")
         assert [p[0] for p in points] == ["teacher", *STAGES]
         assert points[0][2] == pytest.approx(summary["baseline"][task][name])
-        for (stage, size_mb, value), s in zip(points[1:], summary["stages"]):
+        for (_, size_mb, value), s in zip(points[1:], summary["stages"]):
             assert value == pytest.approx(s["scores"][task][name]) and size_mb == pytest.approx(s["bytes"] / 1e6)
     curves = json.loads((out / "distill_curves.json").read_text())["distill"]
     assert [step for step, _ in curves["loss"]] == list(range(1, 41))

@@ -105,7 +105,7 @@ def test_checkpoint_code_runs_only_when_allowed(tmp_path, tiny_teacher, monkeypa
 def test_yaml_tags_that_build_objects_are_refused(tmp_path):
     marker = tmp_path / "ran"
     for tag in (f'!!python/object/apply:os.system ["touch {marker}"]', "!!python/name:os.system",
-                '!!python/object/new:subprocess.Popen [["touch", "%s"]]' % marker):
+                f'!!python/object/new:subprocess.Popen [["touch", "{marker}"]]'):
         path = write(tmp_path, PIPELINE.replace('{model: "zoo:tiny-test"}', tag))
         with pytest.raises(UserError, match="p.yaml:2: tag .* refused: .*safe loader"):
             load_pipeline(path)
@@ -266,7 +266,7 @@ def test_submit_entrypoint_runs_compressor_through_python_whatever_the_path(tmp_
     (tmp_path / "p.yaml").write_text("name: x\nteacher: {model: /no/such/teacher}\nstages: [{evaluate: {}}]\n")
     entrypoint = submit.entrypoint_for(tmp_path / "p.yaml", tmp_path, ["seed=1"])
     assert entrypoint.startswith(f"for py in {sys.executable} python3 python; do")
-    assert f'exec "$py" -m compressor run p.yaml seed=1' in entrypoint
+    assert 'exec "$py" -m compressor run p.yaml seed=1' in entrypoint
     bare = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(["/bin/sh", "-c", entrypoint], cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "teacher.model: /no/such/teacher" in done.stderr, done.stderr  # compressor ran

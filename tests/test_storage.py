@@ -151,3 +151,33 @@ def test_move_stage_writes_the_new_manifest_last_and_removes_the_source(tmp_path
         assert storage.read_manifest(pending) is None and not storage.exists(pending)
         storage.move_stage(final, final, record.model_copy(update={"details": {"gate": "again"}}))  # in place
         assert storage.read_manifest(final).details == {"gate": "again"}
+
+
+def test_a_manifest_that_is_torn_or_names_missing_files_is_not_a_finished_stage(tmp_path, remote):
+    """What planning reuses (storage.finished_manifest): a manifest with the right key whose listed model files are
+    all there with their sizes; anything else makes the stage compute again."""
+    for root in (str(tmp_path / "store"), remote):
+        target = storage.join(root, "prune-k")
+        work = finished_stage(tmp_path / f"w-{uuid.uuid4().hex[:6]}")
+        manifest = Manifest.read(work).model_copy(update={"files": storage.file_sizes(work / "model")})
+        assert manifest.files == {"config.json": 18, "model.safetensors": 1000}
+        manifest.write(work)
+        storage.publish_dir(work, target)
+        assert storage.finished_manifest(target, "k" * 64) == manifest
+        assert storage.finished_manifest(target, "z" * 64) is None  # another key
+        fs, path = storage.filesystem(target)
+        weights = f"{path}/model/model.safetensors"
+        fs.pipe_file(weights, b"\x00" * 10)  # a file of another size (a copy that stopped half-way)
+        assert storage.missing_files(target, manifest) == ["model.safetensors"]
+        assert storage.finished_manifest(target, "k" * 64) is None
+        fs.rm(weights)  # a file that is not there
+        assert storage.finished_manifest(target, "k" * 64) is None
+        fs.pipe_file(weights, b"\x00" * 1000)
+        assert storage.finished_manifest(target, "k" * 64) == manifest
+        fs.pipe_file(f"{path}/{MANIFEST}", manifest.model_dump_json().encode()[:40])  # torn
+        assert storage.finished_manifest(target, "k" * 64) is None
+        legacy = manifest.model_copy(update={"files": {}})  # written before manifests listed their files
+        fs.pipe_file(f"{path}/{MANIFEST}", legacy.model_dump_json().encode())
+        assert storage.finished_manifest(target, "k" * 64) == legacy
+        fs.rm(f"{path}/model/config.json")
+        assert storage.finished_manifest(target, "k" * 64) is None

@@ -7,7 +7,7 @@ hours on one node) keeps the GPUs from waiting. `compressor plan` shows whether 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
     @group.command("prepare")
     def prepare(
         pipeline: Optional[str] = PipelineArg,
-        overrides: Optional[List[str]] = OverridesArg,
+        overrides: Optional[list[str]] = OverridesArg,
         storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
     ) -> None:
         """Tokenize each distill stage's data into token shards under <storage>/_data, with a progress bar."""
@@ -96,8 +96,8 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from compressor import shards
+        from compressor.models import materialize
         from compressor.planning import make_plan
-        from compressor.runner import materialize
         from compressor.stages.distill.data import run_data
 
         _, spec = _load(pipeline, overrides)
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
             with Progress(*columns, console=console, transient=True) as bar:
                 task = bar.add_task("tokenize", total=need.sequences)
                 directory, index = shards.prepare(need.source, tokenizer, need.seq_len, need.sequences, need.data_root,
-                                                  progress=lambda done: bar.update(task, completed=done))
+                                                  progress=lambda done, task=task: bar.update(task, completed=done))
             typer.echo(f"{stage.name}: {index.sequences:,} sequences of {need.seq_len} tokens ({index.tokens:,} tokens"
                        f"{', the whole source' if index.exhausted else ''}) at {directory}")
             run_data(directory, index, need.steps, stage.entry.spec.global_batch, stage.entry.spec.max_epochs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -28,7 +28,7 @@ def resolve_pipeline(pipeline: Optional[str]) -> Path:
     return shipped if shipped.is_file() else Path(pipeline or name)
 
 
-def _load(pipeline: Optional[str], overrides: Optional[List[str]]):
+def _load(pipeline: Optional[str], overrides: Optional[list[str]]):
     from compressor.config.load import load_pipeline
 
     path = resolve_pipeline(pipeline)
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def run(
         pipeline: Optional[str] = PipelineArg,
-        overrides: Optional[List[str]] = OverridesArg,
+        overrides: Optional[list[str]] = OverridesArg,
         address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to join; default: a local Ray on 127.0.0.1."),
         tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI; default sqlite:///<storage>/mlflow.db."),
         storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
@@ -55,7 +55,6 @@ def register(app: typer.Typer) -> None:
 
         from compressor.orchestrator import Orchestrator, summary_dict
         from compressor.preflight import check_pipeline
-
         from compressor.raylocal import VERBOSE_ENV, quiet_driver_logs
 
         if verbose:
@@ -68,14 +67,17 @@ def register(app: typer.Typer) -> None:
 
             remote_code.allow(spec.teacher.model, warn=False)  # this process, its local Ray workers, a cluster's job
         console = Console(stderr=True)
-        summary = Orchestrator(spec, path.read_text(), storage=storage, tracking_uri=tracking_uri,
-                               address=address, console=console, register=register).run()
+        from compressor import interrupt
+
+        with interrupt.handled():  # issue 14: SIGTERM = Ctrl-C; distill stops after its step; exit 130, how to resume
+            summary = Orchestrator(spec, path.read_text(), storage=storage, tracking_uri=tracking_uri,
+                                   address=address, console=console, register=register).run()
         print_summary(summary, Console())
         if summary_json:
             summary_json.write_text(json.dumps(summary_dict(summary) | {"stage_seconds": summary.stage_seconds}, indent=2))
 
     @app.command()
-    def validate(pipeline: Optional[str] = PipelineArg, overrides: Optional[List[str]] = OverridesArg) -> None:
+    def validate(pipeline: Optional[str] = PipelineArg, overrides: Optional[list[str]] = OverridesArg) -> None:
         """Check a pipeline YAML (schema, references, target shapes, storage, data files) without loading any model."""
         from compressor.planning import check_local_tasks, make_plan
         from compressor.preflight import check_pipeline
@@ -92,7 +94,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def plan(
         pipeline: Optional[str] = PipelineArg,
-        overrides: Optional[List[str]] = OverridesArg,
+        overrides: Optional[list[str]] = OverridesArg,
         gpu: str = typer.Option("H100", help="GPU type for the estimates (see `compressor.estimate.GPU_TFLOPS`)."),
         mfu: float = typer.Option(0.4, min=0.01, max=1.0, help="Assumed model FLOPs utilisation."),
         storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
@@ -116,6 +118,7 @@ def _fmt_hours(hours: Optional[float]) -> str:
 
 def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
     from compressor import estimate
+    from compressor import stages as stage_kinds
 
     teacher_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
     console.print(f"[bold]{plan.spec.name}[/]: teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params), "
@@ -126,11 +129,8 @@ def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
         table.add_column(col, no_wrap=col not in ("stage", "resources"))
     total_hours = 0.0
     for i, stage in enumerate(plan.stages):
-        spec, res = stage.entry.spec, stage.entry.resources
-        cpus, gpus = (spec.cpus_per_worker, spec.gpus_per_worker) if stage.kind == "distill" else (res.num_cpus, res.num_gpus)
-        resources_text = f"{cpus:g} CPU" + (f"+{gpus:g} GPU" if gpus else "")
-        if stage.kind == "distill":
-            resources_text = f"{spec.workers} x {resources_text}"
+        spec, kind = stage.entry.spec, stage_kinds.get(stage.kind)
+        resources_text = kind.describe_resources(spec, stage.entry.resources)
         flops = estimate.stage_flops(stage.kind, spec, stage.in_config, stage.out_config, plan.spec) if stage.in_config else None
         hours = estimate.gpu_hours(flops, gpu, mfu) if flops else None
         total_hours += hours or 0.0
@@ -143,10 +143,9 @@ def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
                       f"{flops:.2e}" if flops else "-", _fmt_hours(hours))
     console.print(table)
     console.print(f"total: {_fmt_hours(total_hours)} {gpu}-hours")
-    from compressor.commands.data import shard_status
-
-    for stage in (s for s in plan.stages if s.kind == "distill" and not s.cached):
-        console.print(f"{stage.name} data: {shard_status(plan, stage)}", soft_wrap=True)
+    for stage in plan.stages:
+        for line in stage_kinds.get(stage.kind).plan_notes(plan, stage):
+            console.print(line, soft_wrap=True)
     for stage in plan.stages:
         for warning in stage.warnings:
             console.print(f"[yellow]warning:[/] {stage.name}: {warning}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def compare(
-        runs: List[str] = typer.Argument(..., help="Two or more pipeline runs: " + RunHelp, show_default=False),
+        runs: list[str] = typer.Argument(..., help="Two or more pipeline runs: " + RunHelp, show_default=False),
         tracking_uri: Optional[str] = TrackingOption,
         out: Optional[Path] = typer.Option(None, help="Output directory; default ./reports/compare-<run8>-<run8>..."),
     ) -> None:

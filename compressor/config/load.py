@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +14,6 @@ import yaml
 from pydantic import ValidationError
 
 from compressor.config.schema import PipelineSpec
-from compressor.config.stages import STAGE_SPECS
 from compressor.errors import UserError
 
 log = logging.getLogger("compressor")
@@ -37,7 +37,10 @@ def _line_of(node: Optional[yaml.Node], loc: tuple) -> Optional[int]:
     return line
 
 
-STAGE_ENTRY_KEYS = {"name", "gate", "resources", *STAGE_SPECS}
+def _stage_entry_keys() -> set[str]:
+    from compressor.config.schema import STAGE_KINDS
+
+    return {"name", "gate", "resources", *STAGE_KINDS}
 
 
 def _stage_index(stages: list, name: str) -> int:
@@ -64,9 +67,11 @@ def apply_override(data: dict, override: str) -> None:
             if index >= len(node):
                 raise UserError(f"override {key}: index {index} is past the end of {'.'.join(parts[:i]) or 'the list'}")
             node = node[index]
-            if not part.isdigit() and parts[i + 1] not in STAGE_ENTRY_KEYS:
+            if not part.isdigit() and parts[i + 1] not in _stage_entry_keys():
                 # `stages.distill.steps=20` reaches into the stage's own spec
-                kind = next((k for k in STAGE_SPECS if k in node), None)
+                from compressor.config.schema import STAGE_KINDS
+
+                kind = next((k for k in STAGE_KINDS if k in node), None)
                 node = node[kind] if kind else node
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
@@ -81,19 +86,57 @@ def apply_override(data: dict, override: str) -> None:
         raise UserError(f"override {key}: {'.'.join(parts[:-1])} is not a mapping")
 
 
-def _format(error: dict, path: str, root: Optional[yaml.Node]) -> str:
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+def _input_loc(loc: tuple, data: Any) -> tuple:
+    """The error's location in the input: without pydantic's own steps (a union member's tag, e.g. the `awq` in
+    stages.2.quantize.awq.bits, or function-/model- validators), which name no key of the file."""
+    kept, node = [], data
+    for part in loc:
+        if isinstance(part, str) and part.startswith(("function-", "model-")):
+            continue
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and not _is_leaf(loc, part):
+            continue  # a tag: the input has no such key here
+        kept.append(part)
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+    return tuple(kept)
+
+
+def _is_leaf(loc: tuple, part: str) -> bool:
+    return loc[-1] == part  # the last step may be a key that is missing from the input (a required field)
+
+
+UNKNOWN_KEY = "unknown key (check its spelling and its place in the file)"
+
+
+def dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def format_validation_error(exc: ValidationError, where: str, data: Any = None, root: Optional[yaml.Node] = None,
+                            name: Callable[[tuple], str] = dotted, unknown: str = UNKNOWN_KEY, limit: int = 3) -> str:
+    """One paragraph for the pydantic errors of a pipeline file (`where` its path, `root` its YAML nodes for line
+    numbers) or of a stage spec given on a command line (`name` turns a field path into its flag)."""
+    errors = [_format(e, where, root, data, name, unknown) for e in exc.errors()]
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(errors[:limit]) + more
+
+
+def _format(error: dict, path: str, root: Optional[yaml.Node], data: Any, name: Callable[[tuple], str],
+            unknown: str) -> str:
+    loc = _input_loc(tuple(error["loc"]), data) if data is not None else tuple(
+        p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
     message = error["msg"].removeprefix("Value error, ")
     named = re.match(r"(stages\.\d+[\w.\-]*): (.*)", message, re.DOTALL) if not loc else None
     if named:  # a check across fields names its own place, e.g. "stages.1.name: duplicate stage name 'x'"
         loc = tuple(int(p) if p.isdigit() else p for p in named.group(1).split("."))
         message = named.group(2)
-    field = ".".join(str(p) for p in loc) or "(top level)"
+    # "give only one of `steps` and `tokens`": the names as the user wrote them (on a command line: flags)
+    message = re.sub(r"`(\w+)`", lambda m: f"`{name((m.group(1),))}`", message)
     line = _line_of(root, loc)
     where = f"{path}:{line}" if line else path
     if error["type"] == "extra_forbidden":
-        message = "unknown key (check its spelling and its place in the file)"
-    return f"{where}: {field}: {message}"
+        message = unknown
+    return f"{where}: {name(loc) if loc else '(top level)'}: {message}"
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
@@ -123,9 +166,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        errors = [_format(e, str(path), root) for e in exc.errors()]
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise UserError("invalid pipeline: " + "; ".join(errors[:3]) + more) from None
+        raise UserError("invalid pipeline: " + format_validation_error(exc, str(path), data, root)) from None
     if spec.teacher.trust_remote_code:
         log.warning("warning: teacher.trust_remote_code is on: the Python code shipped with %s (and with the models "
                     "made from it) will run on every node that loads them. Only use it for a repository you trust.",
@@ -153,7 +194,3 @@ def _refuse_duplicate_keys(node: Optional[yaml.Node], path: str) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
             _refuse_duplicate_keys(item, path)
-
-
-def pipeline_dir(path: str | Path) -> Path:
-    return Path(path).resolve().parent

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from compressor.config.stages import STAGE_SPECS, Resources, Strict
+from compressor.config.base import Resources, Strict
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -104,14 +104,11 @@ class GateSpec(Strict):
 
 
 class StageEntry(Strict):
-    """One stage: exactly one of prune / distill / quantize / evaluate, plus its gate and resources."""
+    """One stage: exactly one stage kind's options (prune, distill, quantize, evaluate, ...), plus its gate and resources."""
 
     name: Optional[str] = Field(None, description="Default: the stage kind, numbered if repeated. Letters, digits, "
                                 "'.', '_' and '-' (it names the stage's directory under the storage root).")
-    prune: Optional[STAGE_SPECS["prune"]] = None  # type: ignore[valid-type]
-    distill: Optional[STAGE_SPECS["distill"]] = None  # type: ignore[valid-type]
-    quantize: Optional[STAGE_SPECS["quantize"]] = None  # type: ignore[valid-type]
-    evaluate: Optional[STAGE_SPECS["evaluate"]] = None  # type: ignore[valid-type]
+    # One optional field per registered stage kind (prune, distill, ...) is added by set_stage_kinds below.
     gate: Optional[GateSpec] = None
     resources: Resources = Field(default_factory=Resources)
 
@@ -136,14 +133,14 @@ class StageEntry(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        kinds = [k for k in STAGE_SPECS if getattr(self, k) is not None]
+        kinds = [k for k in STAGE_KINDS if getattr(self, k, None) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"a stage needs exactly one of {', '.join(STAGE_SPECS)} (got {len(kinds) or 'none'})")
+            raise ValueError(f"a stage needs exactly one of {', '.join(STAGE_KINDS)} (got {len(kinds) or 'none'})")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in STAGE_SPECS if getattr(self, k) is not None)
+        return next(k for k in STAGE_KINDS if getattr(self, k, None) is not None)
 
     @property
     def spec(self) -> BaseModel:
@@ -177,8 +174,8 @@ class PipelineSpec(Strict):
     @classmethod
     def _some_stage(cls, v: list) -> list:
         if not v:
-            raise ValueError("a pipeline needs at least one stage (prune, distill, quantize or evaluate); "
-                             "one without stages does nothing")
+            raise ValueError(f"a pipeline needs at least one stage ({', '.join(STAGE_KINDS)}); one without stages "
+                             "does nothing")
         return v
 
     @model_validator(mode="after")
@@ -208,8 +205,28 @@ class PipelineSpec(Strict):
                         )
         return self
 
-    def stage_names(self) -> list[str]:
-        return [s.name or s.kind for s in self.stages]
+
+# ----------------------------------------------------------------------------- stage kinds
+STAGE_KINDS: dict[str, type] = {}  # kind name -> its spec type, in registry order
 
 
-AnyStageSpec = Union[tuple(STAGE_SPECS.values())]  # type: ignore[misc]
+def set_stage_kinds(specs: dict[str, type]) -> None:
+    """Give StageEntry one optional field per stage kind. Called by compressor.stages.register, so a kind declared in
+    its own package (or a plugin, or a test) is a YAML key with its spec's validation, with no edit here. Pydantic
+    models are classes fixed at definition: the fields are replaced and both models rebuilt."""
+    from pydantic.fields import FieldInfo
+
+    fields = StageEntry.__pydantic_fields__
+    for name in list(STAGE_KINDS):
+        fields.pop(name, None)
+    STAGE_KINDS.clear()
+    STAGE_KINDS.update(specs)
+    for name, spec in specs.items():
+        fields[name] = FieldInfo(annotation=Optional[spec], default=None)  # type: ignore[valid-type]
+    StageEntry.model_rebuild(force=True)
+    PipelineSpec.model_rebuild(force=True)
+
+
+from compressor import stages as _stages  # noqa: E402  (the kinds register themselves through set_stage_kinds)
+
+_stages.kinds()

@@ -10,23 +10,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
-from compressor.config.schema import DataSource, TaskSpec
-from compressor.config.stages import Resources
+from compressor.config.base import Resources
 from compressor.manifest import ModelRef
+from compressor.sinks import MetricsSink
+
+if TYPE_CHECKING:  # the pipeline schema imports the stage kinds, which import this module
+    from compressor.config.schema import DataSource, TaskSpec
 
 T = TypeVar("T")
 
 
-class MetricsSink:
-    """Where metrics go. The default keeps them in memory; the tracker supplies an MLflow sink."""
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None: ...
-    def log_artifact(self, path: Path) -> None: ...
 
 
 @dataclass
@@ -35,6 +33,9 @@ class StageContext:
     # <storage>/<pipeline>/pending/<stage>-<key12> once the stage returns.
     work_dir: Optional[Path] = None
     teacher: Optional[ModelRef] = None
+    # The teacher as the pipeline names it (zoo:, a storage URI, a hub id, a shared path): the runner replaces
+    # `teacher` by a copy on the stage's node, which Ray workers elsewhere cannot read; hand them this one.
+    shared_teacher: Optional[ModelRef] = None
     data: dict[str, DataSource] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     seed: int = 0
@@ -64,6 +65,11 @@ class StageContext:
 
     def log_artifact(self, path: Path) -> None:
         self.sink.log_artifact(Path(path))
+
+    def child_sink(self, name: str, params: dict[str, Any]) -> MetricsSink:
+        """A nested run under the stage's (MLflow in pipelines; dropped otherwise) for one part of its work, e.g. a
+        candidate of prune's shape search. End it with `.finish()`."""
+        return self.sink.child(name, params)
 
     def save_json_artifact(self, name: str, payload: Any) -> Path:
         """Write JSON next to the model (kept with the stage output) and log it as an artifact."""
@@ -157,8 +163,14 @@ class DriverProgress:
         from ray.util.queue import Empty
 
         if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
@@ -204,12 +216,3 @@ class DriverProgress:
             if total and done:
                 text += f", about {elapsed * (total - done) / done:.0f} s left"
         self.console.print(f"[dim]{text}[/]", highlight=False)
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

@@ -14,8 +14,9 @@ Importing this package does not import torch."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from compressor.zoo import build as _build
 from compressor.zoo.eval_tasks import TASK_NAMES

@@ -13,9 +13,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from compressor.zoo import corpus, eval_tasks
 from compressor.zoo.recipes import model_config, model_key, recipe

@@ -6,7 +6,7 @@ import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import metadata
 
 from compressor.errors import UserError
@@ -88,7 +88,7 @@ def corpus_key(name: str) -> str:
     })
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_key(name: str) -> str:
     """Hash of the recipe, the corpus and the versions of the libraries that shape the trained weights."""
     return _digest({

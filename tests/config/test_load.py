@@ -85,3 +85,13 @@ def test_apply_override_parses_yaml_values():
     apply_override(data, "a.c=[1, 2]")
     apply_override(data, "a.d=text")
     assert data == {"a": {"b": 1, "c": [1, 2], "d": "text"}}
+
+
+def test_override_by_kind_reaches_the_spec_of_an_entry_with_resources_and_gate():
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[2] / "pipelines" / "tiny.yaml"
+    spec = load_pipeline(tiny, ["stages.quantize.group_size=64", "stages.prune.samples=16"])
+    quantize = next(s for s in spec.stages if s.kind == "quantize")
+    assert quantize.spec.group_size == 64 and "group_size" not in quantize.resources.model_dump()
+    assert next(s for s in spec.stages if s.kind == "prune").spec.samples == 16

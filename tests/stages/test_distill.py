@@ -6,14 +6,13 @@ Each Ray Train fit costs ~15-25 s here, so the runs are few and short (random ti
 
 import pytest
 import torch
+from conftest import simulated_cluster
+from distill_helpers import FileSink, context, tiny_pair
 
-from compressor.config.stages import DistillSpec
 from compressor.errors import StageFailed, UserError
 from compressor.manifest import ModelRef
 from compressor.stages import distill
-
-from conftest import simulated_cluster
-from distill_helpers import FileSink, context, tiny_pair
+from compressor.stages.distill.spec import DistillSpec
 
 STEPS = 6
 
@@ -119,22 +118,23 @@ def test_worker_failure_and_rerun_resume_from_the_last_checkpoint(two_worker_run
 
 
 def test_cli_distills_under_zero2(two_nodes, models, tmp_path):
-    from typer.testing import CliRunner
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
-    from compressor.cli import app
+    from compressor.cli import application
     from compressor.manifest import Manifest
 
     teacher, student, corpus = models
     out = tmp_path / "distilled"
     args = ["distill", "--teacher", str(teacher), "--student", str(student), "--out", str(out), "--data", str(corpus),
-            "--steps", "2", "--seq-len", "32", "--global-batch", "2", "--micro-batch", "1", "--zero", "2", "--quiet"]
-    result = CliRunner().invoke(app, args)
+            "--steps", "2", "--seq-len", "32", "--global-batch", "2", "--micro-batch", "1", "--deepspeed", "zero_stage=2",
+            "--quiet"]
+    result = CliRunner().invoke(application(), args)
     assert result.exit_code == 0, result.output
     assert "distilled 2 steps (128 tokens) on 1 worker(s)" in result.output
     manifest = Manifest.read(out)
     assert manifest.kind == "distill" and manifest.details["zero_stage"] == 2 and manifest.details["grad_accum"] == 2
-    AutoModelForCausalLM.from_pretrained(out / "model")
+    AutoModelForCausalLM.from_pretrained(out)  # OUT is the checkpoint itself
 
 
 def test_cli_bad_input_exits_2_with_one_message(models, tmp_path):

@@ -4,14 +4,13 @@ import subprocess
 import sys
 
 import pytest
+from distill_helpers import FileSink, build_llama, build_tokenizer, context, tiny_pair
 from pydantic import ValidationError
 
-from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.stages import distill
-
-from distill_helpers import FileSink, build_llama, build_tokenizer, context, tiny_pair
+from compressor.stages.distill.spec import DistillSpec
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 320}
 
@@ -21,7 +20,7 @@ def spec(**overrides) -> DistillSpec:
 
 
 def test_importing_the_stage_does_not_import_torch():
-    code = "import sys, compressor.stages.distill, compressor.commands.distill; print('torch' in sys.modules)"
+    code = "import sys, compressor.stages.distill, compressor.commands.stage; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

@@ -6,13 +6,13 @@ import threading
 import time
 
 import pytest
+from conftest import simulated_cluster
 
-from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
 from compressor.stages.context import StageContext
 from compressor.stages.distill.cluster import wait_for_workers
 from compressor.stages.distill.layout import check_cluster
-from conftest import simulated_cluster
+from compressor.stages.distill.spec import DistillSpec
 
 
 def spec(**overrides) -> DistillSpec:

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from compressor.config.schema import DataSource
-from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.shards import ShardIndex
 from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.distill.data import TRACE_ENV, BatchPlan, run_data
 from compressor.stages.distill.layout import budget_steps
+from compressor.stages.distill.spec import DistillSpec
 
 SEQ, BATCH = 64, 4
 
@@ -143,7 +143,7 @@ def test_a_budget_larger_than_the_source_needs_max_epochs(local_ray, tiny_teache
     assert available < 64
     cli = [sys.executable, "-m", "compressor", "distill", "--teacher", str(tiny_teacher), "--student",
            str(tiny_teacher), "--out", str(tmp_path / "refused"), "--data", str(small_corpus), "--tokens", str(budget),
-           "--seq-len", str(SEQ), "--global-batch", str(BATCH), "--micro-batch", "2", "--zero", "2", "--quiet"]
+           "--seq-len", str(SEQ), "--global-batch", str(BATCH), "--micro-batch", "2", "--deepspeed", "zero_stage=2", "--quiet"]
     proc = subprocess.run(cli, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "distill.max_epochs" in proc.stderr and "Traceback" not in proc.stderr
@@ -173,7 +173,7 @@ def test_bad_data_found_while_tokenizing_is_one_user_error(local_ray, tiny_teach
     ctx = StageContext(work_dir=tmp_path / "work", teacher=ModelRef(path=str(tiny_teacher), key="teacher"),
                        data={"distill": DataSource(source=str(corpus), seq_len=SEQ)},
                        storage_path=str(tmp_path / "ray"), data_root=str(tmp_path / "_data"), quiet=True)
-    with pytest.raises(UserError, match=f"corpus.jsonl:2501: not valid JSON lines") as err:  # from the Ray task
+    with pytest.raises(UserError, match="corpus.jsonl:2501: not valid JSON lines") as err:  # from the Ray task
         distill.run(spec(steps=2000), ModelRef(path=str(tiny_teacher), key="student"), ctx)
     assert type(err.value) is UserError and "Traceback" not in str(err.value)
 

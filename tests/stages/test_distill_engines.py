@@ -7,12 +7,11 @@ import socket
 
 import pytest
 import torch
+from distill_helpers import build_llama, build_tokenizer
 
-from compressor.config.stages import DistillSpec
 from compressor.stages.distill.engines import build_engines, lr_at, train_step
 from compressor.stages.distill.loss import distill_loss
-
-from distill_helpers import build_llama, build_tokenizer
+from compressor.stages.distill.spec import DistillSpec
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compressor.config.stages import KDLoss
 from compressor.stages.distill.loss import distill_loss, kd_loss
+from compressor.stages.distill.spec import KDLoss
 
 VOCAB, WIDTH_S, WIDTH_T, TOKENS = 97, 24, 32, 50  # 50 tokens in chunks of 16: the last chunk is ragged
 

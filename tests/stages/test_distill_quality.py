@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from compressor.config.schema import DataSource
-from compressor.config.stages import DistillSpec, PruneSpec
 from compressor.manifest import ModelRef
 from compressor.stages.context import MetricsSink, StageContext
+from compressor.stages.distill.spec import DistillSpec
+from compressor.stages.prune.spec import PruneSpec
 
 BUDGET = dict(steps=30, global_batch=8, micro_batch=8, seq_len=128)  # 30,720 tokens, a few seconds of training
 

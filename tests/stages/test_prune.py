@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from compressor.config.schema import DataSource
-from compressor.config.stages import PruneSpec
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.stages import prune as prune_stage
 from compressor.stages.context import MetricsSink, StageContext
+from compressor.stages.prune.spec import PruneSpec
 
 torch.set_num_threads(1)
 
@@ -159,8 +159,8 @@ def test_check_predicts_config_and_warns_on_group_size():
 
 
 def test_heads_are_ranked_within_their_kv_group():
+    from compressor.shapes import Shape
     from compressor.stages.prune.plan import select_heads
-    from compressor.stages.prune.shapes import Shape
 
     src = Shape(64, 128, num_attention_heads=8, num_key_value_heads=2, num_layers=1, head_dim=8)
     scores = torch.tensor([9.0, 1, 2, 3, 8, 7, 6, 5])  # the global top 4 (heads 0, 4, 5, 6) would unbalance groups
@@ -171,8 +171,8 @@ def test_heads_are_ranked_within_their_kv_group():
 
 
 def test_check_and_command_import_no_torch():
-    code = ("import sys, compressor.stages.prune as p, compressor.commands.prune\n"
-            "from compressor.config.stages import PruneSpec\n"
+    code = ("import sys, compressor.stages.prune as p, compressor.commands.stage\n"
+            "from compressor.stages.prune.spec import PruneSpec\n"
             "p.check(PruneSpec(target={'num_layers': 1}), {'architectures': ['LlamaForCausalLM'], 'hidden_size': 64, "
             "'intermediate_size': 128, 'num_attention_heads': 4, 'num_hidden_layers': 2})\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -198,8 +198,9 @@ HEAD_LAYOUTS = {
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_removing_heads_and_neurons_equals_masking_them(family, layout, tmp_path):
+    from compressor.shapes import Shape
     from compressor.stages.prune.plan import PrunePlan
-    from compressor.stages.prune.shapes import Shape, source_shape
+    from compressor.stages.prune.shapes import source_shape
     from compressor.stages.prune.surgery import apply_plan
 
     heads, kv = ([torch.tensor(x) for x in xs] for xs in HEAD_LAYOUTS[layout])
@@ -295,9 +296,10 @@ def test_importance_beats_random_channels_on_the_reference_teacher(tmp_path):
     from compressor import zoo
     from compressor.data import token_blocks
     from compressor.modeling import load_model, load_tokenizer, perplexity
+    from compressor.shapes import Shape
     from compressor.stages.prune.importance import Importance
     from compressor.stages.prune.plan import make_plan
-    from compressor.stages.prune.shapes import Shape, source_shape
+    from compressor.stages.prune.shapes import source_shape
     from compressor.stages.prune.surgery import apply_plan
 
     teacher = zoo.ensure_model("tiny-test")
@@ -369,8 +371,8 @@ def test_cli_prunes_and_publishes(saved, calib_file, tmp_path):
     run = cli("--model", str(saved["qwen2"]), "--out", str(out), "--target", "intermediate_size=64,num_layers=3",
               "--calibration", str(calib_file), "--samples", "4", "--seq-len", "32", "--quiet")
     assert run.returncode == 0, run.stderr
-    assert {"manifest.json", "importance.json", "model"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "model" / "config.json").read_text())["intermediate_size"] == 64
+    assert {"manifest.json", "importance.json", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64  # OUT is the checkpoint
 
 
 @pytest.mark.parametrize("case", ["too_wide", "unsupported", "bad_key"])
@@ -383,7 +385,7 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(case, saved, calib
         (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
         expected = "architecture GPT2LMHeadModel is not supported"
     if case == "bad_key":
-        target, expected = "hidden=32", "--target: 'hidden=32' is not KEY=VALUE"
+        target, expected = "hidden=32", "--target: unknown key 'hidden'"
     run = cli("--model", str(model), "--out", str(tmp_path / "out"), "--target", target, "--calibration", str(calib_file))
     assert run.returncode == 2 and expected in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
@@ -391,8 +393,8 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(case, saved, calib
 
 def test_cli_model_may_be_a_zoo_name_or_a_stage_output(saved, calib_file, tmp_path):
     from compressor import zoo
-    from compressor.runner import resolve_model
     from compressor.manifest import Manifest
+    from compressor.models import resolve_model
 
     assert resolve_model("zoo:tiny-test") == (str(zoo.ensure_model("tiny-test")), "tiny-test")
     run_stage(saved["llama"], tmp_path / "stage", {"num_layers": 3}, calib_file)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from compressor.config.schema import DataSource
-from compressor.config.stages import QuantizeSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest
 from compressor.stages import quantize as quantize_stage
 from compressor.stages.quantize import footprint
+from compressor.stages.quantize.spec import GPTQSpec as QuantizeSpec
 
 torch.set_num_threads(2)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,7 +75,7 @@ def test_spec_rejects_group_sizes_gptqmodel_does_not_have():
 
 
 def test_importing_the_stage_and_checking_needs_no_torch():
-    code = ("import sys; from compressor.stages import quantize as q; from compressor.config.stages import QuantizeSpec; "
+    code = ("import sys; from compressor.stages import quantize as q; from compressor.stages.quantize.spec import GPTQSpec as QuantizeSpec; "
             f"q.check(QuantizeSpec(), {LLAMA!r}); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -165,7 +165,7 @@ def test_gptq_keeps_perplexity_within_5_percent_and_beats_round_to_nearest(teach
 
     out, manifest = quantized
     base = perplexity(load_model(teacher), heldout)
-    gptq_model = load_plain(out / "model")
+    gptq_model = load_plain(out)
     gptq = perplexity(gptq_model, heldout)
     rtn_model = load_model(teacher).to(gptq_model.dtype)  # same dtype as the GPTQ model runs in: only rounding differs
     rtn_fake_quant(rtn_model, bits=4, group_size=128)
@@ -178,15 +178,15 @@ def test_gptq_keeps_perplexity_within_5_percent_and_beats_round_to_nearest(teach
 
 def test_linear_weight_bytes_drop_at_least_3x_and_the_manifest_says_so(teacher, quantized):
     out, manifest = quantized
-    linear_in, linear_out = footprint.linear_bytes(teacher), footprint.linear_bytes(out / "model")
+    linear_in, linear_out = footprint.linear_bytes(teacher), footprint.linear_bytes(out)
     assert linear_in / linear_out >= 3
     d = manifest.details
     assert (d["bits"], d["group_size"], d["backend"]) == (4, 128, "auto")
     assert (d["linear_bytes_in"], d["linear_bytes_out"]) == (linear_in, linear_out)
     assert d["linear_compression"] == pytest.approx(linear_in / linear_out, rel=1e-3)
     assert d["compression"] > 1 and d["kernel_here"]
-    assert d["bytes_out"] == footprint.total_bytes(out / "model") and manifest.metrics["linear_compression"] >= 3
-    saved = json.loads((out / "model" / "quantize_config.json").read_text())
+    assert d["bytes_out"] == footprint.total_bytes(out) and manifest.metrics["linear_compression"] >= 3
+    saved = json.loads((out / "quantize_config.json").read_text())
     assert (saved["bits"], saved["group_size"], saved["quant_method"], saved["format"]) == (4, 128, "gptq", "gptq")
     assert Manifest.read(out).details == d
 
@@ -253,14 +253,14 @@ def test_misaligned_quantizes_to_a_checkpoint_that_runs(misaligned_model, tmp_pa
     manifest = run_quantize(misaligned_model, out, QuantizeSpec(group_size=64, on_misaligned=mode), "zoo:tiny-test",
                             samples=16, seq_len=64)
     assert manifest.details["group_size"] == group_size and manifest.details["misaligned_layers"] == ["mlp.down_proj"]
-    quant = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quant["group_size"] == group_size and quant.get("backend") == kernel
     from gptqmodel import GPTQModel
 
     tokens = torch.arange(16).view(1, 16)
-    model = load_plain(out / "model")  # transformers honours the pinned kernel; the CPU int4 kernel would refuse K=224, g=64
+    model = load_plain(out)  # transformers honours the pinned kernel; the CPU int4 kernel would refuse K=224, g=64
     assert torch.isfinite(model(input_ids=tokens).logits).all()
-    model = GPTQModel.load(str(out / "model"), device="cpu", backend=manifest.details["backend"]).model
+    model = GPTQModel.load(str(out), device="cpu", backend=manifest.details["backend"]).model
     assert torch.isfinite(model(input_ids=tokens).logits).all()
 
 

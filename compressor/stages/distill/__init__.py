@@ -5,13 +5,12 @@ Importing this module does not import torch (the stage contract); the work happe
 
 from __future__ import annotations
 
-from compressor.config.stages import DistillSpec
 from compressor.manifest import ModelRef
-from compressor.stages.base import CheckResult, StageResult
+from compressor.stages import register
+from compressor.stages.base import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
 from compressor.stages.context import StageContext
 from compressor.stages.distill.layout import batch_layout, budget_steps, check_student
-
-RUNS_AS = "driver"  # run() starts a Ray Train TorchTrainer itself
+from compressor.stages.distill.spec import DistillSpec
 
 
 def check(spec: DistillSpec, config: dict) -> CheckResult:
@@ -32,3 +31,49 @@ def run(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
     from compressor.stages.distill.driver import distill
 
     return distill(spec, model, ctx)
+
+
+def tokens(spec: DistillSpec, pipeline) -> tuple[float, int]:
+    """(token budget, sequence length) of a distill stage."""
+    seq_len = spec.seq_len or pipeline.data[spec.data].seq_len
+    budget = spec.tokens if spec.tokens is not None else spec.steps * spec.global_batch * seq_len
+    return float(budget), seq_len
+
+
+def flops(spec: DistillSpec, given: EstimateInput) -> float:
+    """Per token: the teacher's forward and the student's forward + backward (3x)."""
+    from compressor import estimate
+
+    budget, seq_len = tokens(spec, given.pipeline)
+    teacher = given.teacher_config or estimate.teacher_config(given.pipeline.teacher) or given.in_config
+    per_token = estimate.forward_flops_per_token(teacher, seq_len) + 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
+    return budget * per_token
+
+
+def key_extra(spec: DistillSpec, plan: PlanContext) -> dict:
+    return {"teacher": plan.teacher_key}  # the teacher's logits are what the student learns
+
+
+def describe_resources(spec: DistillSpec, resources) -> str:
+    worker = type(resources)(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker)
+    return f"{spec.workers} x {one_task(spec, worker)}"
+
+
+def plan_notes(plan, stage) -> list[str]:
+    if stage.cached:
+        return []
+    from compressor.commands.data import shard_status
+
+    return [f"{stage.name} data: {shard_status(plan, stage)}"]
+
+
+def result_line(manifest) -> str:
+    metrics, d = manifest.metrics, manifest.details
+    return (f"distilled {d['steps']} steps ({d['tokens']:,} tokens) on {d['workers']} worker(s): loss "
+            f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('mean_tokens_per_s', 0):.0f} tokens/s")
+
+
+KIND = register(StageKind(
+    name="distill", spec=DistillSpec, summary="Knowledge distillation from the teacher, in Ray Train with DeepSpeed ZeRO.",
+    check=check, run=run, flops=flops, runs_as="driver", key_extra=key_extra, describe_resources=describe_resources,
+    plan_notes=plan_notes, needs_teacher=True, result_line=result_line))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
-from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
 from compressor.stages.context import StageContext
 from compressor.stages.distill.layout import check_cluster, worker_bundle
+from compressor.stages.distill.spec import DistillSpec
 
 POLL_S = 2.0
 PROGRESS_EVERY_S = 30.0

@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def prepare_task(ds: DataSource, teacher, seq_len: int, sequences: int, data_roo
     """Body of the Ray task that writes (or extends) the shards, on whichever node it runs; reports progress to `queue`."""
     import time
 
-    from compressor.runner import materialize
+    from compressor.models import materialize
     from compressor.shards import prepare
 
     last = [0.0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.config.stages import DistillSpec
+from compressor.stages.distill.spec import DistillSpec
 
 QUIET = {"steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import uuid
 from pathlib import Path
 
 from compressor.cache import digest, key_fields
-from compressor.config.stages import DistillSpec
 from compressor.errors import StageFailed, UserError
 from compressor.manifest import ModelRef
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
 from compressor.stages.distill.deepspeed_config import effective_zero_stage
 from compressor.stages.distill.layout import batch_layout, budget_steps, check_pair, check_student
+from compressor.stages.distill.spec import DistillSpec
 from compressor.stages.distill.train import EXPORT_DIR, DistillJob, train_func
 
 
 def model_config(model: ModelRef) -> dict:
     """config.json of a model wherever it lives (a directory, a storage URI), without downloading its weights."""
-    from compressor.runner import input_config, materialize
+    from compressor.models import read_config
 
-    config = input_config(model)
-    if config:
-        return config
-    local = Path(materialize(model).path)  # zoo: built here; a hub id outside a pipeline: fetched
-    return json.loads((local / "config.json").read_text())
+    return read_config(model, fetch=True)
 
 
 def teacher_ref(spec: DistillSpec, ctx: StageContext) -> ModelRef:
@@ -44,8 +39,8 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
 
     from compressor.data import first_sequence_check, normalized
     from compressor.modeling import load_tokenizer
+    from compressor.models import materialize
     from compressor.raylocal import ensure_ray
-    from compressor.runner import materialize
     from compressor.shards import read_index, shard_dir, tokenizer_digest
     from compressor.stages.distill.data import TRACE_ENV, prepare_in_ray, run_data
 
@@ -87,18 +82,29 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
 
     from ray.util.queue import Queue
 
+    from compressor import interrupt
+
     progress = Queue(actor_options={"num_cpus": 0})
+    stop_flag = ray.remote(num_cpus=0)(interrupt.StopFlag).remote()  # Ctrl-C / SIGTERM: workers stop after a step
     job = DistillJob(
         spec=spec, student_path=model.path, teacher_path=teacher.path, data=data.directory, sequences=data.sequences,
         seq_len=seq_len, steps=steps, micro_batch=layout.micro_batch, grad_accum=layout.grad_accum, seed=ctx.seed,
         # The shard directory's name is the data's content key (source files, tokenizer, seq_len).
         fingerprint=fingerprint(spec, model, teacher, shards.rstrip("/").rsplit("/", 1)[-1], seq_len, ctx.seed),
-        sink=ctx.sink, progress=progress, trace_dir=os.environ.get(TRACE_ENV),
+        sink=ctx.sink, progress=progress, trace_dir=os.environ.get(TRACE_ENV), stop=stop_flag,
     )
     try:
-        result = fit(trainer_for(spec, job, ctx), progress, steps, ctx)
+        with interrupt.graceful_stop("distill") as request:
+            told: list = []  # the signal handler only sets `request`; this thread tells the workers, once
+            tell = lambda: request.is_set() and not told and told.append(stop_flag.set.remote())  # noqa: E731
+            result = fit(trainer_for(spec, job, ctx), progress, steps, ctx, on_tick=tell)
     finally:
         ray.kill(progress.actor)
+        ray.kill(stop_flag)
+    if request.is_set():
+        step = int((result.metrics or {}).get("step", 0))
+        raise interrupt.stopped(request, f"after step {step} of {steps}, with a checkpoint of that step in "
+                                         f"{run_storage_uri(ctx)}")
     # Only the exported student travels to this node, not the DeepSpeed shards (3x the model with optimizer state).
     # Those stay in storage until the pipeline has published the model (manifest `scratch`, see runner.drop_scratch):
     # a failed gate or evaluation after days of training must never cost the training.
@@ -165,8 +171,8 @@ def trainer_for(spec: DistillSpec, job: DistillJob, ctx: StageContext):
     )
 
 
-def fit(trainer, progress, steps: int, ctx: StageContext):
-    """trainer.fit() in a thread while this thread shows rank 0's per-step progress."""
+def fit(trainer, progress, steps: int, ctx: StageContext, on_tick=lambda: None):
+    """trainer.fit() in a thread while this thread shows rank 0's per-step progress (and calls `on_tick` each second)."""
     from ray.util.queue import Empty
 
     outcome: dict = {}
@@ -183,6 +189,7 @@ def fit(trainer, progress, steps: int, ctx: StageContext):
     def steps_seen():
         done = 0
         while thread.is_alive() or not progress.empty():
+            on_tick()
             try:
                 step, metrics = progress.get(timeout=1.0)
             except Empty:

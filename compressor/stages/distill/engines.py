@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from compressor.config.stages import DistillSpec
 from compressor.stages.distill.deepspeed_config import effective_zero_stage, student_config, teacher_config
 from compressor.stages.distill.loss import LossTerms, distill_loss
+from compressor.stages.distill.spec import DistillSpec
 
 
 def prepare_deepspeed_env() -> None:
@@ -76,7 +76,7 @@ class TeacherStates(torch.nn.Module):
 
 @dataclass
 class Engines:
-    student: "deepspeed.DeepSpeedEngine"  # noqa: F821  (wraps StudentWithLoss)
+    student: deepspeed.DeepSpeedEngine  # noqa: F821  (wraps StudentWithLoss)
     teacher: torch.nn.Module  # TeacherStates; inside a ZeRO-3 engine when there are several workers
     device: torch.device
     bf16: bool

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
+from compressor.stages.distill.spec import DistillSpec
 
 # Heads whose logits are not lm_head(hidden): the chunked loss would distill the wrong distribution.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -84,7 +84,7 @@ def check_pair(spec: DistillSpec, student: dict, teacher: dict, teacher_name: st
             "tokenizer and vocabulary"
         )
     layers = teacher.get("num_hidden_layers")
-    for s, t in spec.loss.hidden_mse:
+    for _, t in spec.loss.hidden_mse:
         if layers is not None and not 0 <= t < layers:
             raise UserError(f"distill.loss.hidden_mse: teacher layer {t} does not exist (the teacher has {layers} layers)")
     if spec.loss.hidden_mse and student.get("hidden_size") != teacher.get("hidden_size"):

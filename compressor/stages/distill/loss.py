@@ -13,13 +13,14 @@ from the first chunk to the last recomputation in backward, one all-gather per m
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from compressor.config.stages import KDLoss
+from compressor.stages.distill.spec import KDLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 

@@ -16,11 +16,11 @@ from typing import Any, Optional
 
 import torch
 
-from compressor.config.stages import DistillSpec
 from compressor.errors import UserError
 from compressor.stages.context import MetricsSink
 from compressor.stages.distill.data import BatchPlan, WorkerData
 from compressor.stages.distill.engines import Engines, build_engines, lr_at, train_step
+from compressor.stages.distill.spec import DistillSpec
 
 EXPORT_DIR = "model"
 
@@ -43,6 +43,7 @@ class DistillJob:
     sink: Optional[MetricsSink] = None  # rank 0 logs per-step metrics here (MLflow in pipelines)
     progress: Any = None  # a ray.util.queue.Queue the driver reads for its progress line
     trace_dir: Optional[str] = None  # COMPRESSOR_DATA_TRACE of the driver: where workers log the ids they read
+    stop: Any = None  # the driver's compressor.interrupt.StopFlag actor: rank 0 asks it once per step
 
     def open_data(self, rank: int, world: int) -> WorkerData:
         plan = BatchPlan(self.sequences, self.spec.global_batch, world, self.micro_batch, self.seed)
@@ -70,6 +71,8 @@ def train_func(config: dict) -> None:
     step = resume(engines, job)
     metrics = train_steps(engines, job, data, step, rank, world)
     data.close()
+    if metrics.get("stopped"):  # on Ctrl-C / SIGTERM: the checkpoint of the last step is reported, no export
+        return
     save_and_report(engines, job, job.steps, {**metrics, "worker_nodes": nodes}, rank, export=True)
 
 
@@ -84,13 +87,14 @@ def mean_over_workers(values: list[float], device: torch.device, world: int) -> 
 def local_path(model: str) -> str:
     """A directory on this worker's node: remote models are downloaded into its mirror (once per node)."""
     from compressor.manifest import ModelRef
-    from compressor.runner import materialize
+    from compressor.models import materialize
 
     return materialize(ModelRef(path=model, key=model)).path
 
 
 def train_steps(engines: Engines, job: DistillJob, data: WorkerData, step: int, rank: int, world: int) -> dict:
-    """Steps `step`..job.steps, checkpointing on the way; returns the last step's metrics."""
+    """Steps `step`..job.steps, checkpointing on the way; returns the last step's metrics. When the driver asks the
+    run to stop, every worker stops after the same step, saves a checkpoint of it and returns metrics with `stopped`."""
     tokens_per_step = job.spec.global_batch * job.seq_len
     metrics: dict = {}
     trained, seconds_total = 0, 0.0
@@ -99,8 +103,11 @@ def train_steps(engines: Engines, job: DistillJob, data: WorkerData, step: int, 
         lr = lr_at(step, job.spec, job.steps)
         result = train_step(engines, data.batch(step), lr)
         # The loss of the whole global batch: the mean over workers of their (equal-sized) shares.
-        loss, kd, ce, hidden = mean_over_workers(
-            [result.loss, result.kd_loss, result.ce_loss, result.hidden_mse], engines.device, world)
+        # Rank 0's "stop?" rides in the same all-reduce, so that every rank stops after the same step (saving a
+        # checkpoint is a collective) at no extra collective per step.
+        loss, kd, ce, hidden, stop = mean_over_workers(
+            [result.loss, result.kd_loss, result.ce_loss, result.hidden_mse, stop_requested(job, rank)],
+            engines.device, world)
         seconds = time.perf_counter() - start
         step, trained, seconds_total = step + 1, trained + 1, seconds_total + seconds
         metrics = {"loss": loss, "kd_loss": kd, "ce_loss": ce, "lr": lr, "tokens_per_s": tokens_per_step / seconds,
@@ -111,11 +118,29 @@ def train_steps(engines: Engines, job: DistillJob, data: WorkerData, step: int, 
             metrics["grad_norm"] = result.grad_norm
         if rank == 0:
             publish(job, step, metrics)
-        if step % job.spec.checkpoint_every == 0 and step < job.steps:
+        if (step % job.spec.checkpoint_every == 0 or stop > 0) and step < job.steps:
             save_and_report(engines, job, step, metrics, rank, export=False)
+        if stop > 0 and step < job.steps:
+            return {**metrics, "stopped": 1.0}
     if trained:
         metrics["mean_tokens_per_s"] = trained * tokens_per_step / seconds_total
     return metrics
+
+
+def stop_requested(job: DistillJob, rank: int) -> float:
+    """1.0 when the driver asked the run to stop (Ctrl-C / SIGTERM of `compressor run`), else 0.0. Only rank 0 asks,
+    once per step: one actor call of about a millisecond, whatever the number of workers. An unreachable flag (the
+    driver gone) never stops training."""
+    if rank != 0 or job.stop is None:
+        return 0.0
+    import ray
+
+    try:
+        return 1.0 if ray.get(job.stop.is_set.remote(), timeout=30) else 0.0
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"distill: cannot reach the driver's stop flag ({exc}); training goes on", stacklevel=1)
+        job.stop = None
+        return 0.0
 
 
 def publish(job: DistillJob, step: int, metrics: dict) -> None:

@@ -11,8 +11,9 @@ The pass runs the decoder only (no lm_head): no logits are needed, so it costs l
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ class _Collector:
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self.handles.append(register(fn, with_kwargs=with_kwargs))
 
-    def __enter__(self) -> "_Collector":
+    def __enter__(self) -> _Collector:
         for i, layer in enumerate(self.decoder.layers):
             self._hook(layer.self_attn.o_proj, lambda m, a, acc=self.heads[i]: acc.add(self._head_norms(a[0])), pre=True)
             self._hook(layer.mlp.down_proj, lambda m, a, acc=self.neurons[i]: acc.add(a[0].abs()), pre=True)

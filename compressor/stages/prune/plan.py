@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
+from compressor.shapes import Shape
 from compressor.stages.prune.importance import Importance
-from compressor.stages.prune.shapes import Shape
 
 
 @dataclass

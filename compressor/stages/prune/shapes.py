@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
-from compressor.config.stages import PruneSpec
 from compressor.errors import UserError
+from compressor.shapes import Shape
+from compressor.stages.prune.spec import PruneSpec
 
 # architecture -> whether its transformers config refuses hidden_size % num_attention_heads != 0
 # (LlamaConfig.validate_architecture does, even with an explicit head_dim; Mistral and Qwen2 do not).
 SUPPORTED = {"LlamaForCausalLM": True, "MistralForCausalLM": False, "Qwen2ForCausalLM": False}
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    num_layers: int
-    head_dim: int
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 def architecture(config: dict) -> str:
@@ -43,15 +26,7 @@ def architecture(config: dict) -> str:
 
 
 def source_shape(config: dict) -> Shape:
-    heads = config["num_attention_heads"]
-    return Shape(
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        num_layers=config["num_hidden_layers"],
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-    )
+    return Shape.from_config(config)
 
 
 def kept_layers_rule(spec: PruneSpec, n_layers: int) -> Optional[list[int]]:

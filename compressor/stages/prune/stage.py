@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from compressor.config.stages import PruneSpec
-from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.modeling import count_params, load_model, load_tokenizer, save_checkpoint
+from compressor.models import read_config
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
-from compressor.stages.prune import check, shapes
+from compressor.stages.prune import budget, check, search, shapes
 from compressor.stages.prune.importance import estimate, loss_increase
 from compressor.stages.prune.plan import make_plan
+from compressor.stages.prune.spec import PruneSpec
 from compressor.stages.prune.surgery import apply_plan
 
 DEFAULT_SAMPLES = 1024  # the Minitron paper's calibration set size
-
-
-def read_source_config(model: ModelRef) -> dict:
-    local = Path(model.path) / "config.json"
-    if local.is_file():
-        import json
-
-        return json.loads(local.read_text())
-    from transformers import AutoConfig
-
-    from compressor import remote_code
-
-    try:
-        return AutoConfig.from_pretrained(model.path, revision=model.revision,
-                                          trust_remote_code=remote_code.enabled()).to_dict()
-    except OSError as exc:
-        raise UserError(f"model {model.path}: cannot read its config.json ({exc})") from None
 
 
 def non_embedding_params(model) -> int:
@@ -49,12 +31,15 @@ def calibration_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: di
 
 
 def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResult:
-    config = read_source_config(model_ref)
+    config = read_config(model_ref, fetch=True)
     warnings = check(spec, config).warnings
     for warning in warnings:
         ctx.info(f"warning: {warning}")
-    src, out = shapes.source_shape(config), shapes.target_shape(spec, config)
-    kept = shapes.kept_layers_rule(spec, src.num_layers)
+    src = shapes.source_shape(config)
+    if spec.searching:  # a budget: the shape is chosen after the importance pass (search.py)
+        out, kept = None, None
+    else:
+        out, kept = shapes.target_shape(spec, config), shapes.kept_layers_rule(spec, src.num_layers)
 
     model = load_model(model_ref.path, dtype="auto", revision=model_ref.revision)
     if torch.cuda.is_available():  # inside Ray, only when the stage's resources ask for a GPU
@@ -65,9 +50,15 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
 
     start = time.perf_counter()
     importance = estimate(model, blocks, src.head_dim, spec.batch_size, spec.aggregation, ctx.progress)
-    if kept is None and spec.depth_metric == "loss":
+    ranks_layers = budget.ranks_layers(spec, config) if spec.searching else kept is None
+    if ranks_layers and spec.depth_metric == "loss":
         importance.base_loss, importance.loss_increase = loss_increase(model, blocks, spec.batch_size, ctx.progress)
     importance_seconds = time.perf_counter() - start
+    found = search.choose_shape(spec, model_ref, ctx, model, tokenizer, config, blocks, importance) \
+        if spec.searching else None
+    if found is not None:
+        out, kept = found.shape, found.kept_layers
+        ctx.save_json_artifact("search.json", found.details)
 
     start = time.perf_counter()
     plan = make_plan(importance, src, out, kept, spec.depth_metric)
@@ -90,6 +81,7 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
         "importance_seconds": round(importance_seconds, 3),
         "surgery_seconds": round(surgery_seconds, 3),
         "calibration_tokens": blocks.numel(),
+        **(found.metrics if found else {}),
     }
     ctx.log_metrics(metrics)
     ctx.info(f"prune: {params_before:,} -> {metrics['params_after']:,} parameters, layers kept {plan.layers}")
@@ -100,4 +92,5 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
         "params_before": params_before,
         "params_after": metrics["params_after"],
         "warnings": warnings,
+        **({"search": found.details, "scratch": found.scratch} if found else {}),
     })

@@ -1,16 +1,16 @@
-"""GPTQ quantization through GPTQModel: a GPTQ-format checkpoint that GPTQModel, transformers (with optimum),
-lm-eval and vLLM load.
+"""Weight quantization through GPTQModel (GPTQ, AWQ) or to a llama.cpp GGUF file; see spec.py for the methods.
 
-Torch-free at import: `check` reads only config.json (see alignment.py); `run` imports GPTQModel lazily."""
+Torch-free at import: `check` reads only config.json (see alignment.py); `run` imports the method's engine lazily."""
 
 from __future__ import annotations
 
-from compressor.config.stages import QuantizeSpec
 from compressor.manifest import ModelRef
-from compressor.stages.base import CheckResult, StageResult
+from compressor.stages import register
+from compressor.stages.base import CheckResult, EstimateInput, StageKind, StageResult
 from compressor.stages.context import StageContext
+from compressor.stages.quantize.spec import QuantizeSpec
 
-RUNS_AS = "task"
+DEFAULT_SAMPLES = 128  # the GPTQ paper's calibration set
 
 
 def check(spec: QuantizeSpec, config: dict) -> CheckResult:
@@ -24,6 +24,25 @@ def check(spec: QuantizeSpec, config: dict) -> CheckResult:
 
 
 def run(spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageResult:
-    from compressor.stages.quantize.gptq import quantize
+    from compressor.stages.quantize.methods import quantize
 
     return quantize(spec, model, ctx)
+
+
+def flops(spec: QuantizeSpec, given: EstimateInput) -> float:
+    from compressor import estimate
+
+    samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES)
+    return estimate.gptq_flops(given.in_config, samples, seq_len)
+
+
+def result_line(manifest) -> str:
+    d = manifest.details
+    return (f"quantized with {d.get('method', 'gptq')} to {d.get('bits', '?')}-bit, group size {d.get('group_size', '-')}: "
+            f"linear weights {d.get('linear_bytes_in') or '?'} -> {d.get('linear_bytes_out', '?')} bytes "
+            f"({d.get('linear_compression') or '?'}x), kernel here {d.get('kernel_here', '-')}")
+
+
+KIND = register(StageKind(
+    name="quantize", spec=QuantizeSpec, summary="Weight quantization through GPTQModel (GPTQ, AWQ) or to a GGUF file.",
+    check=check, run=run, flops=flops, result_line=result_line))

@@ -1,7 +1,8 @@
-"""The quantize stage body: calibration text -> GPTQModel -> a GPTQ-format checkpoint with its tokenizer.
+"""GPTQ and AWQ through GPTQModel: calibration text -> GPTQModel -> a GPTQ or AWQ (GEMM) checkpoint with its tokenizer.
 
-Same code for `compressor quantize` and pipelines. GPTQModel prints a lot to stdout (tables, its own bars);
-that goes to gptqmodel.log beside the model, and the user sees one progress bar over decoder layers."""
+The two methods share everything but GPTQModel's QuantizeConfig, the kernel AWQ packs with on CPU, and what the
+manifest records. Same code for `compressor quantize` and pipelines. GPTQModel prints a lot to stdout (tables,
+its own bars); that goes to gptqmodel.log beside the model, and the user sees one progress bar over decoder layers."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from compressor.config.stages import QuantizeSpec
 from compressor.manifest import ModelRef
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
 from compressor.stages.quantize import alignment, footprint
+from compressor.stages.quantize.spec import AWQSpec, GPTQSpec
 
-DEFAULT_SAMPLES = 128  # GPTQ's customary calibration size (the paper used 128 x 2048 tokens)
+DEFAULT_SAMPLES = 128  # GPTQ's customary calibration size (the paper used 128 x 2048 tokens); AWQ's too
+# GPTQModel packs AWQ weights with its portable torch kernel on CPU; its default AWQ packer (awq_gemm) is CUDA-only.
+# The layout written (GEMM) is the same whichever packs it.
+AWQ_PACK_BACKEND = "awq_torch"
 
 
 def prepare_environment() -> None:
@@ -58,37 +62,42 @@ def source_dir(model: ModelRef) -> Optional[Path]:
         return None
 
 
-def calibration(spec: QuantizeSpec, ctx: StageContext, tokenizer, config: dict) -> list[dict]:
+def calibration(spec: GPTQSpec | AWQSpec, ctx: StageContext, tokenizer, config: dict) -> list[dict]:
     """[{input_ids, attention_mask}] rows of seq_len tokens from the pipeline data source."""
     blocks = ctx.calibration_blocks(spec.calibration, tokenizer, spec.samples, spec.seq_len,
                                     config.get("max_position_embeddings"), DEFAULT_SAMPLES, "quantize")
     return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in blocks.tolist()]
 
 
-def quantize_config(spec: QuantizeSpec, group_size: int, offload_dir: Optional[Path] = None):
+def quantize_config(spec: GPTQSpec | AWQSpec, group_size: int, offload_dir: Optional[Path] = None):
     from gptqmodel import QuantizeConfig
 
     kwargs = {"offload_to_disk_path": str(offload_dir)} if offload_dir else {}
+    if spec.method == "awq":
+        return QuantizeConfig(quant_method="awq", format="gemm", bits=spec.bits, group_size=group_size,
+                              sym=not spec.zero_point, **kwargs)
     return QuantizeConfig(bits=spec.bits, group_size=group_size, desc_act=spec.desc_act, sym=spec.sym,
                           damp_percent=spec.damp_percent, **kwargs)
 
 
-def load_dtype(spec: QuantizeSpec):
+def load_dtype(spec: GPTQSpec | AWQSpec):
     import torch
 
     return None if spec.dtype == "auto" else getattr(torch, spec.dtype)
 
 
-def kernel_here(spec: QuantizeSpec, resolution: alignment.Resolution) -> str:
+def kernel_here(spec: GPTQSpec | AWQSpec, resolution: alignment.Resolution) -> str:
     """The kernel class GPTQModel picks for this checkpoint on this machine (a GPU node may pick another)."""
     import torch
     from gptqmodel.utils.importer import hf_select_quant_linear_v2
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    awq = spec.method == "awq"
     try:
         cls = hf_select_quant_linear_v2(
-            bits=spec.bits, group_size=resolution.group_size, desc_act=spec.desc_act, sym=spec.sym, format="gptq",
-            quant_method="gptq", pack=False, device_map=device, backend=resolution.backend or "auto",
+            bits=spec.bits, group_size=resolution.group_size, desc_act=False if awq else spec.desc_act,
+            sym=not spec.zero_point if awq else spec.sym, format="gemm" if awq else "gptq", quant_method=spec.method,
+            pack=False, device_map=device, backend=resolution.backend or "auto",
         )
     except (ValueError, NotImplementedError) as exc:  # e.g. a pinned GPU kernel, quantized on CPU for GPU serving
         return f"none on {device} ({exc})"
@@ -103,15 +112,23 @@ def pin_backend(model_dir: Path, backend: str) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def layer_losses(model_dir: Path, work_dir: Path) -> list[float]:
+def layer_losses(model_dir: Path, work_dir: Path, method: str = "gptq") -> list[float]:
     """Move GPTQModel's per-module log (layer, module, loss, ...) out of the checkpoint; return the losses."""
     src = model_dir / "quant_log.csv"
     if not src.is_file():
         return []
-    dst = work_dir / "gptq_modules.csv"
+    dst = work_dir / f"{method}_modules.csv"
     shutil.move(src, dst)
-    with dst.open() as fh:
-        return [float(row["loss"]) for row in csv.DictReader(fh) if row.get("loss")]
+    with dst.open() as fh:  # AWQ logs "not applicable" for layers it scales together with another
+        return [float(row["loss"]) for row in csv.DictReader(fh) if _is_number(row.get("loss"))]
+
+
+def _is_number(text: Optional[str]) -> bool:
+    try:
+        float(text or "")
+    except ValueError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -135,7 +152,7 @@ def gptqmodel_output(log_path: Path):
             os.chdir(cwd)
 
 
-def run_gptqmodel(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict],
+def run_gptqmodel(spec: GPTQSpec | AWQSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict],
                   num_layers: Optional[int], ctx: StageContext) -> tuple[str, str]:
     """GPTQModel load -> quantize -> save into ctx.model_dir; returns (kernel here, dtype of the saved model)."""
     work = Path(ctx.work_dir)
@@ -148,10 +165,11 @@ def run_gptqmodel(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Res
         extra = {"revision": model.revision} if model.revision else {}
         qmodel = GPTQModel.load(model.path, quantize_config(spec, resolution.group_size, offload),
                                 dtype=load_dtype(spec), trust_remote_code=remote_code.enabled(), **extra)
-        ticks = ctx.progress(range(num_layers or 0), total=num_layers, desc="GPTQ layers")
+        ticks = ctx.progress(range(num_layers or 0), total=num_layers, desc=f"{spec.method.upper()} layers")
         next(ticks, None)  # draws 0/N; each quantized layer advances it (a layer is reported twice: done, finalized)
         qmodel.layer_callback = lambda layer_idx, submodule_finalized: None if submodule_finalized else next(ticks, None)
-        qmodel.quantize(rows, batch_size=spec.batch_size)
+        packer = {"backend": AWQ_PACK_BACKEND} if spec.method == "awq" else {}
+        qmodel.quantize(rows, batch_size=spec.batch_size, **packer)
         for _ in ticks:  # close the bar
             pass
         qmodel.save(str(ctx.model_dir))
@@ -160,7 +178,7 @@ def run_gptqmodel(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Res
     return kernel, str(qmodel.model.dtype).removeprefix("torch.")
 
 
-def quantize(spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageResult:
+def quantize(spec: GPTQSpec | AWQSpec, model: ModelRef, ctx: StageContext) -> StageResult:
     prepare_environment()
     from compressor.modeling import load_tokenizer, save_tokenizer
 
@@ -176,7 +194,7 @@ def quantize(spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageRes
     save_tokenizer(tokenizer, out)  # GPTQModel's copy carries a tokenizer_class older transformers cannot read
     if resolution.backend:
         pin_backend(out, resolution.backend)
-    losses = layer_losses(out, work)
+    losses = layer_losses(out, work, spec.method)
     ctx.log_artifact(work / "gptqmodel.log")
 
     details = describe(spec, model, resolution, rows, out, kernel, dtype)
@@ -184,24 +202,25 @@ def quantize(spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageRes
                if details[k] is not None}
     metrics["group_size_used"] = float(resolution.group_size)  # the spec (logged as params) has the requested one
     if losses:
-        metrics.update(gptq_loss_mean=sum(losses) / len(losses), gptq_loss_max=max(losses))
+        metrics.update({f"{spec.method}_loss_mean": sum(losses) / len(losses), f"{spec.method}_loss_max": max(losses)})
     ctx.log_metrics(metrics)
-    ctx.info(f"quantize: {spec.bits}-bit g{resolution.group_size}, linear weights {details['linear_bytes_in'] or '?'} "
-             f"-> {details['linear_bytes_out']} bytes ({details['linear_compression'] or '?'}x), kernel here: {kernel}")
+    ctx.info(f"quantize: {spec.method} {spec.bits}-bit g{resolution.group_size}, linear weights "
+             f"{details['linear_bytes_in'] or '?'} -> {details['linear_bytes_out']} bytes ({details['linear_compression'] or '?'}x), kernel here: {kernel}")
     return StageResult(metrics=metrics, details=details)
 
 
-def describe(spec: QuantizeSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict], out: Path,
+def describe(spec: GPTQSpec | AWQSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict], out: Path,
              kernel: str, dtype: str) -> dict:
     """The manifest details: settings as applied, kernel, calibration, and bytes against the input."""
     src = source_dir(model)
     linear_in = footprint.linear_bytes(src) if src else None
     total_in = footprint.total_bytes(src) if src else None
     linear_out, total_out = footprint.linear_bytes(out), footprint.total_bytes(out)
+    settings = ({"zero_point": spec.zero_point, "format": "gemm"} if spec.method == "awq" else
+                {"desc_act": spec.desc_act, "sym": spec.sym, "damp_percent": spec.damp_percent, "format": "gptq"})
     return {
-        "method": "gptq", "bits": spec.bits, "group_size": resolution.group_size,
-        "requested_group_size": spec.group_size, "desc_act": spec.desc_act, "sym": spec.sym,
-        "damp_percent": spec.damp_percent, "dtype": dtype, "format": "gptq",
+        "method": spec.method, "bits": spec.bits, "group_size": resolution.group_size,
+        "requested_group_size": spec.group_size, **settings, "dtype": dtype,
         "backend": resolution.backend or "auto", "kernel_here": kernel,
         "misaligned_layers": [lin.name for lin in resolution.misaligned], "on_misaligned": spec.on_misaligned,
         "calibration": {"samples": len(rows), "seq_len": len(rows[0]["input_ids"]) if rows else 0},

@@ -4,13 +4,12 @@ Its gate then judges those scores; use it to gate the teacher itself or to re-ch
 
 from __future__ import annotations
 
-from compressor.config.stages import EvaluateSpec
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
-from compressor.stages.base import CheckResult, StageResult
+from compressor.stages import register
+from compressor.stages.base import CheckResult, EstimateInput, PlanContext, StageKind, StageResult
 from compressor.stages.context import StageContext
-
-RUNS_AS = "task"
+from compressor.stages.evaluate.spec import EvaluateSpec
 
 
 def check(spec: EvaluateSpec, config: dict) -> CheckResult:
@@ -32,3 +31,19 @@ def run(spec: EvaluateSpec, model: ModelRef, ctx: StageContext) -> StageResult:
     flat = {f"{task}.{metric}": float(v) for task, metrics in scores.items() for metric, v in metrics.items()}
     ctx.log_metrics(flat)
     return StageResult(metrics=flat, details={"scores": scores})
+
+
+def flops(spec: EvaluateSpec, given: EstimateInput) -> float:
+    from compressor.estimate import eval_flops
+
+    wanted = set(spec.tasks) if spec.tasks else None
+    return eval_flops(given.in_config, [t for t in given.pipeline.evaluation.tasks if wanted is None or t.name in wanted])
+
+
+def key_extra(spec: EvaluateSpec, plan: PlanContext) -> dict:
+    return {"tasks": [t.model_dump(mode="json") for t in plan.pipeline.evaluation.tasks]}
+
+
+KIND = register(StageKind(
+    name="evaluate", spec=EvaluateSpec, summary="Score the previous stage's model on the pipeline's lm-eval tasks.",
+    check=check, run=run, flops=flops, produces_model=False, key_extra=key_extra, standalone=False))

@@ -1,0 +1,142 @@
+"""A local Ray head dies with the `compressor` process that started it, even when that process is SIGKILLed.
+
+Measured with Ray 2.60 on the development machine: after a SIGKILL of the driver, Ray's own fate sharing
+(PR_SET_PDEATHSIG) ends gcs_server, raylet, the dashboard and the workers within about 3 s, but the raylet's
+DashboardAgent and RuntimeEnvAgent stay about 60 s: they first try to report the raylet's death to the GCS, which is
+gone, and wait for that call to time out. A GPU worker stuck in a CUDA call may hold its memory longer still.
+
+So before a local head starts (`watch_local_head`, called by compressor.raylocal.ensure_ray):
+- this process's environment gets COMPRESSOR_RAY_OWNER=<pid>:<start time>, which every process of the head
+  inherits (GCS, raylet, dashboard, agents, workers);
+- a watchdog process (`python -m compressor.raywatch OWNER`, its own session so a kill of the driver's process
+  group spares it) polls the driver twice a second and, once it is gone, SIGKILLs every Ray process carrying its
+  mark, then exits;
+- leftovers whose owner is dead (a watchdog killed too, e.g. by the OOM killer) are swept first.
+
+Only processes that are Ray's (gcs_server, raylet, `ray::...` workers and agents, Ray's dashboard and monitors) and
+carry the mark of a dead owner are touched: never another user's Ray, another run's head, or a cluster's."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+OWNER_ENV = "COMPRESSOR_RAY_OWNER"
+POLL_S = 0.5
+TREE_S = 2.0  # how often the watchdog notes the driver's process tree
+_RAY_FILES = re.compile(r"/ray/(_private|dashboard|autoscaler|core)/")
+_watching: set[str] = set()
+
+
+def identity(pid: int) -> str:
+    import psutil
+
+    return f"{pid}:{psutil.Process(pid).create_time():.2f}"
+
+
+def alive(owner: str) -> bool:
+    import psutil
+
+    pid, created = owner.split(":")
+    try:
+        process = psutil.Process(int(pid))
+        return process.status() != psutil.STATUS_ZOMBIE and f"{process.create_time():.2f}" == created
+    except psutil.NoSuchProcess:
+        return False
+
+
+def is_ray(cmdline: list[str]) -> bool:
+    first = cmdline[0] if cmdline else ""
+    return (first.startswith(("ray::", "ray-dashboard")) or os.path.basename(first) in ("gcs_server", "raylet")
+            or any(_RAY_FILES.search(arg) for arg in cmdline[:3])
+            or ("multiprocessing" in " ".join(cmdline[:3]) and "'ray.dashboard" in " ".join(cmdline)))
+
+
+def mark_of(pid: int) -> str:
+    """The process's COMPRESSOR_RAY_OWNER, read from /proc/PID/environ itself: Ray's workers and agents rename
+    themselves (setproctitle), which zeroes the start of that block, and psutil's parser then returns nothing."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            block = f.read()
+    except OSError:
+        return ""
+    match = re.search(rb"(?:^|\0)" + OWNER_ENV.encode() + rb"=([^\0]*)", block)
+    return match.group(1).decode(errors="replace") if match else ""
+
+
+def marked(owner_alive=alive) -> list:
+    """Ray processes of this user whose mark names an owner for which `owner_alive` is False."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid == os.getpid():
+            continue
+        try:
+            owner = mark_of(process.pid)
+            if owner and is_ray(process.info["cmdline"] or []) and not owner_alive(owner):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill(processes: list) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def sweep() -> int:
+    """SIGKILL the Ray processes left by local heads whose driver is dead; returns how many there were."""
+    leftovers = marked()
+    kill(leftovers)
+    return len(leftovers)
+
+
+def watch_local_head() -> None:
+    """Mark this process's future local Ray head and start its watchdog (once per process)."""
+    owner = identity(os.getpid())
+    os.environ[OWNER_ENV] = owner
+    if owner in _watching:
+        return
+    _watching.add(owner)
+    sweep()
+    env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
+    subprocess.Popen([sys.executable, "-m", "compressor.raywatch", owner], env=env, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+
+
+def descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if p.pid != os.getpid()]  # not this watchdog
+    except psutil.NoSuchProcess:
+        return []
+
+
+def main(owner: str) -> None:
+    """Wait for the owner's death, then SIGKILL its head: the processes seen below it (kept every TREE_S; a process
+    object refuses to signal a pid reused by another process) and every Ray process carrying its mark."""
+    tree, seen = [], 0.0
+    while alive(owner):
+        if time.monotonic() - seen >= TREE_S:
+            tree, seen = descendants(int(owner.split(":")[0])) or tree, time.monotonic()
+        time.sleep(POLL_S)
+    kill(tree)
+    for _ in range(3):  # a process being spawned while a pass ran is caught by the next
+        kill(marked(lambda mark: mark != owner and alive(mark)))
+        time.sleep(POLL_S)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
