@@ -60,7 +60,7 @@ def ensure_ray(address: Optional[str] = None) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    from compressor.raywatch import watch_local_head
+    from compressor.raywatch import start_local_head, watch_local_head
 
     watch_local_head()  # issue 14: the head's processes die with this one, even on SIGKILL (compressor.raywatch)
-    ray.init(**LOCAL_HEAD_ARGS, **options)
+    start_local_head(**LOCAL_HEAD_ARGS, **options)  # issue 14: ray.init, again if its raylet was slow to register

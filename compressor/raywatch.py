@@ -14,7 +14,10 @@ So before a local head starts (`watch_local_head`, called by compressor.raylocal
 - leftovers whose owner is dead (a watchdog killed too, e.g. by the OOM killer) are swept first.
 
 Only processes that are Ray's (gcs_server, raylet, `ray::...` workers and agents, Ray's dashboard and monitors) and
-carry the mark of a dead owner are touched: never another user's Ray, another run's head, or a cluster's."""
+carry the mark of a dead owner are touched: never another user's Ray, another run's head, or a cluster's.
+
+`start_local_head` also starts the head again when Ray's fixed 30 s wait for its raylet ran out (several heads
+starting at once on a busy machine)."""
 
 from __future__ import annotations
 
@@ -113,6 +116,31 @@ def watch_local_head() -> None:
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
     subprocess.Popen([sys.executable, "-m", "compressor.raywatch", owner], env=env, start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+
+
+def start_local_head(attempts: int = 3, **init_args) -> None:
+    """ray.init of a local head, started again when its raylet did not register within Ray's fixed 30 s, which
+    happens when several heads start at once on a small busy machine (seen with three runs at once on 2 cores under
+    load). The processes of the failed attempt are killed first."""
+    import psutil
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**init_args)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            failed = []
+            for process in descendants(os.getpid()):
+                try:
+                    if is_ray(process.cmdline()):
+                        failed.append(process)
+                except psutil.Error:
+                    continue
+            kill(failed)
+            ray.shutdown()
 
 
 def descendants(pid: int) -> list:

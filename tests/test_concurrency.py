@@ -230,3 +230,31 @@ def test_two_pipelines_and_the_same_pipeline_twice_on_one_machine_and_store(tmp_
     assert len(trained) == 1 and client.get_metric_history(trained[0].info.run_id, "loss")
     assert len(list((store / "rerun").glob("distill-*/manifest.json"))) == 1
     assert len(list((store / "other").glob("distill-*/manifest.json"))) == 1
+
+
+def test_a_local_head_whose_raylet_was_slow_to_register_is_started_again(monkeypatch):
+    """Ray waits a fixed 30 s for a new head's raylet; several heads starting at once on a busy 2-core machine
+    missed it (seen in the end-to-end test above). compressor.raywatch.start_local_head starts it again."""
+    import ray
+
+    from compressor import raywatch
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(raywatch, "descendants", lambda pid: [])  # this process's real Ray heads stay alone
+    raywatch.start_local_head(address="local")
+    assert calls == [{"address": "local"}, "shutdown", {"address": "local"}]
+
+    def broken(**kwargs):
+        raise ValueError("another problem")
+
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(ValueError):  # anything else is not retried
+        raywatch.start_local_head(address="local")

@@ -197,7 +197,7 @@ def test_checkpoint_reloads_through_gptqmodel_and_transformers_and_generates(qua
 
     from compressor.modeling import load_tokenizer
 
-    out = quantized[0] / "model"
+    out = quantized[0]  # OUT is the checkpoint
     tokenizer = load_tokenizer(out)
     prompt = tokenizer("The list is", return_tensors="pt")["input_ids"]
     for model in (GPTQModel.load(str(out), device="cpu").model, load_plain(out)):
@@ -211,7 +211,7 @@ def test_checkpoint_reloads_through_gptqmodel_and_transformers_and_generates(qua
 def test_lm_eval_cli_evaluates_the_quantized_checkpoint(quantized, tmp_path):
     from compressor import zoo
 
-    out = quantized[0] / "model"
+    out = quantized[0]  # OUT is the checkpoint
     lm_eval = Path(sys.executable).with_name("lm_eval")
     result = subprocess.run(
         [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={out}", "--device", "cpu", "--tasks", "ref_ppl",
@@ -275,7 +275,7 @@ def test_cli_quantizes_and_reports(misaligned_model, tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "quantized to 8-bit, group size 32" in result.stdout
+    assert "quantized with gptq to 8-bit, group size 32" in result.stdout
     assert Manifest.read(out).details["bits"] == 8
 
 

@@ -31,13 +31,17 @@ def run(spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageResult:
 
 def flops(spec: QuantizeSpec, given: EstimateInput) -> float:
     from compressor import estimate
+    from compressor.stages.quantize import methods
 
-    samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES)
-    return estimate.gptq_flops(given.in_config, samples, seq_len)
+    calibrated = hasattr(spec, "samples")  # GGUF rounds without calibration data
+    samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES) if calibrated else (0, 0)
+    return methods.flops(spec, given.in_config, samples, seq_len)
 
 
 def result_line(manifest) -> str:
     d = manifest.details
+    if d.get("method") == "gguf":
+        return f"quantized to GGUF {d.get('quant_type', '?')} ({d.get('bits_per_weight', '?')} bits per weight)"
     return (f"quantized with {d.get('method', 'gptq')} to {d.get('bits', '?')}-bit, group size {d.get('group_size', '-')}: "
             f"linear weights {d.get('linear_bytes_in') or '?'} -> {d.get('linear_bytes_out', '?')} bytes "
             f"({d.get('linear_compression') or '?'}x), kernel here {d.get('kernel_here', '-')}")
