@@ -93,11 +93,11 @@ def _load(model_dir: Path, device: str, dtype: str):
 
     trust = remote_code.enabled()  # off unless the pipeline sets teacher.trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device, trust_remote_code=trust,
-                                                 **_gguf_weights(model_dir))
+                                                 **_gguf_weights(model_dir, trust))
     return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust)
 
 
-def _gguf_weights(model_dir: Path) -> dict:
+def _gguf_weights(model_dir: Path, trust: bool) -> dict:
     """A GGUF stage output keeps its weights in the .gguf that config.json's quantization_config names; transformers
     reads them (dequantized: the gate judges the GGUF's weights) only when given the file. The checkpoint's own
     config goes with it: transformers' GGUF config mapping drops rope scaling (llama.cpp keeps it as a tensor)."""
@@ -106,7 +106,7 @@ def _gguf_weights(model_dir: Path) -> dict:
         return {}
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
     del config.quantization_config  # the file is named by gguf_file; transformers warns when given both
     return {"gguf_file": quant["gguf_file"], "config": config}
 

@@ -131,3 +131,13 @@ def simulated_cluster(nodes: int):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, tiny_test_overrides, hub_cache):
+    """The two shared runs of tests/pipeline_runs.py, the teacher `acme/tiny-llama@main` from the hub cache above."""
+    from pipeline_runs import run_twice
+
+    hub_teacher = [f"teacher.model={hub_cache['repo']}", "teacher.revision=main"]
+    return run_twice(tmp_path_factory.getbasetemp() / "pipeline_runs", [*tiny_test_overrides, *hub_teacher],
+                     hub_cache["env"])

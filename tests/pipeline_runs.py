@@ -1,6 +1,8 @@
 """Two runs of the shipped tiny pipeline at test size, differing only in the prune target (192 and 256 MLP neurons),
-tracked by a real `mlflow server` on loopback. Shared by tests/test_tracking.py and tests/test_report.py: the runs
-happen once per pytest session (memoized here); each test module starts its own server on the same store."""
+tracked by a real `mlflow server` on loopback, with the teacher a hub id served by an offline Hugging Face cache (as
+a user with the hub runs the flagship recipe). The runs happen once per pytest session (the `tiny_runs` fixture of
+conftest.py) and are shared: the end-to-end and console tests read the first run, tracking and report start their
+own server on the same store, and the AWQ / GGUF chains take prune and distill from its caches."""
 
 from __future__ import annotations
 
@@ -81,22 +83,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def compressor(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m compressor ARGS` offline, without a TTY, on a wide console (tables on one line)."""
+def compressor(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m compressor ARGS` offline, without a TTY, on a wide console (tables on one line); `env` adds to
+    this process's environment."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1",
-           "COLUMNS": "250"}
+           "COLUMNS": "250", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=ROOT)
 
 
-_SESSION: dict = {}
+@dataclass
+class TinyRuns:
+    base: Path  # storage is base / "artifacts"
+    store: Store
+    runs: list[PipelineRun]
+    overrides: list[str]  # the KEY=VALUE overrides of both runs, except the prune target
+    env: dict  # the environment that resolves the hub teacher
+
+    @property
+    def storage(self) -> Path:
+        return self.base / "artifacts"
 
 
-def store_and_runs(base: Path, overrides: list[str]) -> tuple[Store, list[PipelineRun]]:
-    """The shared store and the two pipeline runs (run now, through a server, on the first call of the session)."""
-    if "runs" in _SESSION:
-        return _SESSION["store"], _SESSION["runs"]
+def run_twice(base: Path, overrides: list[str], env: dict) -> TinyRuns:
+    """The shared store and the two pipeline runs (tiny_runs in conftest.py calls this once per session)."""
     base.mkdir(parents=True, exist_ok=True)
     store = Store(base / "mlflow.db", base / "mlartifacts")
     runs = []
@@ -105,10 +116,10 @@ def store_and_runs(base: Path, overrides: list[str]) -> tuple[Store, list[Pipeli
             summary_path = base / f"summary-{size}.json"
             result = compressor("run", str(PIPELINE), f"storage={base / 'artifacts'}", *overrides,
                                 f"stages.prune.target.intermediate_size={size}", "--tracking-uri", server.uri,
-                                "--register", REGISTERED_NAME, "--summary-json", str(summary_path), timeout=1800)
+                                "--register", REGISTERED_NAME, "--summary-json", str(summary_path), timeout=1800,
+                                env=env)
             assert result.returncode == 0, f"pipeline (intermediate_size={size}) failed:\n{result.stderr[-6000:]}"
             summary = json.loads(summary_path.read_text())
             run_id = next(line.split()[3] for line in result.stdout.splitlines() if line.startswith("report: "))
             runs.append(PipelineRun(size, summary, result.stdout, result.stderr, run_id))
-    _SESSION.update(store=store, runs=runs)
-    return store, runs
+    return TinyRuns(base, store, runs, list(overrides), dict(env))

@@ -4,8 +4,10 @@ once, and, end to end, two different pipelines and the same pipeline twice on on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -206,7 +208,14 @@ def test_two_pipelines_and_the_same_pipeline_twice_on_one_machine_and_store(tmp_
 
     first, third = run(pipeline, "first", "trace"), run(other, "other", "trace-other")
     wait_for(first_holds_distill, 300, "the first run to hold the distill stage")
+    # first's Ray workers pause (its driver keeps the lease) until second is seen waiting: second starts in tens of
+    # seconds to minutes on a busy machine, which would otherwise let first finish before second gets there
+    frozen = signal_ray_workers(first.pid, signal.SIGSTOP)
     second = run(pipeline, "second", "trace")
+    try:
+        wait_for(lambda: "distill: waiting for another run" in second.output, 600, "second to wait for first")
+    finally:
+        signal_ray_workers(first.pid, signal.SIGCONT, frozen)
     for each in (first, second, third):
         assert each.finish() == 0, each.output[-4000:]
 
@@ -230,6 +239,25 @@ def test_two_pipelines_and_the_same_pipeline_twice_on_one_machine_and_store(tmp_
     assert len(trained) == 1 and client.get_metric_history(trained[0].info.run_id, "loss")
     assert len(list((store / "rerun").glob("distill-*/manifest.json"))) == 1
     assert len(list((store / "other").glob("distill-*/manifest.json"))) == 1
+
+
+def signal_ray_workers(session: int, signum: int, processes: list | None = None) -> list:
+    """Send `signum` to the Ray worker processes (`ray::...`) of the run leading `session`, or to `processes`."""
+    import psutil
+
+    if processes is None:
+        processes = []
+        for process in psutil.process_iter(["pid", "name"]):
+            try:
+                if os.getsid(process.pid) == session and process.info["name"].startswith("ray::"):
+                    processes.append(process)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        assert processes, f"no Ray worker of pid {session} found"
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signum)
+    return processes
 
 
 def test_a_local_head_whose_raylet_was_slow_to_register_is_started_again(monkeypatch):

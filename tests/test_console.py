@@ -4,14 +4,11 @@ libraries print goes to per-stage log files."""
 import io
 import logging
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 WARNING_TEXT = ("Warning:", "warnings.warn", "FutureWarning", "DeprecationWarning", "INFO ")
 
 
@@ -62,16 +59,10 @@ def test_driver_progress_without_a_tty_prints_a_line_per_interval_not_per_update
 
 
 @pytest.mark.slow
-def test_run_console_without_tty_is_short_and_libraries_output_is_in_stage_logs(tmp_path, tiny_test_overrides):
-    storage = tmp_path / "artifacts"
-    cmd = [sys.executable, "-m", "compressor", "run", str(ROOT / "pipelines" / "tiny.yaml"), f"storage={storage}",
-           *tiny_test_overrides, "stages.distill.steps=10"]
-    result = subprocess.run(cmd, capture_output=True, text=True,
-                            env={**os.environ, "GPTQMODEL_DISABLE_PACK_EXT": "1", "HF_HUB_OFFLINE": "1",
-                                 "HF_DATASETS_OFFLINE": "1"})
-    console = result.stdout + result.stderr
-    (tmp_path / "console.txt").write_text(console)
-    assert result.returncode == 0, result.stderr[-5000:]
+def test_run_console_without_tty_is_short_and_libraries_output_is_in_stage_logs(tiny_runs):
+    """The first of the session's shared runs (tests/pipeline_runs.py): `compressor run` without a TTY."""
+    first = tiny_runs.runs[0]
+    console = first.stdout + first.stderr
     lines = console.splitlines()
     assert len(lines) < 80, console
     for text in WARNING_TEXT:
@@ -80,8 +71,9 @@ def test_run_console_without_tty_is_short_and_libraries_output_is_in_stage_logs(
         assert f"{stage}: done in" in console
     assert "gate" in console
 
-    logs = {p.parent.name.split("-")[0]: p.read_text() for p in (storage / "tiny").glob("*/stage.log")}
-    assert set(logs) >= {"prune", "distill", "quantize"}, logs.keys()
+    storage = tiny_runs.storage
+    logs = {s["name"]: (storage / "tiny" / f"{s['name']}-{s['key'][:12]}" / "stage.log").read_text()
+            for s in first.summary["stages"]}
     assert "INFO:" in logs["quantize"], logs["quantize"][-2000:]  # libraries' logging, e.g. GPTQModel's tokenizer fix
     assert "Loading weights" in logs["prune"]  # transformers' tqdm bar, printed in a Ray worker
     eval_logs = "".join(p.read_text() for p in (storage / "_logs").glob("tiny-evaluate-*.log"))

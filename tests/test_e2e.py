@@ -1,34 +1,19 @@
 """End to end: the shipped default pipeline (pipelines/tiny.yaml), run for real with the test-size reference
 teacher: prune -> distill -> quantize, each evaluated with lm-eval and gated, tracked in MLflow, then re-run
-from the cache without Ray."""
+from the cache without Ray. The run is the first of the session's shared runs (tests/pipeline_runs.py): the
+teacher is a hub id (`acme/tiny-llama@main`) served by an offline Hugging Face cache, as a user with the hub
+would run the flagship recipe: resolved once, published to the storage, read by every stage from there."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ROOT / "pipelines" / "tiny.yaml"
-
-def run(storage: Path, overrides: list[str], env: dict):
-    cmd = [sys.executable, "-m", "compressor", "run", str(PIPELINE), f"storage={storage}", *overrides,
-           "--summary-json", str(storage / "summary.json")]
-    result = subprocess.run(cmd, capture_output=True, text=True,
-                            env={**__import__("os").environ, "GPTQMODEL_DISABLE_PACK_EXT": "1", **env})
-    summary = json.loads((storage / "summary.json").read_text()) if result.returncode == 0 else None
-    return result, summary
+from pipeline_runs import PIPELINE, compressor
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides, hub_cache):
-    """The teacher is a hub id (`acme/tiny-llama@main`) served by an offline Hugging Face cache, as a user with the
-    hub would run the flagship recipe: resolved once, published to the storage, read by every stage from there."""
-    storage = tmp_path / "artifacts"
-    hub_teacher = [f"teacher.model={hub_cache['repo']}", "teacher.revision=main"]
-    result, summary = run(storage, [*tiny_test_overrides, *hub_teacher], hub_cache["env"])
-    assert result.returncode == 0, result.stderr[-5000:]
+def test_tiny_pipeline_end_to_end(tiny_runs, hub_cache, tmp_path):
+    first = tiny_runs.runs[0]
+    summary, console = first.summary, first.stdout + first.stderr
     stages = {s["name"]: s for s in summary["stages"]}
     assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"]
 
@@ -40,10 +25,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides, hub_cache):
     assert distilled < pruned, "distillation must win back part of it"
     assert quantized <= distilled + 0.05
     assert stages["quantize"]["bytes"] < stages["distill"]["bytes"] / 2.5
-    assert "gate" in result.stdout + result.stderr and "FAIL" not in result.stdout + result.stderr
+    assert "gate" in console and "FAIL" not in console
 
     # the final checkpoint loads as a user would, and generates
-    final = next((storage / "tiny").glob("quantize-*/model"))
+    storage = tiny_runs.storage
+    final = storage / "tiny" / f"quantize-{stages['quantize']['key'][:12]}" / "model"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(final)
@@ -54,10 +40,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides, hub_cache):
     # MLflow: a parent run, a nested child per stage and for the baseline, with the gate verdicts
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{storage}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_runs.store.db}")
+    parent = client.get_run(first.run_id)
+    runs = client.search_runs([parent.info.experiment_id])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.run_id}
     assert set(children) == {"baseline", "prune", "distill", "quantize"}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["distill"].data.tags["gate"] == "passed"
@@ -68,7 +54,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, tiny_test_overrides, hub_cache):
     assert (snapshot / "manifest.json").is_file() and not list((storage / "tiny").glob("pending/*"))
 
     # a re-run finds everything cached and starts neither Ray nor a new MLflow run
-    result, summary = run(storage, [*tiny_test_overrides, *hub_teacher], hub_cache["env"])
+    summary_path = tmp_path / "summary.json"
+    result = compressor("run", str(PIPELINE), f"storage={storage}", *tiny_runs.overrides,
+                        f"stages.prune.target.intermediate_size={first.intermediate_size}",
+                        "--tracking-uri", f"sqlite:///{tiny_runs.store.db}", "--summary-json", str(summary_path),
+                        env=tiny_runs.env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [s["status"] for s in summary["stages"]] == ["cached", "cached", "cached"]
+    assert [s["status"] for s in json.loads(summary_path.read_text())["stages"]] == ["cached", "cached", "cached"]
     assert "Ray" not in result.stderr and len(client.search_runs([parent.info.experiment_id])) == len(runs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_runs import MlflowServer, compressor, store_and_runs
+from pipeline_runs import MlflowServer, compressor
 
 STAGES = ["prune", "distill", "quantize"]
 
@@ -20,10 +20,9 @@ def test_report_without_a_store_exits_2_with_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_test_overrides):
-    store, runs = store_and_runs(tmp_path_factory.getbasetemp() / "pipeline_runs", tiny_test_overrides)
-    with MlflowServer(store, store.db.parent / "server-report.log") as running:
-        yield running, runs
+def server(tiny_runs):
+    with MlflowServer(tiny_runs.store, tiny_runs.base / "server-report.log") as running:
+        yield running, tiny_runs.runs
 
 
 def _pixels(png: Path) -> np.ndarray:

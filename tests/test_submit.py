@@ -39,8 +39,9 @@ def clean_env(**extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A Ray head on 127.0.0.1 with a dashboard; yields its URL."""
+def head(hub_cache):
+    """A Ray head on 127.0.0.1 with a dashboard; yields its URL. Its processes (and so its jobs) resolve the hub
+    teacher of the session's shared runs (tests/pipeline_runs.py) from the offline Hugging Face cache."""
     temp_dir = tempfile.mkdtemp(prefix="cr-", dir="/tmp")  # short: Ray's unix socket paths live under it
     port, dashboard, agent = free_port(), free_port(), free_port()
     log = open(Path(temp_dir) / "ray-start.log", "w")
@@ -48,7 +49,7 @@ def head():
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",  # default 52365 may be taken
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=clean_env(**hub_cache["env"]), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
@@ -186,7 +187,9 @@ def test_job_exit_code_and_stop(head):
 
 # ----------------------------------------------------------------------------- the tiny pipeline, end to end
 @pytest.mark.slow
-def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, tmp_path, tiny_test_overrides):
+def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, tmp_path, tiny_runs):
+    """Into the storage of the session's shared runs, with the quantize stage changed: prune and distill come from
+    its cache, quantize and its evaluation run as Ray tasks of the job; the second submission finds it all cached."""
     from mlflow.tracking import MlflowClient
 
     from compressor.commands.pipeline import resolve_pipeline
@@ -195,7 +198,9 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     work.mkdir()
     shutil.copy(resolve_pipeline(None), work / "tiny.yaml")  # the small upload: just the pipeline
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [f"storage={tmp_path / 'store'}", f"tracking.uri={tracking}", *tiny_test_overrides]
+    overrides = [f"storage={tiny_runs.storage}", f"tracking.uri={tracking}", *tiny_runs.overrides,
+                 f"stages.prune.target.intermediate_size={tiny_runs.runs[0].intermediate_size}",
+                 "stages.quantize.damp_percent=0.02"]
     result = cli("submit", "tiny.yaml", *overrides, "--address", head, "--wait", cwd=work, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_id = result.stdout.splitlines()[0]
@@ -208,6 +213,8 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) >= 3 and all(r.info.status == "FINISHED" for r in children)
+    cached = {r.info.run_name: r.data.tags.get("cached") for r in children if r.info.run_name != "baseline"}
+    assert cached == {"prune": "true", "distill": "true", "quantize": "false"}
 
     plain = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(work), "--",

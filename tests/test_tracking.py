@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.entities import LoggedModelStatus
-from pipeline_runs import REGISTERED_NAME, MlflowServer, store_and_runs
+from pipeline_runs import REGISTERED_NAME, MlflowServer
 
 from compressor import checkpoint, estimate
 from compressor.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
@@ -27,10 +27,9 @@ def test_an_existing_experiment_gets_the_kind_that_opens_the_ui_on_runs(tmp_path
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_test_overrides):
-    store, runs = store_and_runs(tmp_path_factory.getbasetemp() / "pipeline_runs", tiny_test_overrides)
-    with MlflowServer(store, store.db.parent / "server-tracking.log") as running:
-        yield running, runs
+def server(tiny_runs):
+    with MlflowServer(tiny_runs.store, tiny_runs.base / "server-tracking.log") as running:
+        yield running, tiny_runs.runs
 
 
 def _client(server):

@@ -135,32 +135,29 @@ def test_lm_eval_cli_evaluates_the_awq_checkpoint(awq, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the tiny chain with method: awq
-def run_with_quantize(tmp_path_factory, overrides: list[str], quantize: list[str], out: Path) -> tuple[Path, dict]:
+def run_with_quantize(tiny_runs, quantize: list[str], out: Path) -> tuple[Path, dict]:
     """The shipped tiny pipeline at test size with its quantize stage changed by `quantize` overrides, into the
     storage the session's tiny-pipeline runs filled (tests/pipeline_runs.py): prune and distill, the teacher's
     baseline and their evaluations come from the caches; only this quantize stage and its evaluation run."""
-    from pipeline_runs import PIPELINE, compressor, store_and_runs
+    from pipeline_runs import PIPELINE, compressor
 
-    base = tmp_path_factory.getbasetemp() / "pipeline_runs"
-    store_and_runs(base, overrides)
     summary_path = out / "summary.json"
-    result = compressor("run", str(PIPELINE), f"storage={base / 'artifacts'}", *overrides, *quantize,
+    result = compressor("run", str(PIPELINE), f"storage={tiny_runs.storage}", *tiny_runs.overrides, *quantize,
                         "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", "--summary-json", str(summary_path),
-                        timeout=900)
+                        timeout=900, env=tiny_runs.env)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "FAIL" not in result.stdout + result.stderr
     summary = json.loads(summary_path.read_text())
     assert [(s["name"], s["status"]) for s in summary["stages"]] == [
         ("prune", "cached"), ("distill", "cached"), ("quantize", "ran")]
-    return base / "artifacts" / "tiny", summary
+    return tiny_runs.storage / "tiny", summary
 
 
 @pytest.mark.slow
-def test_tiny_chain_with_awq_passes_its_gates(tmp_path_factory, tiny_test_overrides, tmp_path):
+def test_tiny_chain_with_awq_passes_its_gates(tiny_runs, tmp_path):
     from compressor.manifest import Manifest
 
-    pipeline_dir, summary = run_with_quantize(tmp_path_factory, tiny_test_overrides, ["stages.quantize.method=awq"],
-                                              tmp_path)
+    pipeline_dir, summary = run_with_quantize(tiny_runs, ["stages.quantize.method=awq"], tmp_path)
     stages = {s["name"]: s for s in summary["stages"]}
     manifest = Manifest.read(pipeline_dir / f"quantize-{stages['quantize']['key'][:12]}")
     assert (manifest.details["method"], manifest.details["group_size"]) == ("awq", 64)

@@ -264,14 +264,12 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused():
 
 # ----------------------------------------------------------------------------- the tiny chain with method: gguf
 @pytest.mark.slow
-def test_tiny_chain_with_gguf_passes_its_gates_and_the_file_has_the_pruned_shapes(tmp_path_factory,
-                                                                                 tiny_test_overrides, tmp_path):
+def test_tiny_chain_with_gguf_passes_its_gates_and_the_file_has_the_pruned_shapes(tiny_runs, tmp_path):
     from test_quantize_awq import run_with_quantize
 
     from compressor.manifest import Manifest
 
-    pipeline_dir, summary = run_with_quantize(tmp_path_factory, tiny_test_overrides,
-                                              ["stages.2.quantize={method: gguf, quant_type: Q4_0}"], tmp_path)
+    pipeline_dir, summary = run_with_quantize(tiny_runs, ["stages.2.quantize={method: gguf, quant_type: Q4_0}"], tmp_path)
     stages = {s["name"]: s for s in summary["stages"]}
     stage_dir = pipeline_dir / f"quantize-{stages['quantize']['key'][:12]}"
     assert Manifest.read(stage_dir).details["method"] == "gguf"
