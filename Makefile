@@ -9,6 +9,7 @@ setup:
 run: setup  ## run the embedded default pipeline (offline reference teacher: prune -> distill -> quantize)
 	.venv/bin/compressor run
 
-test: setup  ## lint (ruff, configured in pyproject.toml), then the test suite, the end-to-end pipeline test included
+test: setup  ## lint and format check (ruff, configured in pyproject.toml), then the test suite, end-to-end test included
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/python -m pytest -q --durations=15

@@ -81,8 +81,12 @@ def tokenize_throughput(text: Path, tokenizer_dir: str, tokens: int, repeats: in
             return shards.prepare(source, tokenizer_dir, SEQ_LEN, sequences, root)[1].tokens
 
     for _ in range(repeats):  # alternating, so that both see the same load from other processes
-        timed("tokenizer", lambda: sum(len(ids) + 1 for batch in batched(docs, shards.DOCUMENT_BATCH)
-                                       for ids in encode_batch(tokenizer, batch)))
+        timed(
+            "tokenizer",
+            lambda: sum(
+                len(ids) + 1 for batch in batched(docs, shards.DOCUMENT_BATCH) for ids in encode_batch(tokenizer, batch)
+            ),
+        )
         timed("writer", writer)
     out = {"tokens": sequences * SEQ_LEN, "documents": len(docs), "seq_len": SEQ_LEN, "best_of": repeats}
     for clock in ("wall", "cpu"):
@@ -103,19 +107,30 @@ def prepare_probe(text: str, tokenizer_dir: str, tokens: int) -> dict:
         start = time.perf_counter()
         _, index = shards.prepare(DataSource(source=text), tokenizer_dir, SEQ_LEN, tokens // SEQ_LEN, root)
         seconds = time.perf_counter() - start
-    return {"tokens": index.tokens, "seconds": round(seconds, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "tokens": index.tokens,
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def rss(text: Path, tokenizer_dir: str) -> dict:
     def probe(tokens: int) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--probe", str(text), "--tokenizer", tokenizer_dir,
-                              "--tokens", str(tokens)], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--probe", str(text), "--tokenizer", tokenizer_dir, "--tokens", str(tokens)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     small, large = probe(10_000_000), probe(100_000_000)
-    return {"prepare_10M": small, "prepare_100M": large,
-            "rss_ratio": round(large["peak_rss_mib"] / small["peak_rss_mib"], 3), "rss_goal": "<= 1.2"}
+    return {
+        "prepare_10M": small,
+        "prepare_100M": large,
+        "rss_ratio": round(large["peak_rss_mib"] / small["peak_rss_mib"], 3),
+        "rss_goal": "<= 1.2",
+    }
 
 
 # ----------------------------------------------------------------------------- 3. distill throughput
@@ -144,12 +159,22 @@ def distill_throughput(text: Path, tokenizer_dir: str, steps: int) -> dict:
         paths = []
         for name, mlp, seed in (("teacher", 768, 1), ("student", 384, 2)):
             torch.manual_seed(seed)
-            config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=mlp, num_hidden_layers=8,
-                                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+            config = LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=256,
+                intermediate_size=mlp,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                head_dim=32,
+                max_position_embeddings=512,
+            )
             LlamaForCausalLM(config).save_pretrained(Path(tmp) / name)
             paths.append(str(Path(tmp) / name))
         engines = build_engines(spec, paths[1], paths[0], 1, micro, accum)
-        directory, _ = shards.prepare(DataSource(source=str(text)), tokenizer_dir, seq, sequences, str(Path(tmp) / "data"))
+        directory, _ = shards.prepare(
+            DataSource(source=str(text)), tokenizer_dir, seq, sequences, str(Path(tmp) / "data")
+        )
         plan = BatchPlan(sequences, spec.global_batch, 1, micro, seed=0)
         from_shards = WorkerData(directory, sequences, plan, 0, steps=2 * steps + 2)
         blocks = torch.from_numpy(shards.ShardReader(directory).read(np.arange(sequences)).astype(np.int64))
@@ -169,8 +194,11 @@ def distill_throughput(text: Path, tokenizer_dir: str, steps: int) -> dict:
                 times[name, "cpu"].append(time.process_time() - cpu)
         from_shards.close()
     tokens_per_step = micro * accum * seq
-    out = {"model": "Llama 8 layers x 256, vocab of the tokenizer; 1 worker, 1 thread",
-           "batch": f"{accum} x {micro} x {seq} tokens per step", "steps_timed": steps}
+    out = {
+        "model": "Llama 8 layers x 256, vocab of the tokenizer; 1 worker, 1 thread",
+        "batch": f"{accum} x {micro} x {seq} tokens per step",
+        "steps_timed": steps,
+    }
     for clock in ("wall", "cpu"):
         shard_tps = tokens_per_step / statistics.median(times["shards", clock])
         memory_tps = tokens_per_step / statistics.median(times["memory", clock])
@@ -202,9 +230,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         need = args.throughput_tokens if args.skip_rss else 100_000_000
         text = corpus_file(Path(tmp) / "corpus.txt", int(need * 1.02), load_tokenizer(tokenizer_dir))
-        report = {"corpus": f"{text.stat().st_size / 1e6:.0f} MB of text (tiny-test corpus, reshuffled copies)",
-                  "cpus": os.cpu_count(),
-                  "tokenize": tokenize_throughput(text, tokenizer_dir, args.throughput_tokens, args.repeats)}
+        report = {
+            "corpus": f"{text.stat().st_size / 1e6:.0f} MB of text (tiny-test corpus, reshuffled copies)",
+            "cpus": os.cpu_count(),
+            "tokenize": tokenize_throughput(text, tokenizer_dir, args.throughput_tokens, args.repeats),
+        }
         if not args.skip_rss:
             report["memory"] = rss(text, tokenizer_dir)
         report["distill"] = distill_throughput(text, tokenizer_dir, args.steps)

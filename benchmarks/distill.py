@@ -40,8 +40,16 @@ def tiny_llamas(root: Path) -> tuple[str, str]:
     paths = []
     for name, mlp, seed in (("teacher", 768, 1), ("student", 384, 2)):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=mlp, num_hidden_layers=8,
-                             num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+        config = LlamaConfig(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=mlp,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+        )
         LlamaForCausalLM(config).save_pretrained(root / name)
         paths.append(str(root / name))
     return paths[0], paths[1]
@@ -53,8 +61,12 @@ def plain_kd_step(student, teacher, optimizer, batches, clip: float) -> None:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=tokens).logits[:, :-1].float()
         student_logits = student(input_ids=tokens).logits[:, :-1].float()
-        loss = F.kl_div(F.log_softmax(student_logits, -1).flatten(0, 1), F.log_softmax(teacher_logits, -1).flatten(0, 1),
-                        log_target=True, reduction="batchmean")
+        loss = F.kl_div(
+            F.log_softmax(student_logits, -1).flatten(0, 1),
+            F.log_softmax(teacher_logits, -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
         (loss / len(batches)).backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
     optimizer.step()
@@ -72,8 +84,14 @@ def throughput(steps: int, zero: int) -> dict:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     micro, accum, seq = 4, 2, 256
-    spec = DistillSpec(data="bench", steps=steps, global_batch=micro * accum, micro_batch=micro, lr=1e-4,
-                       deepspeed={"zero_stage": zero})
+    spec = DistillSpec(
+        data="bench",
+        steps=steps,
+        global_batch=micro * accum,
+        micro_batch=micro,
+        lr=1e-4,
+        deepspeed={"zero_stage": zero},
+    )
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 4096, (micro, seq), generator=gen) for _ in range(accum)]
     tokens_per_step = micro * accum * seq
@@ -102,9 +120,13 @@ def throughput(steps: int, zero: int) -> dict:
             times[name]["wall"].append(time.perf_counter() - wall)
             times[name]["cpu"].append(time.process_time() - cpu)
     params = [sum(p.numel() for p in m.parameters()) for m in (teacher, student)]
-    out = {"zero_stage": zero, "zero_stage_run": engines.zero_stage,
-           "model": f"Llama 8 layers x 256: teacher {params[0] / 1e6:.1f}M params, MLP-halved student {params[1] / 1e6:.1f}M",
-           "batch": f"{accum} x {micro} x {seq} tokens per optimizer step", "steps_timed": steps}
+    out = {
+        "zero_stage": zero,
+        "zero_stage_run": engines.zero_stage,
+        "model": f"Llama 8 layers x 256: teacher {params[0] / 1e6:.1f}M params, MLP-halved student {params[1] / 1e6:.1f}M",
+        "batch": f"{accum} x {micro} x {seq} tokens per optimizer step",
+        "steps_timed": steps,
+    }
     for clock in ("wall", "cpu"):
         stage_tps = tokens_per_step / statistics.median(times["stage"][clock])
         plain_tps = tokens_per_step / statistics.median(times["plain"][clock])
@@ -134,7 +156,9 @@ def memory_probe(variant: str, chunk_tokens: int) -> dict:
     current = _rss_kib()
     if variant == "naive":
         s_logits, t_logits = head_s(h_s).float(), head_t(h_t).float()
-        loss = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+        loss = F.kl_div(
+            F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean"
+        )
     else:
         loss = kd_loss(h_s, h_t, targets, head_s, head_t, KDLoss(chunk_tokens=chunk_tokens)).loss
     loss.backward()
@@ -153,12 +177,20 @@ def memory(chunk_tokens: list[int]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
     def probe(variant, chunk=0):
-        out = subprocess.run([sys.executable, __file__, "--memory-probe", variant, "--chunk", str(chunk)],
-                             capture_output=True, text=True, check=True, env=env).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-probe", variant, "--chunk", str(chunk)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     naive = probe("naive")
-    result = {"shape": f"vocab {VOCAB} x seq {SEQ}, hidden {HIDDEN}, fp32", "naive_peak_mib": round(naive["peak_growth_mib"], 1)}
+    result = {
+        "shape": f"vocab {VOCAB} x seq {SEQ}, hidden {HIDDEN}, fp32",
+        "naive_peak_mib": round(naive["peak_growth_mib"], 1),
+    }
     for chunk in chunk_tokens:
         chunked = probe("chunked", chunk)
         assert abs(chunked["loss"] - naive["loss"]) < 1e-3 * max(1.0, abs(naive["loss"])), (chunked, naive)
@@ -182,8 +214,11 @@ def main() -> None:
         return
     from compressor.stages.distill.spec import KDLoss
 
-    report = {"memory": memory([KDLoss().chunk_tokens, 256]), "throughput": throughput(args.steps, args.zero),
-              "gpu_mfu": "not measured: no GPU on this machine"}
+    report = {
+        "memory": memory([KDLoss().chunk_tokens, 256]),
+        "throughput": throughput(args.steps, args.zero),
+        "gpu_mfu": "not measured: no GPU on this machine",
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -20,8 +20,11 @@ COMPRESSOR = [sys.executable, "-m", "compressor"]
 
 def timed_run(pipeline: str, overrides: list[str], storage: Path, summary: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([*COMPRESSOR, "run", pipeline, *overrides, f"storage={storage}", "--summary-json", str(summary)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*COMPRESSOR, "run", pipeline, *overrides, f"storage={storage}", "--summary-json", str(summary)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -41,15 +44,20 @@ def main() -> None:
     finally:
         if args.storage is None:
             shutil.rmtree(storage, ignore_errors=True)
-    print(json.dumps({
-        "pipeline": args.pipeline,
-        "first_run_wall_s": round(first, 2),
-        "stage_compute_s": round(compute, 2),
-        "orchestration_overhead_s": round(first - compute, 2),
-        "overhead_fraction": round((first - compute) / first, 3),
-        "cached_rerun_wall_s": round(second, 2),
-        "cached_rerun_statuses": statuses,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "pipeline": args.pipeline,
+                "first_run_wall_s": round(first, 2),
+                "stage_compute_s": round(compute, 2),
+                "orchestration_overhead_s": round(first - compute, 2),
+                "overhead_fraction": round((first - compute) / first, 3),
+                "cached_rerun_wall_s": round(second, 2),
+                "cached_rerun_statuses": statuses,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,22 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed, which otherwise prints to stdout
 
 
-def build_random_llama(out: Path, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int) -> None:
+def build_random_llama(
+    out: Path, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int
+) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
 
 
@@ -61,16 +70,27 @@ def warm_up(model_dir: str, out_dir: str) -> None:
     from compressor.stages.prune.importance import estimate
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    mini = dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
-                num_hidden_layers=1, vocab_size=128)
-    kwargs = {k: v for k, v in {**config, **mini}.items() if k not in ("model_type", "layer_types", "transformers_version")}
+    mini = dict(
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=1,
+        vocab_size=128,
+    )
+    kwargs = {
+        k: v for k, v in {**config, **mini}.items() if k not in ("model_type", "layer_types", "transformers_version")
+    }
     AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **kwargs)).save_pretrained(out_dir)
     model = load_model(out_dir)
     estimate(model, torch.ones(2, 8, dtype=torch.long), head_dim=32)
     model.save_pretrained(out_dir)
 
 
-def measure(model_dir: str, samples: int, seq_len: int, batch_size: int, threads: int, align: int, repeats: int) -> dict:
+def measure(
+    model_dir: str, samples: int, seq_len: int, batch_size: int, threads: int, align: int, repeats: int
+) -> dict:
     import gc
 
     import torch
@@ -85,8 +105,10 @@ def measure(model_dir: str, samples: int, seq_len: int, batch_size: int, threads
     torch.set_num_threads(threads)
     config = read_config(model_dir)
     src = shapes.source_shape(config)
-    target = {"hidden_size": max(align, round(src.hidden_size * 0.75 / align) * align),
-              "intermediate_size": max(align, round(src.intermediate_size * 0.64 / align) * align)}
+    target = {
+        "hidden_size": max(align, round(src.hidden_size * 0.75 / align) * align),
+        "intermediate_size": max(align, round(src.intermediate_size * 0.64 / align) * align),
+    }
     out = shapes.target_shape(PruneSpec(target=target, align=align), config)
     blocks = torch.randint(0, config["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(0))
 
@@ -161,17 +183,41 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.model, args.samples, args.seq_len, args.batch_size, args.threads, args.align, args.repeats)))
+        print(
+            json.dumps(
+                measure(args.model, args.samples, args.seq_len, args.batch_size, args.threads, args.align, args.repeats)
+            )
+        )
         return
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
         model = args.model
         if model is None:
             model = str(Path(tmp) / "model")
-            build_random_llama(Path(model), args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab)
-        child = [sys.executable, __file__, "--measure", "--model", model, "--samples", str(args.samples),
-                 "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                 "--align", str(args.align), "--repeats", str(args.repeats)]
-        result = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            build_random_llama(
+                Path(model), args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab
+            )
+        child = [
+            sys.executable,
+            __file__,
+            "--measure",
+            "--model",
+            model,
+            "--samples",
+            str(args.samples),
+            "--seq-len",
+            str(args.seq_len),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+            "--align",
+            str(args.align),
+            "--repeats",
+            str(args.repeats),
+        ]
+        result = json.loads(
+            subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        )
     print(json.dumps({"benchmark": "prune", **result}, indent=2))
 
 

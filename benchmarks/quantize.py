@@ -34,8 +34,9 @@ def worker(args) -> None:
     from compressor.config.schema import DataSource
     from compressor.stages.quantize.spec import QuantizeSpec
 
-    spec = QuantizeSpec(bits=args.bits, group_size=args.group_size, calibration="calib",
-                        samples=args.samples, seq_len=args.seq_len)
+    spec = QuantizeSpec(
+        bits=args.bits, group_size=args.group_size, calibration="calib", samples=args.samples, seq_len=args.seq_len
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     if args.worker == "stage":
         from compressor.runner import run_standalone
@@ -46,8 +47,13 @@ def worker(args) -> None:
         from gptqmodel import GPTQModel, QuantizeConfig
 
         rows = json.loads(Path(args.rows).read_text())
-        config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=spec.sym,
-                                damp_percent=spec.damp_percent)
+        config = QuantizeConfig(
+            bits=spec.bits,
+            group_size=spec.group_size,
+            desc_act=spec.desc_act,
+            sym=spec.sym,
+            damp_percent=spec.damp_percent,
+        )
         model = GPTQModel.load(args.model, config)
         model.quantize(rows, batch_size=spec.batch_size)
         model.save(args.out)
@@ -62,16 +68,40 @@ def calibration_rows(model: str, source: str, samples: int, seq_len: int) -> lis
     from compressor.data import token_blocks
     from compressor.modeling import load_tokenizer
 
-    blocks = token_blocks(DataSource(source=source, samples=samples, seq_len=seq_len), load_tokenizer(model), samples, seq_len, 0)
+    blocks = token_blocks(
+        DataSource(source=source, samples=samples, seq_len=seq_len), load_tokenizer(model), samples, seq_len, 0
+    )
     return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in blocks.tolist()]
 
 
 def run(mode: str, args, workdir: Path, rows: Path, index: int) -> dict:
     out, result = workdir / f"{mode}-{index}", workdir / f"{mode}-{index}.json"
-    cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--calibration", args.calibration,
-           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--bits", str(args.bits),
-           "--group-size", str(args.group_size), "--threads", str(args.threads),
-           "--rows", str(rows), "--out", str(out), "--result", str(result)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--model",
+        args.model,
+        "--calibration",
+        args.calibration,
+        "--samples",
+        str(args.samples),
+        "--seq-len",
+        str(args.seq_len),
+        "--bits",
+        str(args.bits),
+        "--group-size",
+        str(args.group_size),
+        "--threads",
+        str(args.threads),
+        "--rows",
+        str(rows),
+        "--out",
+        str(out),
+        "--result",
+        str(result),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(result.read_text())
 
@@ -91,14 +121,16 @@ def main() -> None:
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # the direct call needs it on 2 cores (the stage sets it itself)
+    os.environ.setdefault(
+        "GPTQMODEL_CPU_WORKERS", "2"
+    )  # the direct call needs it on 2 cores (the stage sets it itself)
     if args.worker:
         return worker(args)
 
     if args.model.startswith("zoo:"):
         from compressor import zoo
 
-        name = args.model[len("zoo:"):]
+        name = args.model[len("zoo:") :]
         args.calibration = args.calibration or args.model
         args.model = str(zoo.ensure_model(name))
     if args.calibration is None:
@@ -114,18 +146,31 @@ def main() -> None:
                 runs[mode].append(run(mode, args, workdir, rows, i))
     stage, direct = (statistics.median(r["seconds"] for r in runs[m]) for m in ("stage", "direct"))
     stage_cpu, direct_cpu = (statistics.median(r["cpu_seconds"] for r in runs[m]) for m in ("stage", "direct"))
-    print(json.dumps({
-        "model": args.model, "bits": args.bits, "group_size": args.group_size,
-        "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "device": "cpu", "threads": args.threads,
-        "stage_s": round(stage, 2), "direct_gptqmodel_s": round(direct, 2), "ratio": round(stage / direct, 3),
-        "goal_ratio": 1.1,
-        # CPU seconds of all threads: steadier than wall time when other work shares the cores.
-        "stage_cpu_s": round(stage_cpu, 2), "direct_cpu_s": round(direct_cpu, 2), "cpu_ratio": round(stage_cpu / direct_cpu, 3),
-        "stage_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["stage"])),
-        "direct_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["direct"])),
-        "runs_s": {mode: [round(r["seconds"], 2) for r in rs] for mode, rs in runs.items()},
-        "gpu": "not measured (no GPU on this machine)",
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "bits": args.bits,
+                "group_size": args.group_size,
+                "calibration": {"samples": args.samples, "seq_len": args.seq_len},
+                "device": "cpu",
+                "threads": args.threads,
+                "stage_s": round(stage, 2),
+                "direct_gptqmodel_s": round(direct, 2),
+                "ratio": round(stage / direct, 3),
+                "goal_ratio": 1.1,
+                # CPU seconds of all threads: steadier than wall time when other work shares the cores.
+                "stage_cpu_s": round(stage_cpu, 2),
+                "direct_cpu_s": round(direct_cpu, 2),
+                "cpu_ratio": round(stage_cpu / direct_cpu, 3),
+                "stage_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["stage"])),
+                "direct_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["direct"])),
+                "runs_s": {mode: [round(r["seconds"], 2) for r in rs] for mode, rs in runs.items()},
+                "gpu": "not measured (no GPU on this machine)",
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

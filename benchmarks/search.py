@@ -33,13 +33,25 @@ def pipelines(budget: float, top_k: int, steps: int) -> tuple[dict, dict]:
     tiny = yaml.safe_load((ROOT / "pipelines" / "tiny.yaml").read_text())
     prune, distill = (dict(tiny["stages"][i]) for i in (0, 1))
     distill.pop("gate", None)
-    short = json.loads(json.dumps({k: v for k, v in distill["distill"].items() if k not in ("data", "steps", "checkpoint_every")}))
+    short = json.loads(
+        json.dumps({k: v for k, v in distill["distill"].items() if k not in ("data", "steps", "checkpoint_every")})
+    )
     hand = {**tiny, "name": "bench-search", "stages": [prune, distill]}
-    search_prune = {**prune, "prune": {
-        "target": {"params": budget}, "calibration": prune["prune"]["calibration"],
-        "align": tiny["stages"][2]["quantize"]["group_size"],  # what the quantize stage needs of every width
-        "search": {"top_k": top_k, "steps": steps, "data": distill["distill"]["data"], "tolerance": 0.1,
-                   "distill": {**short, "cpus_per_worker": 1}}}}
+    search_prune = {
+        **prune,
+        "prune": {
+            "target": {"params": budget},
+            "calibration": prune["prune"]["calibration"],
+            "align": tiny["stages"][2]["quantize"]["group_size"],  # what the quantize stage needs of every width
+            "search": {
+                "top_k": top_k,
+                "steps": steps,
+                "data": distill["distill"]["data"],
+                "tolerance": 0.1,
+                "distill": {**short, "cpus_per_worker": 1},
+            },
+        },
+    }
     return {**hand, "stages": [search_prune, distill]}, hand
 
 
@@ -47,8 +59,11 @@ def run(spec: dict, storage: Path, label: str) -> dict:
     path = storage / f"{label}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     summary = storage / f"{label}.json"
-    subprocess.run([*COMPRESSOR, "run", str(path), f"storage={storage}", "--summary-json", str(summary)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*COMPRESSOR, "run", str(path), f"storage={storage}", "--summary-json", str(summary)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return json.loads(summary.read_text())
 
 
@@ -65,7 +80,9 @@ def flops_per_step(teacher: dict, student: dict, distill: dict, seq_len: int) ->
     """A distillation step: the teacher's forward and the student's forward and backward (compressor.estimate)."""
     from compressor import estimate
 
-    per_token = estimate.forward_flops_per_token(teacher, seq_len) + 3 * estimate.forward_flops_per_token(student, seq_len)
+    per_token = estimate.forward_flops_per_token(teacher, seq_len) + 3 * estimate.forward_flops_per_token(
+        student, seq_len
+    )
     return distill["global_batch"] * seq_len * per_token
 
 
@@ -128,31 +145,44 @@ def main() -> None:
 
     rows = search["candidates"]
     distilled = len(search["ranking_after"])
-    print(json.dumps({
-        "teacher": hand_spec["teacher"]["model"],
-        "budget": search["budget"],
-        "candidates_enumerated": search["enumerated"], "candidates_scored": search["scored"],
-        "candidates_distilled": distilled, "short_distill_steps": search["steps"],
-        "ranking_before": search["ranking_before"][:distilled], "ranking_after": search["ranking_after"],
-        "ranking_changed": search["ranking_after"] != search["ranking_before"][:distilled],
-        "chosen_shape": search["chosen_shape"], "chosen_params": rows[search["chosen"]]["params"],
-        "hand_picked_shape": hand_prune["target_shape"], "hand_picked_params": hand_prune["params_after"],
-        "search_seconds": search["seconds"]["total"],
-        "search_short_distill_seconds": search["seconds"]["short_distills"],
-        "final_distill_seconds": stage(searched, "distill")["seconds"],
-        "search_over_final_distill_time": round(search["seconds"]["total"] / stage(searched, "distill")["seconds"], 3),
-        "search_flops": cost,
-        "final_distill_flops": distill["steps"] * flops_per_step(teacher, config_of(teacher, search["chosen_shape"]),
-                                                                 distill, seq_len),
-        "main_distill_steps": distill["steps"], "equal_compute_steps": distill["steps"] + extra_steps,
-        "heldout_bits_per_byte": {
-            "teacher": bits_per_byte(searched["baseline"]),
-            "chosen": bits_per_byte(stage(searched, "distill")["scores"]),
-            "hand_picked_same_steps": bits_per_byte(stage(hand, "distill")["scores"]),
-            "hand_picked_equal_compute": bits_per_byte(stage(equal, "distill")["scores"]),
-        },
-        "storage": str(storage),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "teacher": hand_spec["teacher"]["model"],
+                "budget": search["budget"],
+                "candidates_enumerated": search["enumerated"],
+                "candidates_scored": search["scored"],
+                "candidates_distilled": distilled,
+                "short_distill_steps": search["steps"],
+                "ranking_before": search["ranking_before"][:distilled],
+                "ranking_after": search["ranking_after"],
+                "ranking_changed": search["ranking_after"] != search["ranking_before"][:distilled],
+                "chosen_shape": search["chosen_shape"],
+                "chosen_params": rows[search["chosen"]]["params"],
+                "hand_picked_shape": hand_prune["target_shape"],
+                "hand_picked_params": hand_prune["params_after"],
+                "search_seconds": search["seconds"]["total"],
+                "search_short_distill_seconds": search["seconds"]["short_distills"],
+                "final_distill_seconds": stage(searched, "distill")["seconds"],
+                "search_over_final_distill_time": round(
+                    search["seconds"]["total"] / stage(searched, "distill")["seconds"], 3
+                ),
+                "search_flops": cost,
+                "final_distill_flops": distill["steps"]
+                * flops_per_step(teacher, config_of(teacher, search["chosen_shape"]), distill, seq_len),
+                "main_distill_steps": distill["steps"],
+                "equal_compute_steps": distill["steps"] + extra_steps,
+                "heldout_bits_per_byte": {
+                    "teacher": bits_per_byte(searched["baseline"]),
+                    "chosen": bits_per_byte(stage(searched, "distill")["scores"]),
+                    "hand_picked_same_steps": bits_per_byte(stage(hand, "distill")["scores"]),
+                    "hand_picked_equal_compute": bits_per_byte(stage(equal, "distill")["scores"]),
+                },
+                "storage": str(storage),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,23 +42,35 @@ def main() -> None:
         scores = evaluate(path, tasks, batch_size=args.batch_size)
         eval_seconds = time.perf_counter() - start
         r = zoo.RECIPES[args.name]
-        print(json.dumps({
-            "name": args.name,
-            "params": info["params"],
-            "shape": {"hidden": r.hidden_size, "layers": r.num_layers, "heads": r.num_heads, "kv_heads": r.num_kv_heads,
-                      "mlp": r.intermediate_size, "vocab": r.vocab_size, "seq_len": r.seq_len},
-            "train_tokens_seen": info["train_tokens_seen"],
-            "build_seconds": info["build_seconds"],
-            "build_cpu_seconds": info.get("build_cpu_seconds"),
-            "build_wall_seconds_this_run": round(wall, 1) if args.fresh else None,
-            "threads": info["threads"],
-            "heldout_ppl": round(info["heldout_ppl"], 2),
-            "unigram_ppl": round(info["unigram_ppl"], 2),
-            "ref_next": {**{k: round(v, 4) for k, v in scores["ref_next"].items()}, "chance": 0.25},
-            "ref_ppl": {k: round(v, 4) for k, v in scores["ref_ppl"].items()},
-            "eval_seconds": round(eval_seconds, 1),
-            "load_average_1m": round(os.getloadavg()[0], 2),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "name": args.name,
+                    "params": info["params"],
+                    "shape": {
+                        "hidden": r.hidden_size,
+                        "layers": r.num_layers,
+                        "heads": r.num_heads,
+                        "kv_heads": r.num_kv_heads,
+                        "mlp": r.intermediate_size,
+                        "vocab": r.vocab_size,
+                        "seq_len": r.seq_len,
+                    },
+                    "train_tokens_seen": info["train_tokens_seen"],
+                    "build_seconds": info["build_seconds"],
+                    "build_cpu_seconds": info.get("build_cpu_seconds"),
+                    "build_wall_seconds_this_run": round(wall, 1) if args.fresh else None,
+                    "threads": info["threads"],
+                    "heldout_ppl": round(info["heldout_ppl"], 2),
+                    "unigram_ppl": round(info["unigram_ppl"], 2),
+                    "ref_next": {**{k: round(v, 4) for k, v in scores["ref_next"].items()}, "chance": 0.25},
+                    "ref_ppl": {k: round(v, 4) for k, v in scores["ref_ppl"].items()},
+                    "eval_seconds": round(eval_seconds, 1),
+                    "load_average_1m": round(os.getloadavg()[0], 2),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

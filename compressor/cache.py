@@ -36,5 +36,6 @@ def key_fields(spec: BaseModel | dict) -> dict:
 
 def stage_key(kind: str, spec: BaseModel | dict, input_key: str, extra: Optional[dict] = None) -> str:
     """Same output-relevant spec + same input + same compressor version -> same key. Anything else -> new key."""
-    return digest({"kind": kind, "spec": key_fields(spec), "input": input_key, "extra": extra or {},
-                   "version": __version__})
+    return digest(
+        {"kind": kind, "spec": key_fields(spec), "input": input_key, "extra": extra or {}, "version": __version__}
+    )

@@ -127,8 +127,11 @@ def quantized_bits(model_dir: str | Path) -> int | None:
 def checkpoint_bytes(model_dir: str | Path) -> int:
     """Bytes of weight files in a checkpoint directory, local or on object storage (a listing, nothing read)."""
     fs, path = _dir_fs(model_dir)
-    return sum(int(info["size"]) for info in fs.ls(path, detail=True)
-               if str(info["name"]).endswith(WEIGHT_SUFFIXES) and info.get("type") == "file")
+    return sum(
+        int(info["size"])
+        for info in fs.ls(path, detail=True)
+        if str(info["name"]).endswith(WEIGHT_SUFFIXES) and info.get("type") == "file"
+    )
 
 
 def weight_bytes(model_dir: str | Path) -> int:

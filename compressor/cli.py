@@ -56,8 +56,11 @@ def usage_error(exc: ClickException) -> None:
         exc.show()
         raise SystemExit(exc.exit_code)
     command = exc.ctx.command_path if exc.ctx else "compressor"
-    typer.secho(f"error: {command}: {redact(exc.format_message()).rstrip('.')} (see `{command} --help`)",
-                fg=typer.colors.RED, err=True)
+    typer.secho(
+        f"error: {command}: {redact(exc.format_message()).rstrip('.')} (see `{command} --help`)",
+        fg=typer.colors.RED,
+        err=True,
+    )
     raise SystemExit(exc.exit_code)
 
 

@@ -42,7 +42,7 @@ ENCODE_BATCH = 256  # documents per batched tokenizer call
 
 def parse_hf(source: str) -> tuple[str, str | None, str]:
     """`hf:allenai/c4:en@train` -> ("allenai/c4", "en", "train")."""
-    spec = source[len("hf:"):]
+    spec = source[len("hf:") :]
     split = "train"
     if "@" in spec:
         spec, split = spec.rsplit("@", 1)
@@ -55,7 +55,7 @@ def resolve_local(source: str) -> Path:
     if source.startswith("zoo:"):
         from compressor import zoo
 
-        return zoo.corpus_dir(source[len("zoo:"):])
+        return zoo.corpus_dir(source[len("zoo:") :])
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data source {source!r}: no such file or directory")
@@ -79,7 +79,7 @@ def _files(location: str) -> tuple[object, list[dict]]:
     fs, path = storage.filesystem(location)
     if fs.isdir(path):
         found = fs.find(path, detail=True)
-        infos = [found[p] for p in sorted(found) if not any(part.startswith(".") for part in p[len(path):].split("/"))]
+        infos = [found[p] for p in sorted(found) if not any(part.startswith(".") for part in p[len(path) :].split("/"))]
     else:
         infos = [fs.info(path)]
     for info in infos:
@@ -96,14 +96,14 @@ def source_identity(ds: DataSource) -> dict:
     if ds.source.startswith("zoo:"):
         from compressor import zoo
 
-        return {**ident, "source": ds.source, "split": ds.split, "corpus": zoo.corpus_key(ds.source[len("zoo:"):])}
+        return {**ident, "source": ds.source, "split": ds.split, "corpus": zoo.corpus_key(ds.source[len("zoo:") :])}
     if ds.source.startswith("hf:"):
         return {**ident, "source": ds.source}
     location = _location(ds)  # absolute: a relative spelling of the same files is the same source
     _, infos = _files(location)
     root = storage.filesystem(location)[1].rstrip("/")
     stamp = lambda i: str(i.get("mtime") or i.get("LastModified") or i.get("ETag") or i.get("created") or "")  # noqa: E731
-    return {**ident, "source": location, "files": [[i["name"][len(root):], i.get("size"), stamp(i)] for i in infos]}
+    return {**ident, "source": location, "files": [[i["name"][len(root) :], i.get("size"), stamp(i)] for i in infos]}
 
 
 def normalized(ds: DataSource) -> DataSource:
@@ -185,7 +185,9 @@ def _json_lines(fh, name: str, field: str) -> Iterator[str]:
 def _parquet_documents(parquet, name: str, field: str) -> Iterator[str]:
     columns = parquet.schema_arrow.names
     if field not in columns:
-        raise UserError(f"{name}: no column {field!r} (columns: {', '.join(columns)}); set `text_field` on the data source")
+        raise UserError(
+            f"{name}: no column {field!r} (columns: {', '.join(columns)}); set `text_field` on the data source"
+        )
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
         yield from (str(t) for t in batch.column(0).to_pylist())
 
@@ -203,8 +205,10 @@ def _hf_documents(ds: DataSource, skip: int) -> Iterator[str]:
     seen = 0
     for row in rows:
         if ds.text_field not in row:
-            raise UserError(f"data source {ds.source!r}: no field {ds.text_field!r} (fields: {', '.join(row)}); "
-                            "set `text_field` on the data source")
+            raise UserError(
+                f"data source {ds.source!r}: no field {ds.text_field!r} (fields: {', '.join(row)}); "
+                "set `text_field` on the data source"
+            )
         seen += 1
         yield str(row[ds.text_field])
     if seen == 0 and skip == 0:
@@ -272,7 +276,9 @@ def join_documents(token_lists: list[list[int]], eos: Optional[int], dtype) -> t
     """(the documents' tokens concatenated, each followed by EOS; each document's length including its EOS)."""
     tail = [] if eos is None else [eos]
     lengths = np.fromiter((len(t) + len(tail) for t in token_lists), dtype=np.int64, count=len(token_lists))
-    flat = np.fromiter(itertools.chain.from_iterable(t + tail for t in token_lists), dtype=dtype, count=int(lengths.sum()))
+    flat = np.fromiter(
+        itertools.chain.from_iterable(t + tail for t in token_lists), dtype=dtype, count=int(lengths.sum())
+    )
     return flat, lengths
 
 
@@ -291,7 +297,9 @@ def shuffled(items: Iterable[str], seed: int, buffer: int = SHUFFLE_BUFFER) -> I
     yield from pool
 
 
-def token_blocks(ds: DataSource, tokenizer, samples: int | None = None, seq_len: int | None = None, seed: int = 0) -> torch.Tensor:
+def token_blocks(
+    ds: DataSource, tokenizer, samples: int | None = None, seq_len: int | None = None, seed: int = 0
+) -> torch.Tensor:
     """Exactly `samples` blocks of `seq_len` tokens ([samples, seq_len] LongTensor) for calibration or evaluation:
     documents in a seeded shuffle (`shuffled`), joined with EOS, cut; reading stops once the blocks are there.
     A source too small raises UserError naming the numbers. With `samples=None` (and no `samples` on the source),

@@ -63,7 +63,7 @@ def type_name(tp) -> str:
     if tp is type(None):
         return "null"
     if origin is typing.Literal:
-        return " \\| ".join(f'`{a!r}`'.replace("'", '"') for a in args)
+        return " \\| ".join(f"`{a!r}`".replace("'", '"') for a in args)
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join(type_name(a) for a in args)
     if origin is list:
@@ -92,7 +92,9 @@ def default_text(field) -> str:
 def bounds_text(field) -> str:
     """Numeric bounds from Field(gt=..., ge=..., ...), e.g. ', > 0'."""
     symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    found = [f"{symbols[k]} {getattr(m, k)}" for m in field.metadata for k in symbols if getattr(m, k, None) is not None]
+    found = [
+        f"{symbols[k]} {getattr(m, k)}" for m in field.metadata for k in symbols if getattr(m, k, None) is not None
+    ]
     return (", " + ", ".join(found)) if found else ""
 
 
@@ -122,14 +124,19 @@ def cache_key_section() -> str:
     """Which fields of each stage kind enter its cache key (compressor.cache.stage_key), and which do not."""
     from compressor.stages import kinds
 
-    lines = ["## Stage cache keys", "",
-             "A stage's output is reused when its key is unchanged. The key hashes the stage kind, the fields below "
-             "marked *in*, the input model's key (for a hub teacher: its resolved commit), the pipeline `seed`, the "
-             "data sources the stage reads and the compressor version. Fields marked *out* only change how the "
-             "stage is operated: change them and a re-run still reuses the stage's output, and a distillation "
-             "resumes from its Ray Train checkpoints. A stage entry's `gate`, `resources` and `name` are never in "
-             "the key: relaxing a gate judges the kept model again (see `rejected/`) instead of re-running the stage.",
-             "", "| stage | in the key | out of the key |", "|---|---|---|"]
+    lines = [
+        "## Stage cache keys",
+        "",
+        "A stage's output is reused when its key is unchanged. The key hashes the stage kind, the fields below "
+        "marked *in*, the input model's key (for a hub teacher: its resolved commit), the pipeline `seed`, the "
+        "data sources the stage reads and the compressor version. Fields marked *out* only change how the "
+        "stage is operated: change them and a re-run still reuses the stage's output, and a distillation "
+        "resumes from its Ray Train checkpoints. A stage entry's `gate`, `resources` and `name` are never in "
+        "the key: relaxing a gate judges the kept model again (see `rejected/`) instead of re-running the stage.",
+        "",
+        "| stage | in the key | out of the key |",
+        "|---|---|---|",
+    ]
     for kind in kinds().values():
         models = spec_models(kind.spec)
         for model in models:
@@ -137,7 +144,9 @@ def cache_key_section() -> str:
             out = [n for n in names if n in model.NOT_IN_KEY]
             into = [n for n in names if n not in model.NOT_IN_KEY]
             label = f"`{kind.name}`" + (f" ({model.__name__})" if len(models) > 1 else "")
-            lines.append(f"| {label} | {', '.join(f'`{n}`' for n in into)} | {', '.join(f'`{n}`' for n in out) or '-'} |")
+            lines.append(
+                f"| {label} | {', '.join(f'`{n}`' for n in into)} | {', '.join(f'`{n}`' for n in out) or '-'} |"
+            )
     return "\n".join(lines) + "\n"
 
 

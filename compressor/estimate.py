@@ -48,9 +48,15 @@ DEFAULT_TASK_SHAPE = (1000, 4, 128)
 def shape(config: dict) -> dict[str, int]:
     """The numbers every estimate needs (compressor.shapes, with HF's defaults filled in), in short names."""
     s = Shape.from_config(config)
-    return {"vocab": vocab_size(config), "hidden": s.hidden_size, "intermediate": s.intermediate_size,
-            "layers": s.num_layers, "heads": s.num_attention_heads, "kv_heads": s.num_key_value_heads,
-            "head_dim": s.head_dim}
+    return {
+        "vocab": vocab_size(config),
+        "hidden": s.hidden_size,
+        "intermediate": s.intermediate_size,
+        "layers": s.num_layers,
+        "heads": s.num_attention_heads,
+        "kv_heads": s.num_key_value_heads,
+        "head_dim": s.head_dim,
+    }
 
 
 def _linears(config: dict) -> list[tuple[str, int, int]]:
@@ -127,7 +133,9 @@ def gptq_flops(config: dict, samples: int, seq_len: int) -> float:
     return forwards + s["layers"] * per_layer
 
 
-def stage_flops(kind: str, spec, in_config: dict, out_config: dict, pipeline, teacher_cfg: Optional[dict] = None) -> float:
+def stage_flops(
+    kind: str, spec, in_config: dict, out_config: dict, pipeline, teacher_cfg: Optional[dict] = None
+) -> float:
     """Estimated FLOPs of one stage, by its kind's own `flops` (compressor/stages/<kind>/__init__.py).
     `in_config`/`out_config` are the model before and after it (from the stages' `check`); `teacher_cfg` is the
     pipeline teacher's (default: resolved from the pipeline, else `in_config` when it cannot be found offline)."""
@@ -194,7 +202,7 @@ def teacher_config(teacher_spec, base_dir: Optional[Path] = None) -> Optional[di
     if model.startswith("zoo:"):
         from compressor import zoo
 
-        return zoo.model_config(model[len("zoo:"):])
+        return zoo.model_config(model[len("zoo:") :])
     local = Path(model).expanduser()
     for candidate in (local if local.is_absolute() else base / local, local):
         if (candidate / "config.json").is_file():
@@ -214,4 +222,3 @@ def _hf_cached_config(repo_id: str, revision: Optional[str]) -> Optional[dict]:
     except Exception:  # an id that is not a valid repo id, or no huggingface_hub: not cached
         return None
     return json.loads(Path(path).read_text()) if isinstance(path, str) else None
-

@@ -20,7 +20,15 @@ from compressor.errors import UserError
 
 # The headline metric of a task, in order of preference (acc_norm first: it corrects the length bias of acc).
 PRIMARY_ORDER = (
-    "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity", "perplexity", "byte_perplexity", "bits_per_byte",
+    "acc_norm",
+    "acc",
+    "exact_match",
+    "f1",
+    "mcc",
+    "word_perplexity",
+    "perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
 )
 NOT_METRICS = {"sample_len", "alias"}  # bookkeeping lm-eval puts beside the metrics
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "bpb", "loss", "error")
@@ -40,7 +48,7 @@ def include_dir(include: str) -> Path:
     if include.startswith("zoo:"):
         from compressor import zoo
 
-        return zoo.tasks_dir(include[len("zoo:"):])
+        return zoo.tasks_dir(include[len("zoo:") :])
     path = Path(include).expanduser()
     if not path.is_dir():
         raise UserError(f"evaluation include {include!r}: not a directory of lm-eval task YAMLs (or use zoo:NAME)")
@@ -84,16 +92,19 @@ def _load(model_dir: Path, device: str, dtype: str):
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError(f"evaluation on {device!r}: torch {torch.__version__} sees no CUDA device here; "
-                            "reserve no GPU (evaluation.resources.num_gpus: 0) or install a CUDA build of torch")
+            raise UserError(
+                f"evaluation on {device!r}: torch {torch.__version__} sees no CUDA device here; "
+                "reserve no GPU (evaluation.resources.num_gpus: 0) or install a CUDA build of torch"
+            )
     # Straight onto the device, as a user would load it: a GPTQ or AWQ checkpoint (via its config) then gets
     # GPTQModel's kernel for that device, and an 8B model never sits whole in host memory first.
     # lm-eval's HFLM keeps a passed model where it is, so this is where the device is decided.
     from compressor import remote_code
 
     trust = remote_code.enabled()  # off unless the pipeline sets teacher.trust_remote_code
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device, trust_remote_code=trust,
-                                                 **_gguf_weights(model_dir, trust))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, device_map=device, trust_remote_code=trust, **_gguf_weights(model_dir, trust)
+    )
     return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust)
 
 
@@ -183,8 +194,13 @@ def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int | str,
     for (num_fewshot, limit), names in groups.items():
         with _bootstrap_in_process():
             out = simple_evaluate(
-                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+                model=lm,
+                tasks=names,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                log_samples=False,
             )
         results.update(flatten(out["results"]))
     return results
@@ -218,7 +234,7 @@ def _include_fingerprint(include: Optional[str]) -> Optional[str]:
     if include.startswith("zoo:"):
         from compressor.zoo import corpus_key
 
-        return corpus_key(include[len("zoo:"):])
+        return corpus_key(include[len("zoo:") :])
     path = Path(include).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     return digest([[p.relative_to(path).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()] for p in files])
@@ -227,13 +243,15 @@ def _include_fingerprint(include: Optional[str]) -> Optional[str]:
 def eval_cache_key(model_key: str, tasks: list[TaskSpec], batch_size: int | str) -> str:
     """Same model + same task definitions and options + same batch size + same lm-eval and bootstrap setting
     (it decides which standard errors exist) -> same results."""
-    return digest({
-        "model": model_key,
-        "tasks": [{**t.model_dump(mode="json"), "fingerprint": _include_fingerprint(t.include)} for t in tasks],
-        "batch_size": batch_size,
-        "lm_eval": metadata.version("lm_eval"),
-        "bootstrap_iters": BOOTSTRAP_ITERS,
-    })
+    return digest(
+        {
+            "model": model_key,
+            "tasks": [{**t.model_dump(mode="json"), "fingerprint": _include_fingerprint(t.include)} for t in tasks],
+            "batch_size": batch_size,
+            "lm_eval": metadata.version("lm_eval"),
+            "bootstrap_iters": BOOTSTRAP_ITERS,
+        }
+    )
 
 
 def load_cached(uri: str) -> Optional[dict[str, dict[str, float]]]:

@@ -61,8 +61,14 @@ def check_gate(gate: GateSpec, scores: Scores, baseline: Optional[Scores], previ
             else:
                 bar = bars.min_recovery * base if up else base / bars.min_recovery
                 sign = ">=" if up else "<="
-                rows.append(GateRow(name, value, f"{sign} {bar:.4g} ({bars.min_recovery:g} of teacher {base:.4g})",
-                                    value >= bar if up else value <= bar))
+                rows.append(
+                    GateRow(
+                        name,
+                        value,
+                        f"{sign} {bar:.4g} ({bars.min_recovery:g} of teacher {base:.4g})",
+                        value >= bar if up else value <= bar,
+                    )
+                )
         if bars.max_drop is not None:
             _, prev = lookup(previous, key)
             if prev is None:
@@ -70,8 +76,14 @@ def check_gate(gate: GateSpec, scores: Scores, baseline: Optional[Scores], previ
             else:
                 bar = prev - bars.max_drop if up else prev + bars.max_drop
                 sign = ">=" if up else "<="
-                rows.append(GateRow(name, value, f"{sign} {bar:.4g} (previous {prev:.4g}, drop <= {bars.max_drop:g})",
-                                    value >= bar if up else value <= bar))
+                rows.append(
+                    GateRow(
+                        name,
+                        value,
+                        f"{sign} {bar:.4g} (previous {prev:.4g}, drop <= {bars.max_drop:g})",
+                        value >= bar if up else value <= bar,
+                    )
+                )
         if bars.max_drop_stderr is not None:
             rows.append(_drop_in_stderrs(bars, key, name, value, up, scores, previous))
         stderr = stderr_of(scores, name)
@@ -80,8 +92,9 @@ def check_gate(gate: GateSpec, scores: Scores, baseline: Optional[Scores], previ
     return rows
 
 
-def _drop_in_stderrs(bars: GateBar, key: str, name: str, value: float, up: bool, scores: Scores,
-                     previous: Optional[Scores]) -> GateRow:
+def _drop_in_stderrs(
+    bars: GateBar, key: str, name: str, value: float, up: bool, scores: Scores, previous: Optional[Scores]
+) -> GateRow:
     """Drop against the previous stage <= k * sqrt(se_previous² + se_now²)."""
     k = bars.max_drop_stderr
     prev_name, prev = lookup(previous, key)
@@ -90,13 +103,22 @@ def _drop_in_stderrs(bars: GateBar, key: str, name: str, value: float, up: bool,
     now_se, prev_se = stderr_of(scores, name), stderr_of(previous, prev_name)
     if now_se is None or prev_se is None:
         which = " and ".join(w for w, se in (("this stage", now_se), ("the previous one", prev_se)) if se is None)
-        return GateRow(name, value, f"max_drop_stderr: no standard error for {which} (lm-eval reports none for "
-                                    "this metric's aggregation; gate it with max_drop)", False)
+        return GateRow(
+            name,
+            value,
+            f"max_drop_stderr: no standard error for {which} (lm-eval reports none for "
+            "this metric's aggregation; gate it with max_drop)",
+            False,
+        )
     diff_se = math.hypot(now_se, prev_se)
     bar = prev - k * diff_se if up else prev + k * diff_se
     sign = ">=" if up else "<="
-    return GateRow(name, value, f"{sign} {bar:.4g} (previous {prev:.4g}, drop <= {k:g} x {diff_se:.2g}, "
-                                "the stderr of the difference)", value >= bar if up else value <= bar)
+    return GateRow(
+        name,
+        value,
+        f"{sign} {bar:.4g} (previous {prev:.4g}, drop <= {k:g} x {diff_se:.2g}, the stderr of the difference)",
+        value >= bar if up else value <= bar,
+    )
 
 
 def render(stage: str, rows: list[GateRow]):
@@ -108,6 +130,11 @@ def render(stage: str, rows: list[GateRow]):
     for row in rows:
         value = "-" if row.value is None else f"{row.value:.4g}"
         stderr = "-" if row.stderr is None else f"±{row.stderr:.2g}"
-        table.add_row(row.metric, value, stderr, row.bar,
-                      f"[green]{row.verdict}[/]" if row.passed else f"[bold red]{row.verdict}[/]")
+        table.add_row(
+            row.metric,
+            value,
+            stderr,
+            row.bar,
+            f"[green]{row.verdict}[/]" if row.passed else f"[bold red]{row.verdict}[/]",
+        )
     return table

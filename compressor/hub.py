@@ -33,8 +33,12 @@ SKIPPED = ["original/*", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot
 
 def is_hub_id(model: str) -> bool:
     """`ORG/NAME` that is neither a zoo name, a URL nor an existing local path."""
-    return (bool(REPO_ID.match(model)) and not model.startswith("zoo:") and "://" not in model
-            and not Path(model).expanduser().exists())
+    return (
+        bool(REPO_ID.match(model))
+        and not model.startswith("zoo:")
+        and "://" not in model
+        and not Path(model).expanduser().exists()
+    )
 
 
 def offline() -> bool:
@@ -50,20 +54,29 @@ def _explain(exc: Exception, repo_id: str, revision: Optional[str]) -> UserError
 
     where = _where(repo_id, revision)
     if isinstance(exc, errors.GatedRepoError):
-        return UserError(f"{where}: the repository is gated; accept its licence on huggingface.co and set HF_TOKEN "
-                         "(on every node) to a token that has access")
+        return UserError(
+            f"{where}: the repository is gated; accept its licence on huggingface.co and set HF_TOKEN "
+            "(on every node) to a token that has access"
+        )
     if isinstance(exc, errors.RevisionNotFoundError):
-        return UserError(f"{where}: no such revision in the repository; set teacher.revision to an existing branch, "
-                         "tag or commit hash")
+        return UserError(
+            f"{where}: no such revision in the repository; set teacher.revision to an existing branch, "
+            "tag or commit hash"
+        )
     if isinstance(exc, errors.RepositoryNotFoundError):
-        return UserError(f"{where}: no such repository on the hub (or it is private: set HF_TOKEN to a token with "
-                         "access)")
+        return UserError(
+            f"{where}: no such repository on the hub (or it is private: set HF_TOKEN to a token with access)"
+        )
     if isinstance(exc, errors.LocalEntryNotFoundError):
         if offline():
-            return UserError(f"{where}: not in the local Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE=1 "
-                             "forbids downloading it; run once with network access, or check the revision")
-        return UserError(f"{where}: the hub cannot be reached and nothing is cached ({exc}); check the network, or "
-                         "set HF_HUB_OFFLINE=1 to use the local cache")
+            return UserError(
+                f"{where}: not in the local Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE=1 "
+                "forbids downloading it; run once with network access, or check the revision"
+            )
+        return UserError(
+            f"{where}: the hub cannot be reached and nothing is cached ({exc}); check the network, or "
+            "set HF_HUB_OFFLINE=1 to use the local cache"
+        )
     return UserError(f"{where}: cannot be fetched from the Hugging Face hub ({type(exc).__name__}: {exc})")
 
 
@@ -109,8 +122,11 @@ def _download(repo_id: str, commit: str) -> Path:
     try:
         path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=WANTED, ignore_patterns=SKIPPED))
         if not any(path.glob("*.safetensors")):
-            path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=WANTED + WEIGHTS_FALLBACK,
-                                          ignore_patterns=SKIPPED))
+            path = Path(
+                snapshot_download(
+                    repo_id, revision=commit, allow_patterns=WANTED + WEIGHTS_FALLBACK, ignore_patterns=SKIPPED
+                )
+            )
     except Exception as exc:  # noqa: BLE001
         raise _explain(exc, repo_id, commit) from None
     if not (path / "config.json").is_file():
@@ -137,8 +153,13 @@ def publish_snapshot(repo_id: str, revision: Optional[str], storage_uri: str, dt
     if storage.read_manifest(uri) is not None:
         return ref
     source = _download(repo_id, commit)
-    manifest = Manifest(stage="teacher", kind="hub", key=ref.key, model_uri="model",
-                        details={"repo_id": repo_id, "revision": revision, "commit": commit})
+    manifest = Manifest(
+        stage="teacher",
+        kind="hub",
+        key=ref.key,
+        model_uri="model",
+        details={"repo_id": repo_id, "revision": revision, "commit": commit},
+    )
     if storage.is_remote(uri):
         work = storage.mirror_root() / "work" / uuid.uuid4().hex
     else:

@@ -54,8 +54,10 @@ def invoked_command() -> str:
 
 
 def resume_hint() -> str:
-    return (f"Run the same command again to resume: `{invoked_command()}` (finished stages are reused, a model "
-            "waiting for its evaluation is judged again, a distillation continues from its last checkpoint)")
+    return (
+        f"Run the same command again to resume: `{invoked_command()}` (finished stages are reused, a model "
+        "waiting for its evaluation is judged again, a distillation continues from its last checkpoint)"
+    )
 
 
 def _on_signal(signum, frame) -> None:
@@ -65,8 +67,11 @@ def _on_signal(signum, frame) -> None:
     if request is not None and not request.is_set():
         request.signal_name = name
         request.set()
-        os.write(2, f"\n{name}: {request.what} stops after its current step and saves a checkpoint there; "
-                    "press Ctrl-C again to stop at once\n".encode())
+        os.write(
+            2,
+            f"\n{name}: {request.what} stops after its current step and saves a checkpoint there; "
+            "press Ctrl-C again to stop at once\n".encode(),
+        )
         return
     raise KeyboardInterrupt
 
@@ -88,8 +93,10 @@ def handled() -> Iterator[None]:
         if auto_init is not None:
             auto_init.enable_auto_connect = False
         name = _received[-1] if _received else "SIGINT"
-        raise Interrupted(f"interrupted by {name}: stopped at once; work since the last checkpoint of a running "
-                          f"distillation is lost. {resume_hint()}") from None
+        raise Interrupted(
+            f"interrupted by {name}: stopped at once; work since the last checkpoint of a running "
+            f"distillation is lost. {resume_hint()}"
+        ) from None
     finally:
         _installed = False
         for s, handler in previous.items():

@@ -189,8 +189,10 @@ class ObjectLease:
             written = self._replace(self.owner, self.version)
             if written is None:
                 self.lost = True
-                sys.stderr.write(f"warning: the lease {self.uri} was taken over by another run (this one was "
-                                 f"silent for over {self.stale_s:.0f} s); two runs may now write this stage\n")
+                sys.stderr.write(
+                    f"warning: the lease {self.uri} was taken over by another run (this one was "
+                    f"silent for over {self.stale_s:.0f} s); two runs may now write this stage\n"
+                )
                 return
             self.version = written
 
@@ -281,8 +283,9 @@ def lease_for(stage_uri: str) -> LocalLease | ObjectLease:
 
 
 @contextlib.contextmanager
-def holding(stage_uri: str, label: str, say=None, wait_s: Optional[float] = None,
-            poll_s: float = 2.0) -> Iterator[bool]:
+def holding(
+    stage_uri: str, label: str, say=None, wait_s: Optional[float] = None, poll_s: float = 2.0
+) -> Iterator[bool]:
     """Hold the lease of the stage at `stage_uri` inside the block; yields whether another run held it first (the
     caller then looks for what that run published). `say(line)` tells the user who is waited for."""
     lease = lease_for(stage_uri)
@@ -292,12 +295,16 @@ def holding(stage_uri: str, label: str, say=None, wait_s: Optional[float] = None
     while (holder := lease.try_acquire()) is not None:
         elapsed = time.monotonic() - start
         if wait_s is not None and elapsed >= wait_s:
-            raise StageBusy(f"{label} ({stage_uri}) is being written by another run: {holder.describe()}. "
-                            f"Wait for it to finish and run again (its finished stages are then reused), stop it, or "
-                            f"unset {WAIT_ENV} to wait for it")
+            raise StageBusy(
+                f"{label} ({stage_uri}) is being written by another run: {holder.describe()}. "
+                f"Wait for it to finish and run again (its finished stages are then reused), stop it, or "
+                f"unset {WAIT_ENV} to wait for it"
+            )
         if not waited or elapsed - told >= REMINDER_S:
-            (say or _stderr)(f"{label}: waiting for another run, which is writing it: {holder.describe()}; "
-                             "what it finishes will be reused (Ctrl-C stops waiting)")
+            (say or _stderr)(
+                f"{label}: waiting for another run, which is writing it: {holder.describe()}; "
+                "what it finishes will be reused (Ctrl-C stops waiting)"
+            )
             told = elapsed
         waited = True
         time.sleep(poll_s)
@@ -331,9 +338,14 @@ def stage_lease(orchestrator, stage) -> Iterator[None]:
                 orchestrator.published[stage.output.key] = stage.output.path
         elif stage.held is None:
             plan = orchestrator.plan
-            stage.held = next(((where, m) for where, uri in (("pending", plan.pending_uri(stage)),
-                                                             ("rejected", plan.rejected_uri(stage)))
-                               if (m := storage.finished_manifest(uri, stage.key))), None)
+            stage.held = next(
+                (
+                    (where, m)
+                    for where, uri in (("pending", plan.pending_uri(stage)), ("rejected", plan.rejected_uri(stage)))
+                    if (m := storage.finished_manifest(uri, stage.key))
+                ),
+                None,
+            )
         remove_scratch(orchestrator.plan.pending_uri(stage), f"{stage.name}-{stage.key[:12]}")
         yield
 
@@ -372,7 +384,7 @@ def open_tracker(uri: str, experiment: str, artifact_root: Path):
 
     from compressor.tracking import Tracker
 
-    database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    database = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
     with file_lock(Path(database + ".lock")) if database else contextlib.nullcontext():
         try:
             return Tracker(uri, experiment, artifact_root)

@@ -36,7 +36,10 @@ class Manifest(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict, description="Stage-specific facts (shapes, bits, ...).")
     mlflow_run_id: Optional[str] = None
     compressor_version: Optional[str] = None
-    files: dict[str, int] = Field(default_factory=dict, description="Bytes of each file of the output model (path inside model_uri); a stage whose files differ is computed again.")
+    files: dict[str, int] = Field(
+        default_factory=dict,
+        description="Bytes of each file of the output model (path inside model_uri); a stage whose files differ is computed again.",
+    )
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST

@@ -17,8 +17,9 @@ def load_model(path: str | Path, dtype: str = "float32", revision: str | None = 
     from compressor import remote_code
 
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, revision=revision,
-                                                 trust_remote_code=remote_code.enabled())
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype, revision=revision, trust_remote_code=remote_code.enabled()
+    )
     return model.eval()
 
 

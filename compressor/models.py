@@ -19,7 +19,7 @@ def read_config(model: ModelRef, fetch: bool = False) -> dict:
     if model.path.startswith("zoo:"):
         from compressor import zoo
 
-        return zoo.model_config(model.path[len("zoo:"):])
+        return zoo.model_config(model.path[len("zoo:") :])
     if storage.is_remote(model.path):
         text = storage.read_text(storage.join(model.path, "config.json"))
         if text is None:
@@ -40,8 +40,9 @@ def read_config(model: ModelRef, fetch: bool = False) -> dict:
     from compressor import remote_code
 
     try:
-        return AutoConfig.from_pretrained(model.path, revision=model.revision,
-                                          trust_remote_code=remote_code.enabled()).to_dict()
+        return AutoConfig.from_pretrained(
+            model.path, revision=model.revision, trust_remote_code=remote_code.enabled()
+        ).to_dict()
     except OSError as exc:
         raise UserError(f"model {model.path}: cannot read its config.json ({exc})") from None
 
@@ -51,7 +52,7 @@ def resolve_model(model: str) -> tuple[str, Optional[str]]:
     if model.startswith("zoo:"):
         from compressor import zoo
 
-        name = model[len("zoo:"):]
+        name = model[len("zoo:") :]
         return str(zoo.ensure_model(name)), name
     path = Path(model).expanduser()
     if not (path / "config.json").is_file() and (path / "manifest.json").is_file():
@@ -67,7 +68,7 @@ def materialize(ref: ModelRef) -> ModelRef:
     if ref.path.startswith("zoo:"):
         from compressor import zoo
 
-        return ref.model_copy(update={"path": str(zoo.ensure_model(ref.path[len("zoo:"):]))})
+        return ref.model_copy(update={"path": str(zoo.ensure_model(ref.path[len("zoo:") :]))})
     if storage.is_remote(ref.path):
         stage_dir = storage.download_stage(storage.stage_dir_of(ref.path))
         return ref.model_copy(update={"path": str(stage_dir / Path(ref.path.rstrip("/")).name)})

@@ -55,15 +55,26 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 class Orchestrator:
-    def __init__(self, spec: PipelineSpec, pipeline_yaml: str, storage: Optional[str] = None,
-                 tracking_uri: Optional[str] = None, address: Optional[str] = None, console: Optional[Console] = None,
-                 register: Optional[str] = None):
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        pipeline_yaml: str,
+        storage: Optional[str] = None,
+        tracking_uri: Optional[str] = None,
+        address: Optional[str] = None,
+        console: Optional[Console] = None,
+        register: Optional[str] = None,
+    ):
         self.spec, self.pipeline_yaml, self.address = spec, pipeline_yaml, address
         self.register = register  # registered model name for the final model (`run --register NAME`)
         self.console = console or Console(stderr=True)
         self.plan = make_plan(spec, storage)
-        self.tracking_uri = (tracking_uri or spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-                             or default_uri(self.plan.storage_root))
+        self.tracking_uri = (
+            tracking_uri
+            or spec.tracking.uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or default_uri(self.plan.storage_root)
+        )
         self.stage_seconds = 0.0
         self.published: dict[str, str] = {}  # model key -> directory, for stages that ran in this run
 
@@ -82,10 +93,20 @@ class Orchestrator:
         from compressor.locks import open_tracker, stage_lease
 
         # issue 14: open_tracker = Tracker, safe when several runs start on one sqlite store at once (compressor.locks)
-        self.tracker = open_tracker(self.tracking_uri, self.spec.tracking.experiment or self.spec.name, plan.storage_root / "mlartifacts")
-        parent = self.tracker.start_pipeline(self.spec.name, self.pipeline_yaml, {
-            "teacher": self.spec.teacher.model, "teacher_key": plan.teacher.key, "seed": self.spec.seed,
-            "storage": plan.storage_uri, "stages": [s.name for s in plan.stages]})
+        self.tracker = open_tracker(
+            self.tracking_uri, self.spec.tracking.experiment or self.spec.name, plan.storage_root / "mlartifacts"
+        )
+        parent = self.tracker.start_pipeline(
+            self.spec.name,
+            self.pipeline_yaml,
+            {
+                "teacher": self.spec.teacher.model,
+                "teacher_key": plan.teacher.key,
+                "seed": self.spec.seed,
+                "storage": plan.storage_uri,
+                "stages": [s.name for s in plan.stages],
+            },
+        )
         from compressor.raylocal import ensure_ray
 
         ensure_ray(self.address)
@@ -97,7 +118,9 @@ class Orchestrator:
             baseline = self._baseline()
             previous = baseline
             for stage in plan.stages:
-                with stage_lease(self, stage):  # issue 14: one writer per stage dir; what another run finished is reused
+                with stage_lease(
+                    self, stage
+                ):  # issue 14: one writer per stage dir; what another run finished is reused
                     outcome = self._run_stage(stage, baseline, previous)
                 outcomes.append(outcome)
                 previous = outcome.scores or previous
@@ -111,7 +134,9 @@ class Orchestrator:
             if isinstance(cause, CompressorError):  # e.g. a user error raised inside an evaluation task
                 raise cause from None
             raise
-        summary = RunSummary(plan, outcomes, baseline, self.tracking_uri, parent, time.perf_counter() - start, self.stage_seconds)
+        summary = RunSummary(
+            plan, outcomes, baseline, self.tracking_uri, parent, time.perf_counter() - start, self.stage_seconds
+        )
         log_pipeline_summary(self.tracker, parent, summary)
         self._register(summary, parent)
         self.tracker.log_json(parent, summary_dict(summary), "summary.json")
@@ -137,11 +162,17 @@ class Orchestrator:
             stage.input = stage.input.model_copy(update={"path": self.published[stage.input.key]})
             if not stage.produces_model:
                 stage.output = stage.input
-        params = {"kind": stage.kind, "key": stage.key, "input_key": stage.input.key, **stage.entry.spec.model_dump(mode="json")}
+        params = {
+            "kind": stage.kind,
+            "key": stage.key,
+            "input_key": stage.input.key,
+            **stage.entry.spec.model_dump(mode="json"),
+        }
         if stage.cached:
             run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params, cached=True)
-            self.tracker.sink(run_id).log_metrics({k: v for k, v in {"num_params": stage.cached.num_params,
-                                                                     "bytes": stage.cached.bytes}.items() if v})
+            self.tracker.sink(run_id).log_metrics(
+                {k: v for k, v in {"num_params": stage.cached.num_params, "bytes": stage.cached.bytes}.items() if v}
+            )
             scores = self._scores(stage.output, run_id) if stage.produces_model else stage.cached.details.get("scores")
             self.tracker.end(run_id)
             self.console.print(f"[dim]{stage.name}: cached ({stage.uri})[/]")
@@ -157,8 +188,10 @@ class Orchestrator:
                 held_in, manifest = stage.held
                 where = self.plan.rejected_uri(stage) if held_in == "rejected" else self.plan.pending_uri(stage)
                 status = "re-gated"
-                self.console.print(f"{stage.name}: reusing the model it made in an earlier run ({where}); "
-                                   "evaluating and gating it again without re-running the stage")
+                self.console.print(
+                    f"{stage.name}: reusing the model it made in an earlier run ({where}); "
+                    "evaluating and gating it again without re-running the stage"
+                )
             else:
                 where = self.plan.pending_uri(stage)
                 manifest = self._execute(stage, run_id, where)
@@ -182,9 +215,11 @@ class Orchestrator:
         except GateFailed as exc:
             self.tracker.end(run_id, "FAILED")
             kept = self._reject(stage, where, manifest, str(exc), rows)
-            raise GateFailed(f"{exc}; the pipeline stopped. Its model is kept under {kept}: after changing the bar or "
-                             "the evaluation, run the pipeline again to judge that model anew without re-running "
-                             "the stage") from None
+            raise GateFailed(
+                f"{exc}; the pipeline stopped. Its model is kept under {kept}: after changing the bar or "
+                "the evaluation, run the pipeline again to judge that model anew without re-running "
+                "the stage"
+            ) from None
         except BaseException as exc:
             self.tracker.end(run_id, "FAILED")
             cause = _unwrap(exc)
@@ -206,8 +241,9 @@ class Orchestrator:
         self.tracker.end(run_id)
         return StageOutcome(stage.name, stage.kind, status, manifest, scores, rows)
 
-    def _reject(self, stage: PlannedStage, where: Optional[str], manifest: Optional[Manifest], reason: str,
-                rows: list) -> Optional[str]:
+    def _reject(
+        self, stage: PlannedStage, where: Optional[str], manifest: Optional[Manifest], reason: str, rows: list
+    ) -> Optional[str]:
         """Keep a produced model under rejected/ with a manifest that says why (never delete finished work)."""
         if where is None or manifest is None:
             return None
@@ -218,11 +254,18 @@ class Orchestrator:
 
     def _context(self, stage: PlannedStage, run_id: str) -> StageContext:
         return StageContext(
-            teacher=self.plan.teacher, shared_teacher=self.plan.teacher, data=self.spec.data, resources=stage.entry.resources,
-            seed=self.spec.seed, storage_path=join(self.plan.storage_uri, "ray"),
+            teacher=self.plan.teacher,
+            shared_teacher=self.plan.teacher,
+            data=self.spec.data,
+            resources=stage.entry.resources,
+            seed=self.spec.seed,
+            storage_path=join(self.plan.storage_uri, "ray"),
             data_root=join(self.plan.storage_uri, "_data"),
-            run_name=f"{self.spec.name}-{stage.name}-{stage.key[:12]}", sink=self.tracker.sink(run_id),
-            ray_address=self.address, tasks=self.spec.evaluation.tasks, eval_batch_size=self.spec.evaluation.batch_size,
+            run_name=f"{self.spec.name}-{stage.name}-{stage.key[:12]}",
+            sink=self.tracker.sink(run_id),
+            ray_address=self.address,
+            tasks=self.spec.evaluation.tasks,
+            eval_batch_size=self.spec.evaluation.batch_size,
         )
 
     def _execute(self, stage: PlannedStage, run_id: str, publish_to: str) -> Manifest:
@@ -238,17 +281,26 @@ class Orchestrator:
             else:
                 import ray
 
-                task = ray.remote(max_retries=0)(execute_stage).options(**_ray_resources(stage.entry.resources), name=stage.name)
+                task = ray.remote(max_retries=0)(execute_stage).options(
+                    **_ray_resources(stage.entry.resources), name=stage.name
+                )
                 manifest = self._await(stage.name, task.remote(*args))
         except BaseException:
-            workers = ("; its Ray Train workers' output is in Ray's session logs (/tmp/ray/session_latest/logs on each "
-                       "node)") if runs_in_driver else ""
-            self.console.print(f"{stage.name}: its log is {failed_log_uri(publish_to)}{workers}", soft_wrap=True,
-                               highlight=False)
+            workers = (
+                ("; its Ray Train workers' output is in Ray's session logs (/tmp/ray/session_latest/logs on each node)")
+                if runs_in_driver
+                else ""
+            )
+            self.console.print(
+                f"{stage.name}: its log is {failed_log_uri(publish_to)}{workers}", soft_wrap=True, highlight=False
+            )
             raise
         self.stage_seconds += manifest.seconds or 0.0
-        self.console.print(f"[dim]{stage.name}: done in {manifest.seconds or 0:.1f} s (log: {join(stage.uri, STAGE_LOG)})[/]",
-                           soft_wrap=True, highlight=False)
+        self.console.print(
+            f"[dim]{stage.name}: done in {manifest.seconds or 0:.1f} s (log: {join(stage.uri, STAGE_LOG)})[/]",
+            soft_wrap=True,
+            highlight=False,
+        )
         return manifest
 
     # ------------------------------------------------------------------ console: one progress line per stage
@@ -263,8 +315,9 @@ class Orchestrator:
     def _drain(self, label: str, finished) -> None:
         from compressor.stages.context import DriverProgress
 
-        DriverProgress(self.console, label, self._progress_queue(),
-                       float(os.environ.get("COMPRESSOR_PROGRESS_SECONDS", "30"))).wait(finished)
+        DriverProgress(
+            self.console, label, self._progress_queue(), float(os.environ.get("COMPRESSOR_PROGRESS_SECONDS", "30"))
+        ).wait(finished)
 
     def _await(self, label: str, ref):
         """ray.get(ref), showing the task's progress meanwhile."""
@@ -297,8 +350,9 @@ class Orchestrator:
         if self.spec.evaluation.baseline != "teacher" or not self.spec.evaluation.tasks:
             return None
         cached = self._cached_scores(self.plan.teacher)
-        run_id = self.tracker.start_stage("baseline", "evaluate", self.plan.teacher.key,
-                                          {"model": self.spec.teacher.model}, cached=cached is not None)
+        run_id = self.tracker.start_stage(
+            "baseline", "evaluate", self.plan.teacher.key, {"model": self.spec.teacher.model}, cached=cached is not None
+        )
         try:
             scores = self._scores(self.plan.teacher, run_id)
         except BaseException:
@@ -317,18 +371,27 @@ class Orchestrator:
 
             from compressor.runner import evaluate_ref
 
-            self.console.print(f"[dim]evaluating {model.path} on {', '.join(t.name for t in self.spec.evaluation.tasks)}[/]",
-                               soft_wrap=True, highlight=False)
+            self.console.print(
+                f"[dim]evaluating {model.path} on {', '.join(t.name for t in self.spec.evaluation.tasks)}[/]",
+                soft_wrap=True,
+                highlight=False,
+            )
             task = ray.remote(max_retries=0)(evaluate_ref).options(**_ray_resources(self.spec.evaluation.resources))
             evaluation = self.spec.evaluation
             log_file = self._eval_log(model)
             try:
-                scores, seconds = self._await("evaluate", task.remote(model, evaluation.tasks, evaluation.batch_size,
-                                                                      evaluation.resources.num_gpus, log_file))
+                scores, seconds = self._await(
+                    "evaluate",
+                    task.remote(
+                        model, evaluation.tasks, evaluation.batch_size, evaluation.resources.num_gpus, log_file
+                    ),
+                )
             except BaseException:
                 self.console.print(f"evaluation log: {log_file}", soft_wrap=True, highlight=False)
                 raise
-            self.console.print(f"[dim]evaluated in {seconds:.1f} s (log: {log_file})[/]", soft_wrap=True, highlight=False)
+            self.console.print(
+                f"[dim]evaluated in {seconds:.1f} s (log: {log_file})[/]", soft_wrap=True, highlight=False
+            )
             self.stage_seconds += seconds
             self._save_scores(model, scores)  # keyed by the model's content: valid whatever its gate says
         sink = self.tracker.sink(run_id)
@@ -343,7 +406,9 @@ class Orchestrator:
         root = Path(tempfile.gettempdir()) / "compressor-logs" if self.plan.remote else self.plan.storage_root / "_logs"
         import re
 
-        return str(root / f"{self.spec.name}-evaluate-{re.sub(r'[^A-Za-z0-9]+', '-', model.key.split(':', 1)[-1])[:12]}.log")
+        return str(
+            root / f"{self.spec.name}-evaluate-{re.sub(r'[^A-Za-z0-9]+', '-', model.key.split(':', 1)[-1])[:12]}.log"
+        )
 
     def _cached_scores(self, model: ModelRef) -> Optional[Scores]:
         from compressor.evaluation import load_cached
@@ -365,8 +430,7 @@ class Orchestrator:
     def _cached_summary(self, start: float) -> RunSummary:
         outcomes = []
         for stage in self.plan.stages:
-            scores = (self._cached_scores(stage.output) if stage.produces_model
-                      else stage.cached.details.get("scores"))
+            scores = self._cached_scores(stage.output) if stage.produces_model else stage.cached.details.get("scores")
             outcomes.append(StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores))
         baseline = self._cached_scores(self.plan.teacher) if self.spec.evaluation.baseline == "teacher" else None
         return RunSummary(self.plan, outcomes, baseline, self.tracking_uri, None, time.perf_counter() - start)
@@ -379,8 +443,11 @@ class Orchestrator:
         from compressor.tracking import register_final_model
 
         version = register_final_model(self.tracker, self.register, summary, parent)
-        self.console.print(f"registered model {self.register!r}: version {version}" if version else
-                           f"[yellow]--register {self.register}: no stage of this pipeline made a model[/]")
+        self.console.print(
+            f"registered model {self.register!r}: version {version}"
+            if version
+            else f"[yellow]--register {self.register}: no stage of this pipeline made a model[/]"
+        )
 
 
 def _is_number(value) -> bool:
@@ -409,8 +476,17 @@ def summary_dict(summary: RunSummary) -> dict:
         "pipeline": summary.plan.spec.name,
         "seconds": round(summary.seconds, 3),
         "baseline": summary.baseline,
-        "stages": [{"name": o.name, "kind": o.kind, "status": o.status, "key": o.manifest.key if o.manifest else None,
-                    "num_params": o.manifest.num_params if o.manifest else None,
-                    "bytes": o.manifest.bytes if o.manifest else None,
-                    "seconds": o.manifest.seconds if o.manifest else None, "scores": o.scores} for o in summary.outcomes],
+        "stages": [
+            {
+                "name": o.name,
+                "kind": o.kind,
+                "status": o.status,
+                "key": o.manifest.key if o.manifest else None,
+                "num_params": o.manifest.num_params if o.manifest else None,
+                "bytes": o.manifest.bytes if o.manifest else None,
+                "seconds": o.manifest.seconds if o.manifest else None,
+                "scores": o.scores,
+            }
+            for o in summary.outcomes
+        ],
     }

@@ -31,7 +31,9 @@ class PlannedStage:
     cached: Optional[Manifest]
     warnings: list[str] = field(default_factory=list)
     uri: str = ""  # <storage>/<pipeline>/<stage>-<key12>: a path or a storage URI
-    held: Optional[tuple[str, Manifest]] = None  # (where, manifest): ran before, its model kept in pending/ or rejected/
+    held: Optional[tuple[str, Manifest]] = (
+        None  # (where, manifest): ran before, its model kept in pending/ or rejected/
+    )
 
     @property
     def name(self) -> str:
@@ -85,15 +87,18 @@ class Plan:
         return models + [s.output for s in self.stages if s.produces_model]
 
     def fully_cached(self) -> bool:
-        return all(s.cached for s in self.stages) and all(storage_mod.exists(self.eval_uri(m.key))
-                                                           for m in self.evaluated_models())
+        return all(s.cached for s in self.stages) and all(
+            storage_mod.exists(self.eval_uri(m.key)) for m in self.evaluated_models()
+        )
 
 
 def _is_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
 
 
-def resolve_teacher(teacher: TeacherSpec, storage_uri: str, published: Optional[ModelRef] = None) -> tuple[ModelRef, dict]:
+def resolve_teacher(
+    teacher: TeacherSpec, storage_uri: str, published: Optional[ModelRef] = None
+) -> tuple[ModelRef, dict]:
     """ModelRef + config.json dict of the teacher, with a content key for the cache. A hub teacher's key is its commit
     hash: `published` (the snapshot `run` put on the storage), else the commit the local HF cache knows for the
     revision (no network, so `validate` and `plan` stay offline and fast), else the revision text."""
@@ -101,9 +106,11 @@ def resolve_teacher(teacher: TeacherSpec, storage_uri: str, published: Optional[
     if model.startswith("zoo:"):
         from compressor import zoo
 
-        name = model[len("zoo:"):]
+        name = model[len("zoo:") :]
         if name not in zoo.RECIPES:
-            raise UserError(f"teacher.model: unknown reference model {name!r} (known: {', '.join(sorted(zoo.RECIPES))})")
+            raise UserError(
+                f"teacher.model: unknown reference model {name!r} (known: {', '.join(sorted(zoo.RECIPES))})"
+            )
         return ModelRef(path=model, key=f"zoo:{zoo.model_key(name)}"), zoo.model_config(name)
     if _is_path(model):
         path = Path(model).expanduser().resolve()
@@ -120,19 +127,26 @@ def resolve_teacher(teacher: TeacherSpec, storage_uri: str, published: Optional[
     from compressor import hub
 
     if not hub.is_hub_id(model):
-        raise UserError(f"teacher.model: {model!r} is neither a local checkpoint directory, `zoo:NAME`, nor a Hugging "
-                        "Face repo id (ORG/NAME)")
+        raise UserError(
+            f"teacher.model: {model!r} is neither a local checkpoint directory, `zoo:NAME`, nor a Hugging "
+            "Face repo id (ORG/NAME)"
+        )
     if published is not None:
         from compressor.models import read_config
 
         return published, read_config(published)
     commit = hub.cached_commit(model, teacher.revision)
     if commit is None:
-        return (ModelRef(path=model, key=f"hub:{model}@{teacher.revision or 'main'}:unresolved", revision=teacher.revision),
-                _hub_config(teacher))
+        return (
+            ModelRef(path=model, key=f"hub:{model}@{teacher.revision or 'main'}:unresolved", revision=teacher.revision),
+            _hub_config(teacher),
+        )
     uri = hub.snapshot_uri(storage_uri, model, commit)
-    ref = ModelRef(path=storage_mod.join(uri, "model") if storage_mod.exists(storage_mod.join(uri, "manifest.json"))
-                   else model, key=hub.model_key(model, commit, teacher.dtype), revision=commit)
+    ref = ModelRef(
+        path=storage_mod.join(uri, "model") if storage_mod.exists(storage_mod.join(uri, "manifest.json")) else model,
+        key=hub.model_key(model, commit, teacher.dtype),
+        revision=commit,
+    )
     return ref, _hub_config(teacher)
 
 
@@ -168,7 +182,7 @@ def local_task_names(include: str) -> set[str]:
     if include.startswith("zoo:"):
         from compressor import zoo
 
-        zoo.recipe(include[len("zoo:"):])  # unknown name -> UserError
+        zoo.recipe(include[len("zoo:") :])  # unknown name -> UserError
         return set(zoo.TASK_NAMES)
     directory = Path(include).expanduser()
     if not directory.is_dir():
@@ -187,8 +201,10 @@ def local_task_names(include: str) -> set[str]:
 def check_local_tasks(tasks: list[TaskSpec]) -> None:
     for i, task in enumerate(tasks):
         if task.include and task.name not in (known := local_task_names(task.include)):
-            raise UserError(f"evaluation.tasks.{i}.name: unknown task {task.name!r} in {task.include} "
-                            f"(defined there: {', '.join(sorted(known)) or 'none'})")
+            raise UserError(
+                f"evaluation.tasks.{i}.name: unknown task {task.name!r} in {task.include} "
+                f"(defined there: {', '.join(sorted(known)) or 'none'})"
+            )
 
 
 def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Optional[ModelRef] = None) -> Plan:
@@ -204,9 +220,15 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Option
         kind = stage_kinds.get(entry.kind)
         around = PlanContext(spec, i, teacher.key)
         stage_spec = kind.planned_spec(entry.spec, around)
-        extra = {"seed": spec.seed, **kind.key_extra(entry.spec, around),
-                 "data": {n: ds.model_dump(mode="json") for n, ds in spec.data.items()
-                          if n in (getattr(stage_spec, "calibration", None), getattr(stage_spec, "data", None))}}
+        extra = {
+            "seed": spec.seed,
+            **kind.key_extra(entry.spec, around),
+            "data": {
+                n: ds.model_dump(mode="json")
+                for n, ds in spec.data.items()
+                if n in (getattr(stage_spec, "calibration", None), getattr(stage_spec, "data", None))
+            },
+        }
         try:
             checked = kind.check(stage_spec, config) if config else None
         except UserError as exc:
@@ -220,12 +242,27 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Option
         if cached is not None and kind.produces_model:
             output = ModelRef(path=storage_mod.join(uri, cached.model_uri), key=output.key)
         out_config = checked.config if checked else {}
-        stage = PlannedStage(entry, key, current, output, config, out_config, storage_root / spec.name / dir_name,
-                             cached, checked.warnings if checked else [], uri)
+        stage = PlannedStage(
+            entry,
+            key,
+            current,
+            output,
+            config,
+            out_config,
+            storage_root / spec.name / dir_name,
+            cached,
+            checked.warnings if checked else [],
+            uri,
+        )
         if cached is None:
-            stage.held = next(((where, m) for where in ("pending", "rejected")
-                               if (m := _published(storage_mod.join(storage_uri, spec.name, where, dir_name), key))),
-                              None)
+            stage.held = next(
+                (
+                    (where, m)
+                    for where in ("pending", "rejected")
+                    if (m := _published(storage_mod.join(storage_uri, spec.name, where, dir_name), key))
+                ),
+                None,
+            )
         planned.append(stage)
         current, config = output, out_config
     return Plan(spec, storage_root, teacher, teacher_config, planned, storage_uri)

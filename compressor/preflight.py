@@ -59,23 +59,32 @@ def check_checkpoint(model_dir: str | Path, flag: str, tokenizer: bool = True) -
         if (problem := checkpoint.safetensors_problem(file)) is not None:
             raise UserError(f"{flag} {file}: {problem}")
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"{flag} {path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
-                        "with the model (tokenizer.save_pretrained(dir))")
+        raise UserError(
+            f"{flag} {path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "with the model (tokenizer.save_pretrained(dir))"
+        )
     return config
 
 
 def check_heads(config: dict, where: str) -> None:
     """Attention shapes a model can have: KV heads divide query heads, and a head width without head_dim divides."""
-    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads") or config.get("num_attention_heads")
+    heads, kv = (
+        config.get("num_attention_heads"),
+        config.get("num_key_value_heads") or config.get("num_attention_heads"),
+    )
     hidden = config.get("hidden_size")
     if not all(isinstance(v, int) and v > 0 for v in (heads, kv, hidden)):
         return  # another architecture's config: the stage checks its own fields
     if heads % kv:
-        raise UserError(f"{where}: config.json has num_attention_heads {heads}, which num_key_value_heads {kv} does not "
-                        "divide (every KV head serves the same number of query heads)")
+        raise UserError(
+            f"{where}: config.json has num_attention_heads {heads}, which num_key_value_heads {kv} does not "
+            "divide (every KV head serves the same number of query heads)"
+        )
     if not config.get("head_dim") and hidden % heads:
-        raise UserError(f"{where}: config.json has hidden_size {hidden}, which num_attention_heads {heads} does not "
-                        "divide, and no head_dim")
+        raise UserError(
+            f"{where}: config.json has hidden_size {hidden}, which num_attention_heads {heads} does not "
+            "divide, and no head_dim"
+        )
 
 
 def output_bytes(config: dict, bytes_per_param: float) -> int:
@@ -100,8 +109,10 @@ def check_space(directory: Path, need: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need and free < need:
-        raise UserError(f"{what}: {_size(free)} free on {probe}, but this needs at least {_size(need)} (the model "
-                        "outputs alone); free space or choose another location")
+        raise UserError(
+            f"{what}: {_size(free)} free on {probe}, but this needs at least {_size(need)} (the model "
+            "outputs alone); free space or choose another location"
+        )
 
 
 def check_out(out: str, flag: str, need: int = 0) -> None:
@@ -181,8 +192,10 @@ def _check_data_file(file: Path, text_field: str) -> None:
             except ValueError as exc:
                 raise UserError(f"{file}:{n}: not valid JSON lines ({exc})") from None
             if not isinstance(row, dict) or text_field not in row:
-                raise UserError(f"{file}:{n}: no field {text_field!r} (set `text_field` on the data source, "
-                                "--text-field on the command line)")
+                raise UserError(
+                    f"{file}:{n}: no field {text_field!r} (set `text_field` on the data source, "
+                    "--text-field on the command line)"
+                )
 
 
 def _check_token_count(source, tokenizer_dir: Path, need: int) -> None:
@@ -201,14 +214,25 @@ def _check_token_count(source, tokenizer_dir: Path, need: int) -> None:
         have += sum(len(e.ids) + 1 for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False))
         if have >= need:
             return
-    raise UserError(f"{source.source}: holds about {have:,} tokens, fewer than the {need:,} asked for; lower "
-                    "--samples or --seq-len, or use a larger source")
+    raise UserError(
+        f"{source.source}: holds about {have:,} tokens, fewer than the {need:,} asked for; lower "
+        "--samples or --seq-len, or use a larger source"
+    )
 
 
 # ----------------------------------------------------------------------------- standalone commands
-def check_standalone(kind: str, spec, model_dir: str, out: str, source=None, data_flag: str = "",
-                     samples: Optional[int] = None, seq_len: Optional[int] = None, teacher_dir: Optional[str] = None,
-                     model_flag: str = "--model") -> None:
+def check_standalone(
+    kind: str,
+    spec,
+    model_dir: str,
+    out: str,
+    source=None,
+    data_flag: str = "",
+    samples: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    teacher_dir: Optional[str] = None,
+    model_flag: str = "--model",
+) -> None:
     """Everything `compressor prune | distill | quantize` can check before loading a model: the checkpoint(s), the
     stage's own shape checks, the data (enough tokens for `samples` sequences of `seq_len`), and --out with room
     for the output."""
@@ -252,9 +276,14 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
     else:
         check_storage(plan.storage_root)
         dtype = spec.teacher.dtype
-        need = sum(output_bytes(s.out_config, bits / 8 if (bits := getattr(s.entry.spec, "bits", None))
-                                else bytes_per_param(s.out_config, dtype))
-                   for s in plan.stages if s.produces_model and not s.cached and s.out_config)
+        need = sum(
+            output_bytes(
+                s.out_config,
+                bits / 8 if (bits := getattr(s.entry.spec, "bits", None)) else bytes_per_param(s.out_config, dtype),
+            )
+            for s in plan.stages
+            if s.produces_model and not s.cached and s.out_config
+        )
         check_space(plan.storage_root, need, f"storage {plan.storage_uri}")
     for name, source in spec.data.items():
         check_data(source, f"data.{name}.source")
@@ -302,15 +331,17 @@ def check_gate_metrics(spec, path: Optional[Path] = None) -> None:
 
     includes = {t.name: t.include for t in spec.evaluation.tasks if t.include}
     for i, entry in enumerate(spec.stages):
-        for key in (entry.gate.metrics if entry.gate else {}):
+        for key in entry.gate.metrics if entry.gate else {}:
             task, _, metric = key.partition(".")
             if not metric or task not in includes:
                 continue
             known = task_metrics(includes[task], task)
             if known is not None and metric.removesuffix(STDERR_SUFFIX) not in known:
                 where = _gate_line(path, i, key)
-                raise UserError(f"{where}stages.{i}.gate.{key}: task {task!r} produces no metric {metric!r} "
-                                f"(its metrics: {', '.join(sorted(known))})")
+                raise UserError(
+                    f"{where}stages.{i}.gate.{key}: task {task!r} produces no metric {metric!r} "
+                    f"(its metrics: {', '.join(sorted(known))})"
+                )
 
 
 def _gate_line(path: Optional[Path], index: int, key: str) -> str:
@@ -321,6 +352,8 @@ def _gate_line(path: Optional[Path], index: int, key: str) -> str:
     from compressor.config.load import _line_of
 
     root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
-    line = max(_line_of(root, ("stages", index, "gate", key)) or 0,
-               _line_of(root, ("stages", index, "gate", "metrics", key)) or 0)
+    line = max(
+        _line_of(root, ("stages", index, "gate", key)) or 0,
+        _line_of(root, ("stages", index, "gate", "metrics", key)) or 0,
+    )
     return f"{path}:{line}: " if line else f"{path}: "

@@ -54,9 +54,12 @@ def alive(owner: str) -> bool:
 
 def is_ray(cmdline: list[str]) -> bool:
     first = cmdline[0] if cmdline else ""
-    return (first.startswith(("ray::", "ray-dashboard")) or os.path.basename(first) in ("gcs_server", "raylet")
-            or any(_RAY_FILES.search(arg) for arg in cmdline[:3])
-            or ("multiprocessing" in " ".join(cmdline[:3]) and "'ray.dashboard" in " ".join(cmdline)))
+    return (
+        first.startswith(("ray::", "ray-dashboard"))
+        or os.path.basename(first) in ("gcs_server", "raylet")
+        or any(_RAY_FILES.search(arg) for arg in cmdline[:3])
+        or ("multiprocessing" in " ".join(cmdline[:3]) and "'ray.dashboard" in " ".join(cmdline))
+    )
 
 
 def mark_of(pid: int) -> str:
@@ -114,8 +117,15 @@ def watch_local_head() -> None:
     _watching.add(owner)
     sweep()
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
-    subprocess.Popen([sys.executable, "-m", "compressor.raywatch", owner], env=env, start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+    subprocess.Popen(
+        [sys.executable, "-m", "compressor.raywatch", owner],
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
 
 
 def start_local_head(attempts: int = 3, **init_args) -> None:

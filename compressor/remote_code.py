@@ -26,8 +26,9 @@ def allow(what: str, warn: bool = True) -> None:
     """Turn it on for this process and the processes it starts, with a warning naming what is trusted (a pipeline's
     loader has warned already)."""
     if warn and not enabled():
-        log.warning("warning: trust_remote_code is on: Python code shipped with %s will run wherever it is loaded",
-                    what)
+        log.warning(
+            "warning: trust_remote_code is on: Python code shipped with %s will run wherever it is loaded", what
+        )
     os.environ[ENV] = "1"
 
 
@@ -40,7 +41,9 @@ def check_config(config: dict, where: str) -> None:
     """A checkpoint that needs its own code is refused up front (exit 2) unless remote code is allowed."""
     auto_map = config.get("auto_map")
     if auto_map and not enabled():
-        raise UserError(f"{where}: config.json has `auto_map` ({', '.join(sorted(auto_map))}): loading this model "
-                        "runs Python code shipped with it. compressor does not run it unless told to: set "
-                        "`teacher.trust_remote_code: true` in the pipeline (--trust-remote-code for a standalone "
-                        "command) if you trust its source")
+        raise UserError(
+            f"{where}: config.json has `auto_map` ({', '.join(sorted(auto_map))}): loading this model "
+            "runs Python code shipped with it. compressor does not run it unless told to: set "
+            "`teacher.trust_remote_code: true` in the pipeline (--trust-remote-code for a standalone "
+            "command) if you trust its source"
+        )

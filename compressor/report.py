@@ -71,9 +71,11 @@ def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small JSON otherwise
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"--tracking-uri {uri}: no MLflow store there; run a pipeline first, or pass the store it "
-                        "logged to with --tracking-uri (or MLFLOW_TRACKING_URI)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"--tracking-uri {uri}: no MLflow store there; run a pipeline first, or pass the store it "
+            "logged to with --tracking-uri (or MLFLOW_TRACKING_URI)"
+        )
     return MlflowClient(tracking_uri=uri)
 
 
@@ -113,8 +115,14 @@ def pipeline_runs(client, limit: int = 20, finished_only: bool = False) -> list:
     if not experiments:
         return []
     tag = SUMMARY_TAG if finished_only else PIPELINE_TAG
-    return list(client.search_runs(experiments, filter_string=f"tags.`{tag}` LIKE '%'",
-                                   order_by=["attributes.start_time DESC"], max_results=limit))
+    return list(
+        client.search_runs(
+            experiments,
+            filter_string=f"tags.`{tag}` LIKE '%'",
+            order_by=["attributes.start_time DESC"],
+            max_results=limit,
+        )
+    )
 
 
 def resolve_run_id(client, ref: Optional[str], uri: str) -> str:
@@ -131,17 +139,23 @@ def resolve_run_id(client, ref: Optional[str], uri: str) -> str:
     run_id = ref
     if manifest is not None:
         if not manifest.mlflow_run_id:
-            raise UserError(f"{ref}: its manifest.json names no MLflow run (the stage was run alone, outside a "
-                            "pipeline); pass a pipeline run id instead")
+            raise UserError(
+                f"{ref}: its manifest.json names no MLflow run (the stage was run alone, outside a "
+                "pipeline); pass a pipeline run id instead"
+            )
         run_id = manifest.mlflow_run_id
     try:
         run = client.get_run(run_id)
     except MlflowException:
         if manifest is not None:
-            raise UserError(f"{ref}: made by MLflow run {run_id}, which is not in {uri}; pass the store it was "
-                            "logged to with --tracking-uri") from None
-        raise UserError(f"run {ref!r}: no such MLflow run in {uri}, and no stage directory (with manifest.json) "
-                        "there; `compressor runs` lists pipeline runs, --tracking-uri picks another store") from None
+            raise UserError(
+                f"{ref}: made by MLflow run {run_id}, which is not in {uri}; pass the store it was "
+                "logged to with --tracking-uri"
+            ) from None
+        raise UserError(
+            f"run {ref!r}: no such MLflow run in {uri}, and no stage directory (with manifest.json) "
+            "there; `compressor runs` lists pipeline runs, --tracking-uri picks another store"
+        ) from None
     parent = run.data.tags.get("mlflow.parentRunId")
     return parent or run.info.run_id
 
@@ -177,11 +191,24 @@ def load_run(client, run_id: str) -> PipelineRun:
     run = client.get_run(run_id)
     record = _artifact_json(client, run_id, STAGES_ARTIFACT) if SUMMARY_TAG in run.data.tags else None
     if record is None:
-        raise UserError(f"run {run_id}: no pipeline summary ({STAGES_ARTIFACT}); it is not a compressor pipeline run, "
-                        f"or it did not finish (status {run.info.status})")
-    result = PipelineRun(run_id, record["pipeline"], run.info.start_time, run.info.status, dict(run.data.params),
-                         dict(run.data.metrics), dict(run.data.tags), record["teacher"], record["stages"],
-                         record.get("final"), record["seconds"], label=f"{record['pipeline']} {run_id[:8]}")
+        raise UserError(
+            f"run {run_id}: no pipeline summary ({STAGES_ARTIFACT}); it is not a compressor pipeline run, "
+            f"or it did not finish (status {run.info.status})"
+        )
+    result = PipelineRun(
+        run_id,
+        record["pipeline"],
+        run.info.start_time,
+        run.info.status,
+        dict(run.data.params),
+        dict(run.data.metrics),
+        dict(run.data.tags),
+        record["teacher"],
+        record["stages"],
+        record.get("final"),
+        record["seconds"],
+        label=f"{record['pipeline']} {run_id[:8]}",
+    )
     for stage in result.stages:  # stages that log training curves (distill)
         if curves := _curves(client, stage.get("run_id")):
             result.curves[stage["name"]] = curves
@@ -236,8 +263,11 @@ def score_vs_size(runs: list[PipelineRun]) -> Optional[Plot]:
     data: dict = {}
     for ax, metric in zip(axes[0], metrics):
         for i, run in enumerate(runs):
-            points = [(m["name"], m["bytes"] / 1e6, score(m, metric)) for m in run.models()
-                      if m.get("bytes") and score(m, metric) is not None]
+            points = [
+                (m["name"], m["bytes"] / 1e6, score(m, metric))
+                for m in run.models()
+                if m.get("bytes") and score(m, metric) is not None
+            ]
             data.setdefault(run.label, {})[metric] = points
             if not points:
                 continue
@@ -261,8 +291,12 @@ def score_vs_size(runs: list[PipelineRun]) -> Optional[Plot]:
 
 def distill_curves(runs: list[PipelineRun]) -> Optional[Plot]:
     """Distillation loss and learning rate per step, one line per run and distill stage."""
-    series = {f"{run.label}: {stage}" if len(runs) > 1 else stage: curves
-              for run in runs for stage, curves in run.curves.items() if curves}
+    series = {
+        f"{run.label}: {stage}" if len(runs) > 1 else stage: curves
+        for run in runs
+        for stage, curves in run.curves.items()
+        if curves
+    }
     if not series:
         return None
     plt = _pyplot()
@@ -317,12 +351,31 @@ def fmt(value, digits: str = ".4g") -> str:
 
 def stage_table(run: PipelineRun) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "kind", "status", "params", "bits", "MB", "seconds", "gate"]
-    rows = [["teacher", "baseline", "-", fmt_params(run.teacher.get("num_params")), "-",
-             fmt(run.teacher["bytes"] / 1e6, ".2f") if run.teacher.get("bytes") else "-", "-", "-"]]
+    rows = [
+        [
+            "teacher",
+            "baseline",
+            "-",
+            fmt_params(run.teacher.get("num_params")),
+            "-",
+            fmt(run.teacher["bytes"] / 1e6, ".2f") if run.teacher.get("bytes") else "-",
+            "-",
+            "-",
+        ]
+    ]
     for s in run.stages:
-        rows.append([s["name"], s["kind"], s["status"], fmt_params(s.get("num_params")), fmt(s.get("bits"), "d"),
-                     fmt(s["bytes"] / 1e6, ".2f") if s.get("bytes") else "-", fmt(s.get("seconds"), ".1f"),
-                     {"none": "-", "passed": "pass", "warned": "warn"}.get(s.get("gate_verdict"), "-")])
+        rows.append(
+            [
+                s["name"],
+                s["kind"],
+                s["status"],
+                fmt_params(s.get("num_params")),
+                fmt(s.get("bits"), "d"),
+                fmt(s["bytes"] / 1e6, ".2f") if s.get("bytes") else "-",
+                fmt(s.get("seconds"), ".1f"),
+                {"none": "-", "passed": "pass", "warned": "warn"}.get(s.get("gate_verdict"), "-"),
+            ]
+        )
     return header, rows
 
 
@@ -330,8 +383,15 @@ def metric_table(run: PipelineRun) -> tuple[list[str], list[list[list[str]]]]:
     """Rows: every eval metric; columns: the teacher and each stage. A cell is lines: the value (± stderr),
     then each gate bar on that metric at that stage with its verdict."""
     models = [run.teacher] + run.stages
-    names = sorted({f"{t}.{m}" for model in models for t, values in (model.get("scores") or {}).items()
-                    for m in values if not m.endswith(STDERR_SUFFIX)})
+    names = sorted(
+        {
+            f"{t}.{m}"
+            for model in models
+            for t, values in (model.get("scores") or {}).items()
+            for m in values
+            if not m.endswith(STDERR_SUFFIX)
+        }
+    )
     rows = []
     for name in names:
         task, _, metric = name.partition(".")
@@ -340,8 +400,11 @@ def metric_table(run: PipelineRun) -> tuple[list[str], list[list[list[str]]]]:
             values = (model.get("scores") or {}).get(task) or {}
             value, stderr = values.get(metric), values.get(metric + STDERR_SUFFIX)
             cell = [fmt(value) + (f" ± {stderr:.2g}" if isinstance(stderr, (int, float)) and value is not None else "")]
-            cell += [f"{'pass' if r['passed'] else 'FAIL'}: {r['bar']}" for r in model.get("gate") or []
-                     if r["metric"] == name]
+            cell += [
+                f"{'pass' if r['passed'] else 'FAIL'}: {r['bar']}"
+                for r in model.get("gate") or []
+                if r["metric"] == name
+            ]
             row.append(cell)
         rows.append(row)
     return ["metric"] + [m["name"] for m in models], rows
@@ -366,8 +429,9 @@ def headline_scores(metrics: dict[str, float]) -> dict[str, float]:
 def final_figures(run: PipelineRun) -> dict[str, float]:
     """The parent run's final/, recovery/ and seconds/wall metrics (what `runs` and `compare` line up)."""
     keep = ("final/", "recovery/")
-    return {k: v for k, v in sorted(run.metrics.items()) if k.startswith(keep) and not k.endswith(STDERR_SUFFIX)} \
-        | ({"seconds/wall": run.metrics["seconds/wall"]} if "seconds/wall" in run.metrics else {})
+    return {k: v for k, v in sorted(run.metrics.items()) if k.startswith(keep) and not k.endswith(STDERR_SUFFIX)} | (
+        {"seconds/wall": run.metrics["seconds/wall"]} if "seconds/wall" in run.metrics else {}
+    )
 
 
 def fmt_figure(name: str, value: Optional[float]) -> str:
@@ -422,15 +486,17 @@ def _cell_html(cell) -> str:
     if not isinstance(cell, list):
         return html.escape(str(cell))
     first, gates = cell[0], cell[1:]
-    return "<br>".join([html.escape(first)] + [f'<span class="gate {g.split(":")[0]}">{html.escape(g)}</span>'
-                                              for g in gates])
+    return "<br>".join(
+        [html.escape(first)] + [f'<span class="gate {g.split(":")[0]}">{html.escape(g)}</span>' for g in gates]
+    )
 
 
 def html_table(header: list[str], rows: list[list], classes: Optional[list[str]] = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(f'<tr class="{(classes or [""] * len(rows))[i]}">' + "".join(
-        f"<td>{_cell_html(c)}</td>" for c in row) + "</tr>"
-                   for i, row in enumerate(rows))
+    body = "".join(
+        f'<tr class="{(classes or [""] * len(rows))[i]}">' + "".join(f"<td>{_cell_html(c)}</td>" for c in row) + "</tr>"
+        for i, row in enumerate(rows)
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -444,19 +510,30 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 def _facts(run: PipelineRun) -> list[tuple[str, str]]:
-    return [("pipeline", run.pipeline), ("MLflow run", run.run_id), ("started", run.started),
-            ("status", f"{run.status}, gates {run.tags.get('gate', '-')}"), ("teacher", run.teacher.get("model", "-")),
-            ("final model", run.tags.get("final_model", "-")), ("wall seconds", f"{run.seconds:.1f}")]
+    return [
+        ("pipeline", run.pipeline),
+        ("MLflow run", run.run_id),
+        ("started", run.started),
+        ("status", f"{run.status}, gates {run.tags.get('gate', '-')}"),
+        ("teacher", run.teacher.get("model", "-")),
+        ("final model", run.tags.get("final_model", "-")),
+        ("wall seconds", f"{run.seconds:.1f}"),
+    ]
 
 
 def _page(title: str, parts: list[str]) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
+    )
 
 
 def _figures_html(plots: list[Plot]) -> list[str]:
-    return [f"<h2>{html.escape(p.title)}</h2><img alt='{p.name}' src='data:image/png;base64,"
-            f"{base64.b64encode(p.png).decode()}'>" for p in plots]
+    return [
+        f"<h2>{html.escape(p.title)}</h2><img alt='{p.name}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.png).decode()}'>"
+        for p in plots
+    ]
 
 
 def _write_plots(plots: list[Plot], out: Path) -> None:
@@ -472,14 +549,32 @@ def write_report(run: PipelineRun, out: Path) -> tuple[Path, Path, list[Plot]]:
     _write_plots(plots, out)
     stages, metrics = stage_table(run), metric_table(run)
     facts = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _facts(run))
-    page = _page(f"{run.pipeline}: pipeline run {run.run_id[:8]}", [
-        f"<dl>{facts}</dl><h2>Stages</h2>", html_table(*stages),
-        "<h2>Evaluation (value ± stderr; gate bars and verdicts below)</h2>", html_table(*metrics),
-        *_figures_html(plots)])
+    page = _page(
+        f"{run.pipeline}: pipeline run {run.run_id[:8]}",
+        [
+            f"<dl>{facts}</dl><h2>Stages</h2>",
+            html_table(*stages),
+            "<h2>Evaluation (value ± stderr; gate bars and verdicts below)</h2>",
+            html_table(*metrics),
+            *_figures_html(plots),
+        ],
+    )
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(page)
-    md = [f"# {run.pipeline}: pipeline run {run.run_id[:8]}", "", *[f"- **{k}**: {v}" for k, v in _facts(run)], "",
-          "## Stages", "", md_table(*stages), "", "## Evaluation", "", md_table(*metrics), ""]
+    md = [
+        f"# {run.pipeline}: pipeline run {run.run_id[:8]}",
+        "",
+        *[f"- **{k}**: {v}" for k, v in _facts(run)],
+        "",
+        "## Stages",
+        "",
+        md_table(*stages),
+        "",
+        "## Evaluation",
+        "",
+        md_table(*metrics),
+        "",
+    ]
     md += [line for p in plots for line in (f"## {p.title}", "", f"![{p.title}]({p.name}.png)", "")]
     md_path.write_text("\n".join(md))
     return html_path, md_path, plots
@@ -507,18 +602,36 @@ def write_compare(runs: list[PipelineRun], out: Path) -> tuple[Path, Path, list[
     plots = figures(runs)
     _write_plots(plots, out)
     (h, settings, s_classes), (_, finals, f_classes) = comparison(runs)
-    side = "".join(f"<div><h3>{html.escape(r.label)}</h3>{html_table(*stage_table(r))}{html_table(*metric_table(r))}"
-                   "</div>" for r in runs)
+    side = "".join(
+        f"<div><h3>{html.escape(r.label)}</h3>{html_table(*stage_table(r))}{html_table(*metric_table(r))}</div>"
+        for r in runs
+    )
     title = "compare: " + " vs ".join(r.label for r in runs)
-    page = _page(title, ["<h2>Settings that differ</h2>",
-                         html_table(h, settings, s_classes) if settings else "<p>none: the runs share every setting</p>",
-                         "<h2>Final figures (best in bold, differing rows highlighted)</h2>",
-                         html_table(h, finals, f_classes), *_figures_html(plots),
-                         f"<h2>Each run</h2><div class='runs'>{side}</div>"])
+    page = _page(
+        title,
+        [
+            "<h2>Settings that differ</h2>",
+            html_table(h, settings, s_classes) if settings else "<p>none: the runs share every setting</p>",
+            "<h2>Final figures (best in bold, differing rows highlighted)</h2>",
+            html_table(h, finals, f_classes),
+            *_figures_html(plots),
+            f"<h2>Each run</h2><div class='runs'>{side}</div>",
+        ],
+    )
     html_path, md_path = out / "compare.html", out / "compare.md"
     html_path.write_text(page)
-    md = [f"# {title}", "", "## Settings that differ", "", md_table(h, settings) if settings else "none", "",
-          "## Final figures (best in bold)", "", md_table(h, finals), ""]
+    md = [
+        f"# {title}",
+        "",
+        "## Settings that differ",
+        "",
+        md_table(h, settings) if settings else "none",
+        "",
+        "## Final figures (best in bold)",
+        "",
+        md_table(h, finals),
+        "",
+    ]
     md += [line for p in plots for line in (f"## {p.title}", "", f"![{p.title}]({p.name}.png)", "")]
     for r in runs:
         md += [f"## {r.label}", "", md_table(*stage_table(r)), "", md_table(*metric_table(r)), ""]

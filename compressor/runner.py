@@ -49,7 +49,9 @@ def captured_output(log_file: Optional[Path], fds: bool = True) -> Iterator[None
     if fds:
         sys.stdout = sys.stderr = stream
     root = logging.getLogger()
-    consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    consoles = [
+        h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
     saved_level = root.level
@@ -59,7 +61,8 @@ def captured_output(log_file: Optional[Path], fds: bool = True) -> Iterator[None
     root.setLevel(logging.INFO)  # the log file is where libraries' INFO lines belong, unlike the console
     saved_showwarning = warnings.showwarning
     warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: stream.write(
-        warnings.formatwarning(message, category, filename, lineno, line))
+        warnings.formatwarning(message, category, filename, lineno, line)
+    )
     try:
         yield
     finally:
@@ -76,8 +79,9 @@ def captured_output(log_file: Optional[Path], fds: bool = True) -> Iterator[None
         stream.close()
 
 
-def evaluate_ref(model: ModelRef, tasks: list[TaskSpec], batch_size: int | str,
-                 num_gpus: float = 0, log_file: Optional[str] = None) -> tuple[dict, float]:
+def evaluate_ref(
+    model: ModelRef, tasks: list[TaskSpec], batch_size: int | str, num_gpus: float = 0, log_file: Optional[str] = None
+) -> tuple[dict, float]:
     """lm-eval scores of a model loaded from disk, and the seconds it took (a Ray task in pipelines).
 
     `num_gpus` is what the task reserved (evaluation.resources.num_gpus): > 0 evaluates on that GPU. lm-eval's
@@ -99,12 +103,15 @@ def check_registry_tasks(names: list[str]) -> None:
     known = set(TaskManager().all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise UserError(f"evaluation.tasks: unknown lm-eval task(s) {', '.join(unknown)}; "
-                        "`lm_eval --tasks list` shows the registry, or give `include:` for a local task directory")
+        raise UserError(
+            f"evaluation.tasks: unknown lm-eval task(s) {', '.join(unknown)}; "
+            "`lm_eval --tasks list` shows the registry, or give `include:` for a local task directory"
+        )
 
 
-def execute_stage(name: str, kind: str, spec: BaseModel, model: ModelRef, ctx: StageContext, key: str,
-                  publish_to: str) -> Manifest:
+def execute_stage(
+    name: str, kind: str, spec: BaseModel, model: ModelRef, ctx: StageContext, key: str, publish_to: str
+) -> Manifest:
     """Run the stage on this node into a private scratch dir, write its manifest last and publish the directory to
     `publish_to` (a path or storage URI) from here, then drop the scratch dir. Returns the manifest."""
     stage_kind = stage_kinds.get(kind)
@@ -128,8 +135,9 @@ def failed_log_uri(publish_to: str) -> str:
     return publish_to.rstrip("/") + ".log"
 
 
-def _execute_stage(stage_kind, name: str, spec: BaseModel, model: ModelRef, ctx: StageContext, key: str,
-                   publish_to: str) -> Manifest:
+def _execute_stage(
+    stage_kind, name: str, spec: BaseModel, model: ModelRef, ctx: StageContext, key: str, publish_to: str
+) -> Manifest:
     if stage_kind.runs_as == "task":  # a driver-side stage (distill) leaves the loading to its own workers
         model = materialize(model)
         if ctx.teacher is not None:
@@ -153,8 +161,9 @@ def _execute_stage(stage_kind, name: str, spec: BaseModel, model: ModelRef, ctx:
         compressor_version=__version__,
         files=storage.file_sizes(model_dir) if has_model else {},  # issue 14: checked before the stage is reused
     )
-    ctx.log_metrics({"seconds": seconds, **({"num_params": manifest.num_params, "bytes": manifest.bytes}
-                                            if has_model else {})})
+    ctx.log_metrics(
+        {"seconds": seconds, **({"num_params": manifest.num_params, "bytes": manifest.bytes} if has_model else {})}
+    )
     manifest.write(ctx.work_dir)
     storage.publish_dir(ctx.work_dir, publish_to)
     return manifest

@@ -32,9 +32,14 @@ class Shape:
     def from_config(cls, config: dict) -> Shape:
         """With Hugging Face's defaults filled in: as many KV heads as query heads, head_dim = hidden / heads."""
         hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
-        return cls(hidden_size=hidden, intermediate_size=_get(config, "intermediate_size"), num_attention_heads=heads,
-                   num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-                   num_layers=_get(config, "num_hidden_layers"), head_dim=int(config.get("head_dim") or hidden // heads))
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=_get(config, "intermediate_size"),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            num_layers=_get(config, "num_hidden_layers"),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+        )
 
     @property
     def heads_per_group(self) -> int:
@@ -49,9 +54,12 @@ class Shape:
         h, i = self.hidden_size, self.intermediate_size
         attn_in = f"num_attention_heads*head_dim = {self.num_attention_heads}*{self.head_dim}"
         return [
-            ("self_attn.q_proj", h, q, "hidden_size"), ("self_attn.k_proj", h, kv, "hidden_size"),
-            ("self_attn.v_proj", h, kv, "hidden_size"), ("self_attn.o_proj", q, h, attn_in),
-            ("mlp.gate_proj", h, i, "hidden_size"), ("mlp.up_proj", h, i, "hidden_size"),
+            ("self_attn.q_proj", h, q, "hidden_size"),
+            ("self_attn.k_proj", h, kv, "hidden_size"),
+            ("self_attn.v_proj", h, kv, "hidden_size"),
+            ("self_attn.o_proj", q, h, attn_in),
+            ("mlp.gate_proj", h, i, "hidden_size"),
+            ("mlp.up_proj", h, i, "hidden_size"),
             ("mlp.down_proj", i, h, "intermediate_size"),
         ]
 

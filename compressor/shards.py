@@ -113,8 +113,13 @@ def shard_dir(data_root: str, ds: DataSource, tokenizer: str, seq_len: int) -> s
     from compressor.data import source_identity
 
     key = digest({"format": FORMAT, "source": source_identity(ds), "tokenizer": tokenizer, "seq_len": seq_len})
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", ds.source.rstrip("/").rsplit("/", 1)[-1] if "://" in ds.source
-                  or ds.source.startswith(("/", ".", "~")) else ds.source).strip("-")[:48]
+    slug = re.sub(
+        r"[^A-Za-z0-9._-]+",
+        "-",
+        ds.source.rstrip("/").rsplit("/", 1)[-1]
+        if "://" in ds.source or ds.source.startswith(("/", ".", "~"))
+        else ds.source,
+    ).strip("-")[:48]
     return storage.join(data_root, f"{slug or 'data'}-L{seq_len}-{key[:12]}")
 
 
@@ -124,8 +129,15 @@ def read_index(directory: str) -> Optional[ShardIndex]:
     return None if text is None else ShardIndex.from_json(text)
 
 
-def prepare(ds: DataSource, tokenizer_dir: str, seq_len: int, sequences: int, data_root: str,
-            progress: Optional[Callable[[int], None]] = None, shard_bytes: int = SHARD_BYTES) -> tuple[str, ShardIndex]:
+def prepare(
+    ds: DataSource,
+    tokenizer_dir: str,
+    seq_len: int,
+    sequences: int,
+    data_root: str,
+    progress: Optional[Callable[[int], None]] = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> tuple[str, ShardIndex]:
     """(shard directory, index) holding at least `sequences` sequences of `ds`, or all the source has: reuses
     the shards there, extends them, or writes them. `progress(n)` is called with the sequences written so far."""
     tokenizer_key = tokenizer_digest(tokenizer_dir)
@@ -141,8 +153,16 @@ def prepare(ds: DataSource, tokenizer_dir: str, seq_len: int, sequences: int, da
         return _prepare_alone(ds, tokenizer_dir, tokenizer_key, directory, seq_len, sequences, progress, shard_bytes)
 
 
-def _prepare_alone(ds: DataSource, tokenizer_dir: str, tokenizer_key: str, directory: str, seq_len: int, sequences: int,
-                   progress: Optional[Callable[[int], None]], shard_bytes: int) -> tuple[str, ShardIndex]:
+def _prepare_alone(
+    ds: DataSource,
+    tokenizer_dir: str,
+    tokenizer_key: str,
+    directory: str,
+    seq_len: int,
+    sequences: int,
+    progress: Optional[Callable[[int], None]],
+    shard_bytes: int,
+) -> tuple[str, ShardIndex]:
     from compressor.modeling import load_tokenizer
 
     index = read_index(directory)
@@ -152,9 +172,15 @@ def _prepare_alone(ds: DataSource, tokenizer_dir: str, tokenizer_key: str, direc
     from compressor.data import token_dtype
 
     if index is None:
-        index = ShardIndex(key=directory.rsplit("/", 1)[-1], source=ds.source, seq_len=seq_len,
-                           dtype=token_dtype(tokenizer).newbyteorder("<").str, vocab_size=len(tokenizer),
-                           eos=tokenizer.eos_token_id, tokenizer=tokenizer_key)
+        index = ShardIndex(
+            key=directory.rsplit("/", 1)[-1],
+            source=ds.source,
+            seq_len=seq_len,
+            dtype=token_dtype(tokenizer).newbyteorder("<").str,
+            vocab_size=len(tokenizer),
+            eos=tokenizer.eos_token_id,
+            tokenizer=tokenizer_key,
+        )
     _Writer(directory, index, shard_bytes).extend(ds, tokenizer, sequences, progress)
     return directory, index
 
@@ -197,7 +223,7 @@ class _Writer:
             if index.sequences >= wanted:
                 self._close(position(take * seq_len))
                 return
-            carry = stream[take * seq_len:]
+            carry = stream[take * seq_len :]
             docs_before, first_offset = docs_before + len(batch), 0
             if progress is not None:
                 progress(index.sequences)
@@ -210,7 +236,7 @@ class _Writer:
             if self.file is None:
                 self.name = f"shard-{len(self.index.shards):05d}-{self.writer_id}.bin"
                 self.file = self.fs.open(f"{self.root}/{self.name}", "wb")
-            part = rows[done: done + self.capacity - self.in_shard]
+            part = rows[done : done + self.capacity - self.in_shard]
             self.file.write(np.ascontiguousarray(part).tobytes())
             done += len(part)
             self.in_shard += len(part)
@@ -234,7 +260,9 @@ class ShardReader:
     def __init__(self, directory: str):
         index = read_index(directory)
         if index is None:
-            raise UserError(f"token shards {directory}: no {INDEX} there; prepare them first (`compressor data prepare`)")
+            raise UserError(
+                f"token shards {directory}: no {INDEX} there; prepare them first (`compressor data prepare`)"
+            )
         self.directory, self.index = directory, index
         self.dtype = np.dtype(index.dtype)
         self.remote = storage.is_remote(directory)
@@ -279,5 +307,7 @@ class ShardReader:
     def _read_remote(self, shard: int, local: np.ndarray) -> np.ndarray:
         size = self.seq_len * self.dtype.itemsize
         path = self._path(shard)
-        parts = self.fs.cat_ranges([path] * len(local), [int(i) * size for i in local], [(int(i) + 1) * size for i in local])
+        parts = self.fs.cat_ranges(
+            [path] * len(local), [int(i) * size for i in local], [(int(i) + 1) * size for i in local]
+        )
         return np.frombuffer(b"".join(parts), dtype=self.dtype).reshape(len(local), self.seq_len)

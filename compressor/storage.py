@@ -98,7 +98,7 @@ def missing_files(stage_uri: str, manifest: Manifest) -> list[str]:
     root = fs._strip_protocol(root).rstrip("/")
     if not manifest.files:
         return [] if fs.exists(f"{root}/config.json") else ["config.json"]
-    found = {path[len(root) + 1:]: info.get("size") for path, info in fs.find(root, detail=True).items()}
+    found = {path[len(root) + 1 :]: info.get("size") for path, info in fs.find(root, detail=True).items()}
     return [rel for rel, size in manifest.files.items() if found.get(rel) != size]
 
 
@@ -148,7 +148,7 @@ def download_stage(stage_uri: str, local_dir: Optional[Path] = None) -> Path:
         root = fs._strip_protocol(root).rstrip("/")
         work = local_dir.parent / f".tmp-{local_dir.name}-{uuid.uuid4().hex[:8]}"
         try:
-            files = sorted(p[len(root) + 1:] for p in fs.find(root) if p.startswith(root + "/"))
+            files = sorted(p[len(root) + 1 :] for p in fs.find(root) if p.startswith(root + "/"))
             for rel in [f for f in files if f != MANIFEST] + [MANIFEST]:
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{root}/{rel}", str(work / rel))
@@ -213,7 +213,7 @@ def move_stage(source_uri: str, target_uri: str, manifest: Manifest) -> None:
     if fs.exists(dst):
         fs.rm(dst, recursive=True)
     for path in sorted(fs.find(src)):
-        rel = path[len(src) + 1:]
+        rel = path[len(src) + 1 :]
         if rel != MANIFEST:
             fs.copy(path, f"{dst}/{rel}")
     fs.pipe_file(f"{dst}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())

@@ -73,16 +73,18 @@ class MlflowSink(MetricsSink):
 
         rows = [Param(k, v) for k, v in redact_mapping(flatten(params)).items()]  # no secret reaches MLflow
         for i in range(0, len(rows), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=rows[i:i + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=rows[i : i + MAX_PARAMS_PER_BATCH])
 
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None, model_id: Optional[str] = None) -> None:
+    def log_metrics(
+        self, metrics: dict[str, float], step: Optional[int] = None, model_id: Optional[str] = None
+    ) -> None:
         """`model_id`: also attach the values to that MLflow logged model (shown on its page)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, step or 0, model_id=model_id) for k, v in metrics.items() if v is not None]
         for i in range(0, len(rows), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=rows[i:i + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id, metrics=rows[i : i + MAX_METRICS_PER_BATCH])
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -90,8 +92,11 @@ class MlflowSink(MetricsSink):
     def child(self, name: str, params: dict[str, Any]) -> MlflowSink:
         """A nested run under this one (the UI shows it beneath its parent), tagged `compressor.nested`."""
         parent = self.client.get_run(self.run_id)
-        run = self.client.create_run(parent.info.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": self.run_id, "compressor.nested": "true"})
+        run = self.client.create_run(
+            parent.info.experiment_id,
+            run_name=name,
+            tags={"mlflow.parentRunId": self.run_id, "compressor.nested": "true"},
+        )
         sink = MlflowSink(self.uri, run.info.run_id)
         sink.log_params(params)
         return sink
@@ -109,8 +114,9 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = None if "://" in uri and not uri.startswith("sqlite") else Path(artifact_root).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
-                                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         else:
             self.experiment_id = found.experiment_id
             if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older compressor, or by hand
@@ -127,8 +133,13 @@ class Tracker:
         return self.parent_id
 
     def start_stage(self, name: str, kind: str, key: str, params: dict[str, Any], cached: bool = False) -> str:
-        tags = {"mlflow.parentRunId": self.parent_id, "compressor.stage": name, "compressor.kind": kind,
-                "compressor.stage_key": key, "cached": str(cached).lower()}
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            "compressor.stage": name,
+            "compressor.kind": kind,
+            "compressor.stage_key": key,
+            "cached": str(cached).lower(),
+        }
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.sink(run.info.run_id).log_params(params)
         return run.info.run_id
@@ -191,13 +202,24 @@ def stage_records(summary) -> list[dict]:
         if model_uri and (bits := checkpoint.quantized_bits(model_uri)):
             num_params = checkpoint.logical_num_params(model_uri)
         rows = _gate_rows(outcome)
-        records.append({
-            "name": outcome.name, "kind": outcome.kind, "status": outcome.status, "key": m.key if m else planned.key,
-            "stage_uri": planned.uri, "model_uri": model_uri, "num_params": num_params, "bits": bits,
-            "bytes": m.bytes if m and model_uri else None, "seconds": m.seconds if m else None,
-            "scores": outcome.scores, "gate": rows, "gate_verdict": _verdict(rows),
-            "run_id": m.mlflow_run_id if m else None,  # the run that made it (an earlier one when cached)
-        })
+        records.append(
+            {
+                "name": outcome.name,
+                "kind": outcome.kind,
+                "status": outcome.status,
+                "key": m.key if m else planned.key,
+                "stage_uri": planned.uri,
+                "model_uri": model_uri,
+                "num_params": num_params,
+                "bits": bits,
+                "bytes": m.bytes if m and model_uri else None,
+                "seconds": m.seconds if m else None,
+                "scores": outcome.scores,
+                "gate": rows,
+                "gate_verdict": _verdict(rows),
+                "run_id": m.mlflow_run_id if m else None,  # the run that made it (an earlier one when cached)
+            }
+        )
     return records
 
 
@@ -210,31 +232,42 @@ def teacher_record(summary) -> dict:
     num_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
     path = plan.teacher.path
     if path.startswith("zoo:"):
-        name = path[len("zoo:"):]
+        name = path[len("zoo:") :]
         path = str(zoo.model_path(name)) if zoo.is_built(name) else ""
     measured = bool(path) and (storage.is_remote(path) or Path(path).is_dir()) and storage.exists(path)
     size = checkpoint.checkpoint_bytes(path) if measured else None
     if not size and num_params:
         size = num_params * DTYPE_BYTES[spec.dtype]
-    return {"name": "teacher", "kind": "teacher", "model": spec.model + (f"@{spec.revision}" if spec.revision else ""),
-            "key": plan.teacher.key, "num_params": num_params, "bytes": size, "bytes_measured": measured,
-            "scores": summary.baseline}
+    return {
+        "name": "teacher",
+        "kind": "teacher",
+        "model": spec.model + (f"@{spec.revision}" if spec.revision else ""),
+        "key": plan.teacher.key,
+        "num_params": num_params,
+        "bytes": size,
+        "bytes_measured": measured,
+        "scores": summary.baseline,
+    }
 
 
 def pipeline_settings(spec) -> dict[str, str]:
     """Flattened settings that tell pipelines apart: each stage's spec and gate under its name, the data sources
     and the evaluation tasks. Unset (None) fields are left out."""
+
     def clean(value):
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items() if v is not None and v != {} and v != []}
         return value
 
-    settings: dict = {"data": {n: d.model_dump(mode="json") for n, d in spec.data.items()},
-                      "evaluation": {"tasks": [t.name for t in spec.evaluation.tasks]}}
+    settings: dict = {
+        "data": {n: d.model_dump(mode="json") for n, d in spec.data.items()},
+        "evaluation": {"tasks": [t.name for t in spec.evaluation.tasks]},
+    }
     for entry in spec.stages:
         settings[entry.name or entry.kind] = {
             **entry.spec.model_dump(mode="json"),
-            **({"gate": {m: b.model_dump(mode="json") for m, b in entry.gate.metrics.items()}} if entry.gate else {})}
+            **({"gate": {m: b.model_dump(mode="json") for m, b in entry.gate.metrics.items()}} if entry.gate else {}),
+        }
     return flatten(clean(settings))
 
 
@@ -255,14 +288,21 @@ def summary_metrics(summary, stages: list[dict], teacher: dict) -> tuple[dict[st
 
     groups: dict[Optional[str], dict[str, float]] = {None: {}}
     run = groups[None]
-    for name, value in {**_numbers(teacher["scores"]), "num_params": teacher["num_params"],
-                        "bytes": teacher["bytes"]}.items():
+    for name, value in {
+        **_numbers(teacher["scores"]),
+        "num_params": teacher["num_params"],
+        "bytes": teacher["bytes"],
+    }.items():
         if value is not None:
             run[_key("teacher", name)] = value
     for s in stages:
         group = groups.setdefault(s["name"], {})
-        for name, value in {**_numbers(s["scores"]), "num_params": s["num_params"], "bytes": s["bytes"],
-                            "bits": s["bits"]}.items():
+        for name, value in {
+            **_numbers(s["scores"]),
+            "num_params": s["num_params"],
+            "bytes": s["bytes"],
+            "bits": s["bits"],
+        }.items():
             if value is not None:
                 group[_key(s["name"], name)] = value
         if s["seconds"] is not None:
@@ -272,8 +312,12 @@ def summary_metrics(summary, stages: list[dict], teacher: dict) -> tuple[dict[st
     if final is None:
         return groups, None
     finals = groups[final["name"]]
-    for name, value in {**_numbers(final["scores"]), "num_params": final["num_params"], "bytes": final["bytes"],
-                        "bits": final["bits"]}.items():
+    for name, value in {
+        **_numbers(final["scores"]),
+        "num_params": final["num_params"],
+        "bytes": final["bytes"],
+        "bits": final["bits"],
+    }.items():
         if value is not None:
             finals[_key("final", name)] = value
     if teacher["num_params"] and final["num_params"]:
@@ -300,10 +344,18 @@ def _stage_model(tracker: Tracker, pipeline: str, stage: dict) -> str:
         return found[0].model_id
     params = {k: str(stage[k]) for k in ("num_params", "bytes", "bits") if stage[k] is not None}
     model = tracker.client.create_logged_model(
-        tracker.experiment_id, name=f"{stage['name']}-{stage['key'][:12]}", source_run_id=stage["run_id"],
-        model_type=f"compressor.{stage['kind']}", params=params,
-        tags={"compressor.stage_key": stage["key"], "compressor.model_uri": redact(stage["model_uri"]),
-              "compressor.pipeline": pipeline, "compressor.stage": stage["name"]})
+        tracker.experiment_id,
+        name=f"{stage['name']}-{stage['key'][:12]}",
+        source_run_id=stage["run_id"],
+        model_type=f"compressor.{stage['kind']}",
+        params=params,
+        tags={
+            "compressor.stage_key": stage["key"],
+            "compressor.model_uri": redact(stage["model_uri"]),
+            "compressor.pipeline": pipeline,
+            "compressor.stage": stage["name"],
+        },
+    )
     tracker.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model.model_id
 
@@ -321,32 +373,60 @@ def log_pipeline_summary(tracker: Tracker, parent_run_id: str, summary) -> None:
     for s in stages:
         if s["model_uri"]:
             tracker.logged_models[s["name"]] = s["model_id"] = _stage_model(tracker, spec.name, s)
-    tracker.client.log_outputs(parent_run_id, [LoggedModelOutput(tracker.logged_models[s["name"]], step=i)
-                                               for i, s in enumerate(stages) if s["name"] in tracker.logged_models])
+    tracker.client.log_outputs(
+        parent_run_id,
+        [
+            LoggedModelOutput(tracker.logged_models[s["name"]], step=i)
+            for i, s in enumerate(stages)
+            if s["name"] in tracker.logged_models
+        ],
+    )
     groups, final = summary_metrics(summary, stages, teacher)
     for stage_name, metrics in groups.items():
         sink.log_metrics(metrics, model_id=tracker.logged_models.get(stage_name))
     tags = {f"gate.{s['name']}": s["gate_verdict"] for s in stages}
-    tags.update({"teacher": teacher["model"], "final_model": final["model_uri"] if final else "",
-                 "compressor.summary": STAGES_ARTIFACT})
+    tags.update(
+        {
+            "teacher": teacher["model"],
+            "final_model": final["model_uri"] if final else "",
+            "compressor.summary": STAGES_ARTIFACT,
+        }
+    )
     for key, value in tags.items():
         tracker.tag(parent_run_id, key, value)
-    tracker.log_json(parent_run_id, {"pipeline": spec.name, "seconds": summary.seconds, "teacher": teacher,
-                                     "stages": stages, "final": final["name"] if final else None}, STAGES_ARTIFACT)
+    tracker.log_json(
+        parent_run_id,
+        {
+            "pipeline": spec.name,
+            "seconds": summary.seconds,
+            "teacher": teacher,
+            "stages": stages,
+            "final": final["name"] if final else None,
+        },
+        STAGES_ARTIFACT,
+    )
 
 
 def gate_description(summary, final: dict, stages: list[dict], parent_run_id: str) -> str:
     """Markdown for a registered model version: what it is, where it is, and every gate row of the pipeline."""
     size = f"{final['num_params'] / 1e6:.2f}M parameters" if final["num_params"] else "unknown size"
     bits = f", {final['bits']}-bit" if final["bits"] else ""
-    lines = [f"Final model of pipeline `{summary.plan.spec.name}` (MLflow run `{parent_run_id}`): stage "
-             f"`{final['name']}`, {size}{bits}.", "", f"Checkpoint: `{final['model_uri']}`", ""]
+    lines = [
+        f"Final model of pipeline `{summary.plan.spec.name}` (MLflow run `{parent_run_id}`): stage "
+        f"`{final['name']}`, {size}{bits}.",
+        "",
+        f"Checkpoint: `{final['model_uri']}`",
+        "",
+    ]
     rows = [(s["name"], r) for s in stages for r in s["gate"]]
     if not rows:
         return "\n".join(lines + ["No stage of this pipeline has a gate."])
     lines += ["| stage | metric | value | bar | verdict |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {stage} | {r['metric']} | {'-' if r['value'] is None else format(r['value'], '.4g')} | {r['bar']} | "
-              f"{'pass' if r['passed'] else 'FAIL (on_fail: warn)'} |" for stage, r in rows]
+    lines += [
+        f"| {stage} | {r['metric']} | {'-' if r['value'] is None else format(r['value'], '.4g')} | {r['bar']} | "
+        f"{'pass' if r['passed'] else 'FAIL (on_fail: warn)'} |"
+        for stage, r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -371,10 +451,17 @@ def register_final_model(tracker: Tracker, name: str, summary, parent_run_id: st
     mlflow.set_tracking_uri(tracker.uri)
     try:
         version = tracker.client.create_model_version(
-            name, source=f"models:/{model_id}", run_id=parent_run_id, model_id=model_id,
+            name,
+            source=f"models:/{model_id}",
+            run_id=parent_run_id,
+            model_id=model_id,
             description=redact(gate_description(summary, final, stages, parent_run_id)),
-            tags={"compressor.model_uri": redact(final["model_uri"]), "compressor.pipeline": summary.plan.spec.name,
-                  "gate": "passed" if all(s["gate_verdict"] != "warned" for s in stages) else "warned"})
+            tags={
+                "compressor.model_uri": redact(final["model_uri"]),
+                "compressor.pipeline": summary.plan.spec.name,
+                "gate": "passed" if all(s["gate_verdict"] != "warned" for s in stages) else "warned",
+            },
+        )
     finally:
         mlflow.set_tracking_uri(previous)
     return int(version.version)

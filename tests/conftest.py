@@ -25,11 +25,17 @@ def tiny_corpus() -> Path:
 # pipelines/tiny.yaml sized for the test teacher (hidden 128, 4 query / 2 KV heads, MLP 384) and CI's budget.
 TINY_PIPELINE_AT_TEST_SIZE = [
     "teacher.model=zoo:tiny-test",
-    "data.calib.source=zoo:tiny-test", "data.calib.samples=32", "data.calib.seq_len=128",
-    "data.distill.source=zoo:tiny-test", "data.distill.seq_len=128",
-    "evaluation.tasks.0.include=zoo:tiny-test", "evaluation.tasks.1.include=zoo:tiny-test",
-    "stages.prune.target.intermediate_size=192", "stages.prune.target.num_attention_heads=2",
-    "stages.distill.steps=40", "stages.distill.checkpoint_every=20",
+    "data.calib.source=zoo:tiny-test",
+    "data.calib.samples=32",
+    "data.calib.seq_len=128",
+    "data.distill.source=zoo:tiny-test",
+    "data.distill.seq_len=128",
+    "evaluation.tasks.0.include=zoo:tiny-test",
+    "evaluation.tasks.1.include=zoo:tiny-test",
+    "stages.prune.target.intermediate_size=192",
+    "stages.prune.target.num_attention_heads=2",
+    "stages.distill.steps=40",
+    "stages.distill.checkpoint_every=20",
     "stages.quantize.group_size=64",
 ]
 
@@ -70,8 +76,7 @@ def hub_cache(tmp_path_factory, tiny_teacher) -> dict:
     hf_home = tmp_path_factory.mktemp("hf_home")
     commit = lay_out_hf_cache(hf_home, HUB_REPO, tiny_teacher)
     env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "1"}
-    return {"env": env, "repo": HUB_REPO, "commit": commit,
-            "hf_home": hf_home}
+    return {"env": env, "repo": HUB_REPO, "commit": commit, "hf_home": hf_home}
 
 
 @pytest.fixture
@@ -98,8 +103,12 @@ def s3(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     from moto.moto_api._internal.models import moto_api_backend
 
@@ -139,5 +148,6 @@ def tiny_runs(tmp_path_factory, tiny_test_overrides, hub_cache):
     from pipeline_runs import run_twice
 
     hub_teacher = [f"teacher.model={hub_cache['repo']}", "teacher.revision=main"]
-    return run_twice(tmp_path_factory.getbasetemp() / "pipeline_runs", [*tiny_test_overrides, *hub_teacher],
-                     hub_cache["env"])
+    return run_twice(
+        tmp_path_factory.getbasetemp() / "pipeline_runs", [*tiny_test_overrides, *hub_teacher], hub_cache["env"]
+    )

@@ -50,10 +50,25 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 2 processes instead of ~9
         env.pop("MLFLOW_TRACKING_URI", None)
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.store.db}", "--artifacts-destination", str(self.store.artifacts),
-             "--workers", "1"],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.store.db}",
+                "--artifacts-destination",
+                str(self.store.artifacts),
+                "--workers",
+                "1",
+            ],
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         deadline = time.time() + 180  # the first start migrates the sqlite schema
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -86,11 +101,18 @@ def free_port() -> int:
 def compressor(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m compressor ARGS` offline, without a TTY, on a wide console (tables on one line); `env` adds to
     this process's environment."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1",
-           "COLUMNS": "250", **(env or {})}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "GPTQMODEL_DISABLE_PACK_EXT": "1",
+        "COLUMNS": "250",
+        **(env or {}),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "compressor", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
 
 
 @dataclass
@@ -114,10 +136,21 @@ def run_twice(base: Path, overrides: list[str], env: dict) -> TinyRuns:
     with MlflowServer(store, base / "server.log") as server:
         for size in PRUNE_TARGETS:
             summary_path = base / f"summary-{size}.json"
-            result = compressor("run", str(PIPELINE), f"storage={base / 'artifacts'}", *overrides,
-                                f"stages.prune.target.intermediate_size={size}", "--tracking-uri", server.uri,
-                                "--register", REGISTERED_NAME, "--summary-json", str(summary_path), timeout=1800,
-                                env=env)
+            result = compressor(
+                "run",
+                str(PIPELINE),
+                f"storage={base / 'artifacts'}",
+                *overrides,
+                f"stages.prune.target.intermediate_size={size}",
+                "--tracking-uri",
+                server.uri,
+                "--register",
+                REGISTERED_NAME,
+                "--summary-json",
+                str(summary_path),
+                timeout=1800,
+                env=env,
+            )
             assert result.returncode == 0, f"pipeline (intermediate_size={size}) failed:\n{result.stderr[-6000:]}"
             summary = json.loads(summary_path.read_text())
             run_id = next(line.split()[3] for line in result.stdout.splitlines() if line.startswith("report: "))

@@ -45,6 +45,7 @@ PRUNE = ["--target", "intermediate_size=192", "--calibration", "zoo:tiny-test", 
 @dataclass
 class Env:
     """What a case builds its command from: its own directory, the test teacher, and a storage dir inside."""
+
     root: Path
     teacher: Path
 
@@ -80,7 +81,9 @@ class Env:
         """A tmpfs at root/name (unmounted by the fixture); skips the case where mounting is not allowed here."""
         point = self.root / name
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}): storage case not run")
         MOUNTS.append(point)
@@ -95,6 +98,7 @@ def _set_config(**changes) -> Callable[[Path], None]:
         config = json.loads((model / "config.json").read_text())
         config.update(changes)
         (model / "config.json").write_text(json.dumps(config))
+
     return change
 
 
@@ -133,115 +137,243 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
     "yaml-syntax": (lambda e: e.validate("stages:\n", "stages: [\n"), "p.yaml:"),
     "yaml-not-a-mapping": (lambda e: ["validate", e.pipeline("- prune\n- quantize\n")], "must be a mapping"),
     "yaml-duplicate-key": (lambda e: e.validate("seed: 0\n", "seed: 0\nseed: 1\n"), "'seed' appears twice"),
-    "yaml-python-tag": (lambda e: e.validate('teacher: {model: "zoo:tiny-test"}',
-                                             'teacher: !!python/object/apply:os.system ["true"]'), "p.yaml:2: tag"),
+    "yaml-python-tag": (
+        lambda e: e.validate('teacher: {model: "zoo:tiny-test"}', 'teacher: !!python/object/apply:os.system ["true"]'),
+        "p.yaml:2: tag",
+    ),
     "yaml-wrong-type": (lambda e: e.validate("samples: 8", "samples: eight"), "p.yaml:5: data.calib.samples"),
     "yaml-unknown-key": (lambda e: e.validate("seed: 0", "sede: 0"), "sede: unknown key"),
-    "yaml-unknown-nested-key": (lambda e: e.validate("intermediate_size: 192", "intermediat_size: 192"),
-                                "stages.0.prune.target.intermediat_size"),
+    "yaml-unknown-nested-key": (
+        lambda e: e.validate("intermediate_size: 192", "intermediat_size: 192"),
+        "stages.0.prune.target.intermediat_size",
+    ),
     "yaml-impossible-bits": (lambda e: e.validate("bits: 4", "bits: 3"), "stages.1.quantize.bits"),
-    "yaml-awq-3-bits": (lambda e: e.validate("bits: 4", "method: awq, bits: 3"),
-                        "p.yaml:11: stages.1.quantize.bits: AWQ checkpoints are 4-bit"),
-    "yaml-gguf-group-size": (lambda e: e.validate("bits: 4, group_size: 64, calibration: calib",
-                                                  "method: gguf, quant_type: Q4_0, group_size: 64"),
-                             "stages.1.quantize.group_size: unknown key"),
-    "yaml-gguf-unknown-quant-type": (lambda e: e.validate("bits: 4, group_size: 64, calibration: calib",
-                                                          "method: gguf, quant_type: Q3_K_X"),
-                                     "stages.1.quantize.quant_type: 'Q3_K_X' is not a quant type"),
-    "yaml-unknown-quantize-method": (lambda e: e.validate("bits: 4", "method: exl2, bits: 4"),
-                                     "stages.1.quantize: method: not one of gptq, awq, gguf"),
-    "yaml-gguf-k-quant-misaligned": (lambda e: e.validate("bits: 4, group_size: 64, calibration: calib",
-                                                          "method: gguf, quant_type: Q4_K_M"),
-                                     "Q4_K_M stores rows in blocks of 256 weights"),
-    "yaml-target-larger-than-teacher": (lambda e: e.validate("intermediate_size: 192", "intermediate_size: 4096"),
-                                        "stages.0.prune"),
-    "yaml-budget-larger-than-teacher": (lambda e: e.validate("{intermediate_size: 192}", "{params: 5.0e6}"),
-                                        "prune.target.params: 5,000,000 is more than the source's 1,049,728"),
-    "yaml-budget-below-every-shape": (lambda e: e.validate("{intermediate_size: 192}", "{params: 0.001}"),
-                                      "the smallest aligned shape has 11,360"),
+    "yaml-awq-3-bits": (
+        lambda e: e.validate("bits: 4", "method: awq, bits: 3"),
+        "p.yaml:11: stages.1.quantize.bits: AWQ checkpoints are 4-bit",
+    ),
+    "yaml-gguf-group-size": (
+        lambda e: e.validate(
+            "bits: 4, group_size: 64, calibration: calib", "method: gguf, quant_type: Q4_0, group_size: 64"
+        ),
+        "stages.1.quantize.group_size: unknown key",
+    ),
+    "yaml-gguf-unknown-quant-type": (
+        lambda e: e.validate("bits: 4, group_size: 64, calibration: calib", "method: gguf, quant_type: Q3_K_X"),
+        "stages.1.quantize.quant_type: 'Q3_K_X' is not a quant type",
+    ),
+    "yaml-unknown-quantize-method": (
+        lambda e: e.validate("bits: 4", "method: exl2, bits: 4"),
+        "stages.1.quantize: method: not one of gptq, awq, gguf",
+    ),
+    "yaml-gguf-k-quant-misaligned": (
+        lambda e: e.validate("bits: 4, group_size: 64, calibration: calib", "method: gguf, quant_type: Q4_K_M"),
+        "Q4_K_M stores rows in blocks of 256 weights",
+    ),
+    "yaml-target-larger-than-teacher": (
+        lambda e: e.validate("intermediate_size: 192", "intermediate_size: 4096"),
+        "stages.0.prune",
+    ),
+    "yaml-budget-larger-than-teacher": (
+        lambda e: e.validate("{intermediate_size: 192}", "{params: 5.0e6}"),
+        "prune.target.params: 5,000,000 is more than the source's 1,049,728",
+    ),
+    "yaml-budget-below-every-shape": (
+        lambda e: e.validate("{intermediate_size: 192}", "{params: 0.001}"),
+        "the smallest aligned shape has 11,360",
+    ),
     "yaml-budget-conflicting-constraints": (
         lambda e: e.validate("{intermediate_size: 192}", "{params: 0.2, hidden_size: 128, num_layers: 4}"),
-        "the smallest aligned shape with hidden_size 128, num_layers 4 has 181,376"),
+        "the smallest aligned shape with hidden_size 128, num_layers 4 has 181,376",
+    ),
     "yaml-negative-seed": (lambda e: e.validate("seed: 0", "seed: -1"), "p.yaml:3: seed"),
-    "yaml-no-stages-key": (lambda e: ["validate", e.pipeline(PIPELINE.split("stages:")[0]), f"storage={e.storage}"],
-                           "stages: Field required"),
-    "yaml-empty-stages": (lambda e: ["validate", e.pipeline(PIPELINE.split("stages:")[0] + "stages: []\n"),
-                                     f"storage={e.storage}"], "at least one stage"),
-    "yaml-duplicate-stage-names": (lambda e: e.validate("  - quantize:", "    name: x\n  - name: x\n    quantize:"),
-                                   "p.yaml:12: stages.1.name: duplicate stage name 'x'"),
-    "yaml-stage-name-dotdot": (lambda e: e.validate("  - prune:", "  - name: ../../escape\n    prune:"),
-                               "p.yaml:9: stages.0.name"),
-    "yaml-stage-name-absolute": (lambda e: e.validate("  - prune:", "  - name: /etc/escape\n    prune:"),
-                                 "stages.0.name"),
-    "yaml-gate-unknown-task": (lambda e: e.validate("ref_next.acc:", "ref_nxt.acc:"), "p.yaml:10: stages.0.gate.ref_nxt.acc: no evaluation task"),
+    "yaml-no-stages-key": (
+        lambda e: ["validate", e.pipeline(PIPELINE.split("stages:")[0]), f"storage={e.storage}"],
+        "stages: Field required",
+    ),
+    "yaml-empty-stages": (
+        lambda e: ["validate", e.pipeline(PIPELINE.split("stages:")[0] + "stages: []\n"), f"storage={e.storage}"],
+        "at least one stage",
+    ),
+    "yaml-duplicate-stage-names": (
+        lambda e: e.validate("  - quantize:", "    name: x\n  - name: x\n    quantize:"),
+        "p.yaml:12: stages.1.name: duplicate stage name 'x'",
+    ),
+    "yaml-stage-name-dotdot": (
+        lambda e: e.validate("  - prune:", "  - name: ../../escape\n    prune:"),
+        "p.yaml:9: stages.0.name",
+    ),
+    "yaml-stage-name-absolute": (
+        lambda e: e.validate("  - prune:", "  - name: /etc/escape\n    prune:"),
+        "stages.0.name",
+    ),
+    "yaml-gate-unknown-task": (
+        lambda e: e.validate("ref_next.acc:", "ref_nxt.acc:"),
+        "p.yaml:10: stages.0.gate.ref_nxt.acc: no evaluation task",
+    ),
     "yaml-gate-unknown-metric": (lambda e: e.validate("ref_next.acc:", "ref_next.bleu:"), "p.yaml:10: stages.0.gate"),
-    "yaml-unknown-calibration": (lambda e: e.validate("calibration: calib}\n", "calibration: calbi}\n"),
-                                 "p.yaml:9: stages.0.prune.calibration: unknown data source 'calbi'"),
-    "yaml-missing-teacher-dir": (lambda e: e.validate('"zoo:tiny-test"}\nseed', "./no/such/model}\nseed"),
-                                 "teacher.model"),
+    "yaml-unknown-calibration": (
+        lambda e: e.validate("calibration: calib}\n", "calibration: calbi}\n"),
+        "p.yaml:9: stages.0.prune.calibration: unknown data source 'calbi'",
+    ),
+    "yaml-missing-teacher-dir": (
+        lambda e: e.validate('"zoo:tiny-test"}\nseed', "./no/such/model}\nseed"),
+        "teacher.model",
+    ),
     "pipeline-file-missing": (lambda e: ["validate", str(e.root / "nope.yaml")], "nope.yaml: no such file"),
     # ------------------------------------------------------------------ CLI arguments
     "override-without-equals": (lambda e: ["validate", e.pipeline(), "seed"], "override 'seed'"),
-    "override-unknown-stage": (lambda e: ["validate", e.pipeline(), "stages.distill.steps=3"], "no stage named 'distill'"),
+    "override-unknown-stage": (
+        lambda e: ["validate", e.pipeline(), "stages.distill.steps=3"],
+        "no stage named 'distill'",
+    ),
     "override-wrong-type": (lambda e: ["validate", e.pipeline(), "seed=abc"], "seed"),
     "run-unknown-flag": (lambda e: ["run", e.pipeline(), "--frobnicate"], "--frobnicate"),
     "unknown-command": (lambda e: ["frobnicate"], "No such command 'frobnicate'"),
     "plan-mfu-out-of-range": (lambda e: ["plan", e.pipeline(), "--mfu", "2"], "--mfu"),
     "prune-missing-model-flag": (lambda e: ["prune", "--out", str(e.root / "out")], "--model"),
-    "prune-keep-and-drop-layers": (lambda e: e.prune(None, "--target", "keep_layers=[0,1],drop_layers=[2]"),
-                                   "give only one of num_layers, keep_layers, drop_layers"),
-    "prune-bad-target": (lambda e: ["prune", "--model", str(e.teacher), "--out", str(e.root / "out"),
-                                    "--target", "hidden=64"], "--target: unknown key 'hidden'"),
-    "distill-steps-and-tokens": (lambda e: ["distill", "--teacher", str(e.teacher), "--model", str(e.teacher),
-                                            "--out", str(e.root / "out"), "--steps", "3", "--tokens", "1e6"],
-                                 "`--steps` and `--tokens`"),
-    "quantize-bits": (lambda e: ["quantize", "--model", str(e.teacher), "--out", str(e.root / "out"), "--bits", "3",
-                                 "--calibration", "zoo:tiny-test"], "--bits"),
+    "prune-keep-and-drop-layers": (
+        lambda e: e.prune(None, "--target", "keep_layers=[0,1],drop_layers=[2]"),
+        "give only one of num_layers, keep_layers, drop_layers",
+    ),
+    "prune-bad-target": (
+        lambda e: ["prune", "--model", str(e.teacher), "--out", str(e.root / "out"), "--target", "hidden=64"],
+        "--target: unknown key 'hidden'",
+    ),
+    "distill-steps-and-tokens": (
+        lambda e: [
+            "distill",
+            "--teacher",
+            str(e.teacher),
+            "--model",
+            str(e.teacher),
+            "--out",
+            str(e.root / "out"),
+            "--steps",
+            "3",
+            "--tokens",
+            "1e6",
+        ],
+        "`--steps` and `--tokens`",
+    ),
+    "quantize-bits": (
+        lambda e: [
+            "quantize",
+            "--model",
+            str(e.teacher),
+            "--out",
+            str(e.root / "out"),
+            "--bits",
+            "3",
+            "--calibration",
+            "zoo:tiny-test",
+        ],
+        "--bits",
+    ),
     "eval-batch-size": (lambda e: ["eval", "--model", str(e.teacher), "--batch-size", "zero"], "--batch-size"),
-    "submit-malformed-env": (lambda e: ["submit", e.pipeline(), "--env", "HF_TOKEN:hf_notshown",
-                                        "--working-dir", str(e.root), "--address", "http://127.0.0.1:1"], "--env number 1"),
+    "submit-malformed-env": (
+        lambda e: [
+            "submit",
+            e.pipeline(),
+            "--env",
+            "HF_TOKEN:hf_notshown",
+            "--working-dir",
+            str(e.root),
+            "--address",
+            "http://127.0.0.1:1",
+        ],
+        "--env number 1",
+    ),
     "submit-no-address": (lambda e: ["submit", e.pipeline(), "--working-dir", str(e.root)], "--address"),
     "jobs-status-bad-address": (lambda e: ["jobs", "status", "x", "--address", "127.0.0.1:8265"], "--address"),
     "zoo-unknown-model": (lambda e: ["zoo", "build", "no-such-zoo-model"], "no-such-zoo-model"),
     # ------------------------------------------------------------------ model inputs (standalone commands)
     "model-truncated-safetensors": (lambda e: e.prune(e.model(_truncate)), "model.safetensors: truncated"),
     "model-no-tokenizer": (lambda e: e.prune(e.model(_drop_tokenizer)), "no tokenizer"),
-    "model-unknown-architecture": (lambda e: e.prune(e.model(_set_config(architectures=["FooForCausalLM"],
-                                                                          model_type="foo"))), "FooForCausalLM"),
-    "model-heads-do-not-divide": (lambda e: e.prune(e.model(_set_config(num_key_value_heads=3))),
-                                  "num_key_value_heads 3"),
-    "model-config-not-json": (lambda e: e.prune(e.model(lambda m: (m / "config.json").write_text("{oops"))),
-                              "config.json is not valid JSON"),
-    "model-needs-remote-code": (lambda e: e.prune(e.model(_set_config(auto_map={"AutoModelForCausalLM": "x.Model"}))),
-                                "trust_remote_code"),
+    "model-unknown-architecture": (
+        lambda e: e.prune(e.model(_set_config(architectures=["FooForCausalLM"], model_type="foo"))),
+        "FooForCausalLM",
+    ),
+    "model-heads-do-not-divide": (
+        lambda e: e.prune(e.model(_set_config(num_key_value_heads=3))),
+        "num_key_value_heads 3",
+    ),
+    "model-config-not-json": (
+        lambda e: e.prune(e.model(lambda m: (m / "config.json").write_text("{oops"))),
+        "config.json is not valid JSON",
+    ),
+    "model-needs-remote-code": (
+        lambda e: e.prune(e.model(_set_config(auto_map={"AutoModelForCausalLM": "x.Model"}))),
+        "trust_remote_code",
+    ),
     "model-missing-dir": (lambda e: e.prune(str(e.root / "no-model")), "no-model: no such directory"),
-    "quantize-truncated-model": (lambda e: ["quantize", "--model", e.model(_truncate), "--out", str(e.root / "out"),
-                                            "--calibration", "zoo:tiny-test"], "--model"),
-    "distill-teacher-without-tokenizer": (lambda e: ["distill", "--teacher", e.model(_drop_tokenizer), "--student",
-                                                     str(e.teacher), "--out", str(e.root / "out"), "--steps", "2",
-                                                     "--data", "zoo:tiny-test"], "--teacher"),
+    "quantize-truncated-model": (
+        lambda e: [
+            "quantize",
+            "--model",
+            e.model(_truncate),
+            "--out",
+            str(e.root / "out"),
+            "--calibration",
+            "zoo:tiny-test",
+        ],
+        "--model",
+    ),
+    "distill-teacher-without-tokenizer": (
+        lambda e: [
+            "distill",
+            "--teacher",
+            e.model(_drop_tokenizer),
+            "--student",
+            str(e.teacher),
+            "--out",
+            str(e.root / "out"),
+            "--steps",
+            "2",
+            "--data",
+            "zoo:tiny-test",
+        ],
+        "--teacher",
+    ),
     # ------------------------------------------------------------------ data
-    "data-empty-file": (lambda e: e.prune(None, "--calibration", e.file("empty.txt", b"")), "empty.txt: the file is empty"),
-    "data-too-short": (lambda e: e.prune(None, "--calibration", e.file("short.txt", b"Too short to calibrate on.\n")),
-                       "fewer than"),
-    "data-jsonl-without-text-field": (lambda e: e.prune(None, "--calibration",
-                                                        e.file("rows.jsonl", b'{"body": "some text"}\n' * 50)),
-                                      "no field 'text'"),
-    "data-binary-junk": (lambda e: e.prune(None, "--calibration", e.file("junk.txt", bytes(range(256)) * 64)),
-                         "junk.txt: not UTF-8 text"),
-    "data-unsupported-type": (lambda e: e.prune(None, "--calibration", e.file("data.csv", b"text\nhello\n")),
-                              "unsupported data file type"),
+    "data-empty-file": (
+        lambda e: e.prune(None, "--calibration", e.file("empty.txt", b"")),
+        "empty.txt: the file is empty",
+    ),
+    "data-too-short": (
+        lambda e: e.prune(None, "--calibration", e.file("short.txt", b"Too short to calibrate on.\n")),
+        "fewer than",
+    ),
+    "data-jsonl-without-text-field": (
+        lambda e: e.prune(None, "--calibration", e.file("rows.jsonl", b'{"body": "some text"}\n' * 50)),
+        "no field 'text'",
+    ),
+    "data-binary-junk": (
+        lambda e: e.prune(None, "--calibration", e.file("junk.txt", bytes(range(256)) * 64)),
+        "junk.txt: not UTF-8 text",
+    ),
+    "data-unsupported-type": (
+        lambda e: e.prune(None, "--calibration", e.file("data.csv", b"text\nhello\n")),
+        "unsupported data file type",
+    ),
     "data-missing-file": (lambda e: e.prune(None, "--calibration", str(e.root / "nope.txt")), "nope.txt"),
-    "pipeline-data-binary": (lambda e: e.validate('source: "zoo:tiny-test", samples',
-                                                  f'source: "{e.file("junk.jsonl", os.urandom(4096))}", samples'),
-                             "data.calib.source"),
+    "pipeline-data-binary": (
+        lambda e: e.validate(
+            'source: "zoo:tiny-test", samples', f'source: "{e.file("junk.jsonl", os.urandom(4096))}", samples'
+        ),
+        "data.calib.source",
+    ),
     # ------------------------------------------------------------------ storage
     "storage-under-a-file": (lambda e: ["validate", e.pipeline(), f"storage={_under_a_file(e)}"], "is not a directory"),
-    "storage-read-only": (lambda e: ["validate", e.pipeline(), f"storage={e.mount('ro', 'ro,size=64k')}"],
-                          "cannot write there"),
+    "storage-read-only": (
+        lambda e: ["validate", e.pipeline(), f"storage={e.mount('ro', 'ro,size=64k')}"],
+        "cannot write there",
+    ),
     "storage-full-disk": (lambda e: ["validate", e.pipeline(), f"storage={_full_tmpfs(e)}/store"], "free on"),
-    "storage-unknown-fsspec-driver": (lambda e: ["validate", e.pipeline(), "storage=nosuchfs://bucket/x"],
-                                      "storage nosuchfs://bucket/x"),
+    "storage-unknown-fsspec-driver": (
+        lambda e: ["validate", e.pipeline(), "storage=nosuchfs://bucket/x"],
+        "storage nosuchfs://bucket/x",
+    ),
     "out-under-a-file": (lambda e: e.prune(None, out=str(_under_a_file(e))), "--out"),
     "out-not-empty": (lambda e: e.prune(None, out=str(Path(e.file("keep.txt", b"mine")).parent)), "not empty"),
     "out-full-disk": (lambda e: e.prune(None, out=str(_full_tmpfs(e) / "out")), "free on"),
@@ -282,11 +414,20 @@ def test_bad_input_is_refused_early_in_one_paragraph(case, env, no_torch):
     args = build(env)
     before = snapshot(env.root)
     child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    child_env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                     PYTHONPATH=os.pathsep.join([str(no_torch), os.environ.get("PYTHONPATH", "")]))
+    child_env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(no_torch), os.environ.get("PYTHONPATH", "")]),
+    )
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True,
-                            env=child_env, cwd=env.root, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "compressor", *args],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        cwd=env.root,
+        timeout=120,
+    )
     seconds = time.perf_counter() - start
     print(f"{case}: {seconds:.2f}s: {result.stderr.strip()}")
     err = result.stderr.strip()

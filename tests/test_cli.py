@@ -21,7 +21,9 @@ PIPELINE = textwrap.dedent("""\
 
 
 def compressor(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "compressor", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "compressor", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.fixture
@@ -30,20 +32,34 @@ def pipeline(tmp_path):
         path = tmp_path / name
         path.write_text(text)
         return path
+
     return write
 
 
 def test_help_everywhere():
-    for cmd in ([], ["run"], ["validate"], ["plan"], ["eval"], ["prune"], ["distill"], ["quantize"], ["zoo"], ["submit"]):
+    for cmd in (
+        [],
+        ["run"],
+        ["validate"],
+        ["plan"],
+        ["eval"],
+        ["prune"],
+        ["distill"],
+        ["quantize"],
+        ["zoo"],
+        ["submit"],
+    ):
         result = compressor(*cmd, "--help")
         assert result.returncode == 0, (cmd, result.stderr)
         assert "Usage" in result.stdout
 
 
 def test_validate_is_light(pipeline):
-    code = (f"import sys; sys.argv=['compressor','validate',{str(pipeline())!r}]\nfrom compressor.cli import main\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    code = (
+        f"import sys; sys.argv=['compressor','validate',{str(pipeline())!r}]\nfrom compressor.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "ok (1 stages" in result.stdout and result.stdout.strip().endswith("NO-TORCH")
@@ -53,7 +69,7 @@ BAD_INPUTS = {
     "malformed yaml": (PIPELINE.replace("stages:\n", "stages: [\n"), "not valid YAML"),
     "unknown key": (PIPELINE.replace("seq_len: 64", "seq_len: 64, sampels: 3"), "data.calib.sampels"),
     "wrong type": (PIPELINE.replace("samples: 8", "samples: eight"), "data.calib.samples"),
-    "missing model path": (PIPELINE.replace('"zoo:tiny-test"}\ndata', './no/such/model}\ndata'), "teacher.model"),
+    "missing model path": (PIPELINE.replace('"zoo:tiny-test"}\ndata', "./no/such/model}\ndata"), "teacher.model"),
     "unknown zoo model": (PIPELINE.replace('model: "zoo:tiny-test"', 'model: "zoo:nope"'), "teacher.model"),
     "unknown task": (PIPELINE.replace("name: ref_ppl", "name: ref_pppl"), "evaluation.tasks.0.name"),
 }

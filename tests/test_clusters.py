@@ -70,12 +70,19 @@ def test_aws_launcher_has_gpu_workers_shared_storage_and_mlflow():
     assert config["provider"]["type"] == "aws"
     nodes = config["available_node_types"]
     workers = [n for name, n in nodes.items() if name != config["head_node_type"]]
-    gpu_types = [n for n in workers if n["node_config"]["InstanceType"].split(".")[0] in {"p4d", "p4de", "p5", "p5e", "g5", "g6", "g6e"}]
+    gpu_types = [
+        n
+        for n in workers
+        if n["node_config"]["InstanceType"].split(".")[0] in {"p4d", "p4de", "p5", "p5e", "g5", "g6", "g6e"}
+    ]
     assert gpu_types and sum(n["max_workers"] for n in gpu_types) * 8 >= 64  # room for the 64 distill workers
     host_setup = " ".join(config["initialization_commands"])
     assert "mount -t nfs4" in host_setup and SHARED in host_setup
     assert f"-v {SHARED}:{SHARED}" in config["docker"]["run_options"]
-    head_start, worker_start = " ".join(config["head_start_ray_commands"]), " ".join(config["worker_start_ray_commands"])
+    head_start, worker_start = (
+        " ".join(config["head_start_ray_commands"]),
+        " ".join(config["worker_start_ray_commands"]),
+    )
     assert "mlflow server" in head_start and f"{SHARED}/mlflow" in head_start
     assert "MLFLOW_TRACKING_URI=" in head_start and "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in worker_start
     assert "--dashboard-host=0.0.0.0" in head_start  # `compressor submit` talks to the dashboard
@@ -114,7 +121,11 @@ def test_kuberay_cluster_structure(kind, spec):
     worker_limits = containers(group["template"])[0]["resources"]["limits"]
     assert int(worker_limits["nvidia.com/gpu"]) * group["maxReplicas"] >= 64
     for template in (head["template"], group["template"]):
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in template["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         for container in containers(template):
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("MLFLOW_TRACKING_URI") == "http://mlflow:5000"
@@ -229,5 +240,7 @@ def test_recipes_wait_for_the_gpu_nodes_the_clusters_start_without():
     (raycluster,) = manifests()["RayCluster"]
     assert raycluster["spec"]["workerGroupSpecs"][0]["minReplicas"] == 0
     for recipe in ("llama8b_to_4b.yaml", "llama8b_to_4b_depth.yaml"):
-        (distill,) = [s.spec for s in load_pipeline(ROOT / "pipelines" / recipe).stages if isinstance(s.spec, DistillSpec)]
+        (distill,) = [
+            s.spec for s in load_pipeline(ROOT / "pipelines" / recipe).stages if isinstance(s.spec, DistillSpec)
+        ]
         assert distill.wait_for_resources_s >= 900  # booting 8 p5 nodes and pulling the image takes minutes

@@ -33,8 +33,12 @@ HOLD = textwrap.dedent("""\
 
 def hold_in_subprocess(stage_uri: str) -> subprocess.Popen:
     """Another process (another run) holding the stage's lease until it is killed."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, stage_uri, "compressor", "run", "other.yaml"],
-                               stdout=subprocess.PIPE, text=True, env={**os.environ})
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, stage_uri, "compressor", "run", "other.yaml"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -174,9 +178,15 @@ def test_runs_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """Without the lock, one of two such processes fails with MLflow 3.17 (3 of 3 tries: "duplicate column name:
     step" while both create the tables, or "already exists" for the experiment)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    processes = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, name, str(tmp_path / "mlartifacts")],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name in ("alpha", "alpha")]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE, uri, name, str(tmp_path / "mlartifacts")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("alpha", "alpha")
+    ]
     outputs = [p.communicate(timeout=120) for p in processes]
     assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
     from mlflow.tracking import MlflowClient
@@ -219,8 +229,10 @@ def test_two_pipelines_and_the_same_pipeline_twice_on_one_machine_and_store(tmp_
     for each in (first, second, third):
         assert each.finish() == 0, each.output[-4000:]
 
-    statuses = {name: [s["status"] for s in json.loads((tmp_path / f"{name}.json").read_text())["stages"]]
-                for name in ("first", "second", "other")}
+    statuses = {
+        name: [s["status"] for s in json.loads((tmp_path / f"{name}.json").read_text())["stages"]]
+        for name in ("first", "second", "other")
+    }
     assert statuses == {"first": ["ran"], "second": ["cached"], "other": ["ran"]}
     waiting = [line for line in second.output.splitlines() if line.startswith("distill: waiting for another run")]
     assert waiting and f"pid {first.pid} on host {socket.gethostname()}" in waiting[0], second.output[-3000:]
@@ -230,12 +242,17 @@ def test_two_pipelines_and_the_same_pipeline_twice_on_one_machine_and_store(tmp_
         assert "database is locked" not in each.output and "Traceback" not in each.output
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
-    by_experiment = {name: client.search_runs([client.get_experiment_by_name(name).experiment_id])
-                     for name in ("rerun", "other")}
-    parents = {name: [r for r in runs if "mlflow.parentRunId" not in r.data.tags] for name, runs in by_experiment.items()}
+    by_experiment = {
+        name: client.search_runs([client.get_experiment_by_name(name).experiment_id]) for name in ("rerun", "other")
+    }
+    parents = {
+        name: [r for r in runs if "mlflow.parentRunId" not in r.data.tags] for name, runs in by_experiment.items()
+    }
     assert len(parents["rerun"]) == 2 and len(parents["other"]) == 1
     assert all(r.info.status == "FINISHED" for runs in by_experiment.values() for r in runs)
-    trained = [r for r in by_experiment["rerun"] if r.info.run_name == "distill" and r.data.tags.get("cached") == "false"]
+    trained = [
+        r for r in by_experiment["rerun"] if r.info.run_name == "distill" and r.data.tags.get("cached") == "false"
+    ]
     assert len(trained) == 1 and client.get_metric_history(trained[0].info.run_id, "loss")
     assert len(list((store / "rerun").glob("distill-*/manifest.json"))) == 1
     assert len(list((store / "other").glob("distill-*/manifest.json"))) == 1

@@ -25,7 +25,13 @@ def test_captured_output_takes_c_level_python_and_logging_output_and_restores_th
     print("after")
     out, err = capfd.readouterr()
     text = log.read_text()
-    for line in ("from C on fd 2", "from C on fd 1", "a print", "FutureWarning: a library warning", "a library log line"):
+    for line in (
+        "from C on fd 2",
+        "from C on fd 1",
+        "a print",
+        "FutureWarning: a library warning",
+        "a library log line",
+    ):
         assert line in text and line not in out + err
     assert out == "after\n"
 
@@ -51,7 +57,8 @@ def test_driver_progress_without_a_tty_prints_a_line_per_interval_not_per_update
     out = io.StringIO()
     polls = iter(range(3))
     DriverProgress(Console(file=out, width=120), "prune", FakeQueue(updates), interval=0.0).wait(
-        lambda: next(polls, 2) >= 2)
+        lambda: next(polls, 2) >= 2
+    )
     lines = out.getvalue().splitlines()
     assert "prune: 1 -> 2 parameters" in lines
     assert len(lines) < 10, lines  # not one line per update
@@ -72,8 +79,10 @@ def test_run_console_without_tty_is_short_and_libraries_output_is_in_stage_logs(
     assert "gate" in console
 
     storage = tiny_runs.storage
-    logs = {s["name"]: (storage / "tiny" / f"{s['name']}-{s['key'][:12]}" / "stage.log").read_text()
-            for s in first.summary["stages"]}
+    logs = {
+        s["name"]: (storage / "tiny" / f"{s['name']}-{s['key'][:12]}" / "stage.log").read_text()
+        for s in first.summary["stages"]
+    }
     assert "INFO:" in logs["quantize"], logs["quantize"][-2000:]  # libraries' logging, e.g. GPTQModel's tokenizer fix
     assert "Loading weights" in logs["prune"]  # transformers' tqdm bar, printed in a Ray worker
     eval_logs = "".join(p.read_text() for p in (storage / "_logs").glob("tiny-evaluate-*.log"))
@@ -101,14 +110,16 @@ def test_a_failing_stage_keeps_its_log_where_the_driver_says(tmp_path, monkeypat
         os.write(2, b"CUDA error from a C library\n")
         raise RuntimeError("the stage broke")
 
-    stages.register(StageKind(name="broken", spec=EvaluateSpec, summary="A stage that fails.", check=None, run=run,
-                              flops=None))
+    stages.register(
+        StageKind(name="broken", spec=EvaluateSpec, summary="A stage that fails.", check=None, run=run, flops=None)
+    )
     ctx = StageContext(progress_queue=object())  # a pipeline run: the queue to the driver is set
     publish_to = str(tmp_path / "tiny" / "pending" / "broken-0123456789ab")
     try:
         with pytest.raises(RuntimeError, match="the stage broke"):
-            runner.execute_stage("broken", "broken", None, ModelRef(path=str(tmp_path), key="dir:x"), ctx, "0" * 64,
-                                 publish_to)
+            runner.execute_stage(
+                "broken", "broken", None, ModelRef(path=str(tmp_path), key="dir:x"), ctx, "0" * 64, publish_to
+            )
     finally:
         stages.unregister("broken")
     assert "CUDA error from a C library" in Path(runner.failed_log_uri(publish_to)).read_text()

@@ -45,11 +45,24 @@ class Run:
 
     def __init__(self, tmp_path: Path, *args, trace: Path):
         self.log = tmp_path / f"run-{time.monotonic_ns()}.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1",
-               "COLUMNS": "250", "COMPRESSOR_DATA_TRACE": str(trace), "COMPRESSOR_PROGRESS_SECONDS": "5"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "GPTQMODEL_DISABLE_PACK_EXT": "1",
+            "COLUMNS": "250",
+            "COMPRESSOR_DATA_TRACE": str(trace),
+            "COMPRESSOR_PROGRESS_SECONDS": "5",
+        }
         env.pop("MLFLOW_TRACKING_URI", None)
-        self.process = subprocess.Popen([sys.executable, "-m", "compressor", *map(str, args)], cwd=ROOT, env=env,
-                                        stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "compressor", *map(str, args)],
+            cwd=ROOT,
+            env=env,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.pid = self.process.pid
 
     @property
@@ -76,7 +89,9 @@ def leftovers(sid: int) -> list[str]:
     for process in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
             ours = os.getsid(process.pid) == sid or (
-                "compressor.raywatch" in (process.info["cmdline"] or []) and f"{sid}:" in " ".join(process.info["cmdline"]))
+                "compressor.raywatch" in (process.info["cmdline"] or [])
+                and f"{sid}:" in " ".join(process.info["cmdline"])
+            )
             if ours and process.status() != psutil.STATUS_ZOMBIE:
                 found.append(f"{process.pid} {process.info['name']}")
         except (ProcessLookupError, psutil.Error):
@@ -126,7 +141,7 @@ def test_a_driver_killed_in_any_stage_loses_only_unfinished_work(tmp_path):
     matrix.append(("distill", run.kill_driver()))
     assert "prune: cached" not in run.output and list(store.glob("prune-*/manifest.json"))
     assert not list((store / "pending").glob(".tmp-prune-*")), "the killed prune's scratch directory was removed"
-    (killed_worker, killed_steps), = trace_steps(trace).items()
+    ((killed_worker, killed_steps),) = trace_steps(trace).items()
 
     # 3. Prune from the cache, distill from its checkpoint; killed in quantize.
     run = Run(tmp_path, *command, trace=trace)
@@ -141,9 +156,15 @@ def test_a_driver_killed_in_any_stage_loses_only_unfinished_work(tmp_path):
 
     # 4. Prune and distill from the cache, quantize again; killed while its model is being evaluated.
     run = Run(tmp_path, *command, trace=trace)
-    wait_for(lambda: [p for p in (store / "pending").glob("quantize-*/manifest.json")
-                      if (tmp_path / "store" / "_logs" / f"crash-evaluate-{p.parent.name[-12:]}.log").is_file()],
-             300, "quantize's evaluation to start")
+    wait_for(
+        lambda: [
+            p
+            for p in (store / "pending").glob("quantize-*/manifest.json")
+            if (tmp_path / "store" / "_logs" / f"crash-evaluate-{p.parent.name[-12:]}.log").is_file()
+        ],
+        300,
+        "quantize's evaluation to start",
+    )
     matrix.append(("evaluation", run.kill_driver()))
     assert "prune: cached" in run.output and "distill: cached" in run.output and not list(store.glob("quantize-*"))
 
@@ -155,9 +176,19 @@ def test_a_driver_killed_in_any_stage_loses_only_unfinished_work(tmp_path):
     assert all(s["scores"] for s in summary["stages"]) and list(store.glob("quantize-*/model/config.json"))
     assert not [p for p in (store / "pending").iterdir() if p.is_dir()], "no model left waiting, no scratch left over"
     lost = max(killed_steps) - resumed_from
-    print(json.dumps({"sigkill_seconds_until_no_process_left": {s: round(t, 1) for s, t in matrix},
-                      "distill": {"checkpoint_every": every, "killed_during_step": max(killed_steps),
-                                  "resumed_from_checkpoint": resumed_from, "steps_begun_again": lost}}))
+    print(
+        json.dumps(
+            {
+                "sigkill_seconds_until_no_process_left": {s: round(t, 1) for s, t in matrix},
+                "distill": {
+                    "checkpoint_every": every,
+                    "killed_during_step": max(killed_steps),
+                    "resumed_from_checkpoint": resumed_from,
+                    "steps_begun_again": lost,
+                },
+            }
+        )
+    )
 
 
 def test_signals_in_run_stop_at_once_or_ask_a_stage_to_stop_and_a_second_one_aborts():
@@ -200,7 +231,7 @@ def test_sigterm_during_distill_stops_after_the_step_with_a_checkpoint_and_exit_
     assert len(errors) == 1 and "distill stopped on SIGTERM: after step" in errors[0], run.output[-4000:]
     assert "press Ctrl-C again to stop at once" in run.output and "Traceback" not in run.output
     stopped_at = int(re.search(r"after step (\d+) of 20", errors[0]).group(1))
-    (first_worker, first_steps), = trace_steps(trace).items()
+    ((first_worker, first_steps),) = trace_steps(trace).items()
     assert under_way <= stopped_at == max(first_steps), "the step under way was finished, and no step begun after"
     checkpoints = sorted(int(p.name[-8:]) for p in (store / "ray").glob("*/checkpoint_step*"))
     assert checkpoints[-1] == stopped_at > 8, checkpoints  # newer than the last periodic one before the signal (8)

@@ -56,10 +56,12 @@ def test_a_directory_is_read_file_by_file_and_skip_passes_whole_parquet_files(tm
 
 
 def test_bad_sources_are_user_errors(tmp_path):
-    cases = {"missing": (tmp_path / "nope.txt", "no such file"),
-             "empty": (tmp_path / "empty.txt", "no text found"),
-             "type": (tmp_path / "x.csv", "unsupported data file type '.csv'"),
-             "field": (tmp_path / "rows.jsonl", "no field 'text'")}
+    cases = {
+        "missing": (tmp_path / "nope.txt", "no such file"),
+        "empty": (tmp_path / "empty.txt", "no text found"),
+        "type": (tmp_path / "x.csv", "unsupported data file type '.csv'"),
+        "field": (tmp_path / "rows.jsonl", "no field 'text'"),
+    }
     (tmp_path / "empty.txt").write_text("\n\n  \n")
     (tmp_path / "x.csv").write_text("a,b")
     (tmp_path / "rows.jsonl").write_text('{"body": "hello"}\n')

@@ -19,7 +19,9 @@ def test_tiny_pipeline_end_to_end(tiny_runs, hub_cache, tmp_path):
 
     # each stage really did its job
     teacher_bpb = summary["baseline"]["ref_ppl"]["bits_per_byte"]
-    pruned, distilled, quantized = (stages[n]["scores"]["ref_ppl"]["bits_per_byte"] for n in ("prune", "distill", "quantize"))
+    pruned, distilled, quantized = (
+        stages[n]["scores"]["ref_ppl"]["bits_per_byte"] for n in ("prune", "distill", "quantize")
+    )
     assert stages["prune"]["num_params"] < 0.8 * 1_049_728
     assert pruned > teacher_bpb, "pruning half the network must cost quality"
     assert distilled < pruned, "distillation must win back part of it"
@@ -55,10 +57,18 @@ def test_tiny_pipeline_end_to_end(tiny_runs, hub_cache, tmp_path):
 
     # a re-run finds everything cached and starts neither Ray nor a new MLflow run
     summary_path = tmp_path / "summary.json"
-    result = compressor("run", str(PIPELINE), f"storage={storage}", *tiny_runs.overrides,
-                        f"stages.prune.target.intermediate_size={first.intermediate_size}",
-                        "--tracking-uri", f"sqlite:///{tiny_runs.store.db}", "--summary-json", str(summary_path),
-                        env=tiny_runs.env)
+    result = compressor(
+        "run",
+        str(PIPELINE),
+        f"storage={storage}",
+        *tiny_runs.overrides,
+        f"stages.prune.target.intermediate_size={first.intermediate_size}",
+        "--tracking-uri",
+        f"sqlite:///{tiny_runs.store.db}",
+        "--summary-json",
+        str(summary_path),
+        env=tiny_runs.env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s["status"] for s in json.loads(summary_path.read_text())["stages"]] == ["cached", "cached", "cached"]
     assert "Ray" not in result.stderr and len(client.search_runs([parent.info.experiment_id])) == len(runs)

@@ -31,18 +31,28 @@ def test_smollm2_135m_shipped_config():
     assert estimate.param_count(pruned) == pytest.approx(67.6e6, rel=0.01)
 
 
-TINY = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("llama", {}),
-    ("llama", {"tie_word_embeddings": True}),
-    ("llama", {"head_dim": 16}),  # explicit head_dim != hidden / heads, as Minitron exports
-    ("llama", {"attention_bias": True, "mlp_bias": True}),
-    ("mistral", {"head_dim": 8}),
-    ("qwen2", {"tie_word_embeddings": True}),
-])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("llama", {"head_dim": 16}),  # explicit head_dim != hidden / heads, as Minitron exports
+        ("llama", {"attention_bias": True, "mlp_bias": True}),
+        ("mistral", {"head_dim": 8}),
+        ("qwen2", {"tie_word_embeddings": True}),
+    ],
+)
 def test_param_count_matches_transformers(model_type, extra):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -85,8 +95,12 @@ def test_stage_flops_scale_with_calibration_and_steps():
     assert base == pytest.approx(1024 * 4096 * estimate.forward_flops_per_token(LLAMA_8B, 4096))
     doubled = estimate.stage_flops("prune", prune.model_copy(update={"samples": 2048}), LLAMA_8B, WIDTH_4B, spec)
     assert doubled == pytest.approx(2 * base)
-    by_loss = prune.model_copy(update={"depth_metric": "loss", "target": prune.target.model_copy(update={"num_layers": 16})})
-    assert estimate.stage_flops("prune", by_loss, LLAMA_8B, WIDTH_4B, spec) == pytest.approx(33 * base)  # +1 pass per layer
+    by_loss = prune.model_copy(
+        update={"depth_metric": "loss", "target": prune.target.model_copy(update={"num_layers": 16})}
+    )
+    assert estimate.stage_flops("prune", by_loss, LLAMA_8B, WIDTH_4B, spec) == pytest.approx(
+        33 * base
+    )  # +1 pass per layer
     gptq = estimate.stage_flops("quantize", quantize, WIDTH_4B, WIDTH_4B, spec)
     assert gptq > 2 * 256 * 2048 * estimate.forward_flops_per_token(WIDTH_4B, 2048)  # forwards plus Hessian work
     evaluate = estimate.stage_flops("evaluate", EvaluateSpec(tasks=["winogrande"]), WIDTH_4B, WIDTH_4B, spec)
@@ -129,11 +143,14 @@ def test_teacher_config_of_a_zoo_model():
     assert estimate.param_count(config) > 0
 
 
-@pytest.mark.parametrize("pipeline,teacher,target", [
-    ("llama8b_to_4b.yaml", "8.03B", "4.51B"),  # Minitron-4B-Width: 4.5B within 1%
-    ("llama8b_to_4b_depth.yaml", "8.03B", "4.54B"),
-    ("smollm2_135m.yaml", "134.52M", "67.56M"),
-])
+@pytest.mark.parametrize(
+    "pipeline,teacher,target",
+    [
+        ("llama8b_to_4b.yaml", "8.03B", "4.51B"),  # Minitron-4B-Width: 4.5B within 1%
+        ("llama8b_to_4b_depth.yaml", "8.03B", "4.54B"),
+        ("smollm2_135m.yaml", "134.52M", "67.56M"),
+    ],
+)
 def test_plan_counts_parameters_offline(pipeline, teacher, target, monkeypatch):
     """`compressor plan` on the shipped recipes, with every network connection refused."""
     import socket

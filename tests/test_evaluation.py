@@ -20,8 +20,10 @@ from compressor.evaluation import (
 )
 
 MC_DOCS, PPL_DOCS = 100, 40
-TASKS = [TaskSpec(name="ref_next", include="zoo:tiny-test", limit=MC_DOCS),
-         TaskSpec(name="ref_ppl", include="zoo:tiny-test", limit=PPL_DOCS)]
+TASKS = [
+    TaskSpec(name="ref_next", include="zoo:tiny-test", limit=MC_DOCS),
+    TaskSpec(name="ref_ppl", include="zoo:tiny-test", limit=PPL_DOCS),
+]
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +87,33 @@ def test_model_dir_without_config_is_a_user_error(tmp_path):
 
 
 def test_flatten_strips_filters_and_bookkeeping_and_keeps_numeric_stderrs():
-    raw = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.05, "sample_len": 7, "bits_per_byte,none": 1.5,
-                 "bits_per_byte_stderr,none": "N/A"}}
+    raw = {
+        "t": {
+            "alias": "t",
+            "acc,none": 0.5,
+            "acc_stderr,none": 0.05,
+            "sample_len": 7,
+            "bits_per_byte,none": 1.5,
+            "bits_per_byte_stderr,none": "N/A",
+        }
+    }
     assert flatten(raw) == {"t": {"acc": 0.5, "acc_stderr": 0.05, "bits_per_byte": 1.5}}
 
 
-@pytest.mark.parametrize("metric,higher", [
-    ("acc", True), ("acc_norm", True), ("exact_match", True), ("ref_next.acc", True), ("acc,none", True),
-    ("word_perplexity", False), ("byte_perplexity", False), ("bits_per_byte", False), ("ref_ppl.perplexity", False),
-])
+@pytest.mark.parametrize(
+    "metric,higher",
+    [
+        ("acc", True),
+        ("acc_norm", True),
+        ("exact_match", True),
+        ("ref_next.acc", True),
+        ("acc,none", True),
+        ("word_perplexity", False),
+        ("byte_perplexity", False),
+        ("bits_per_byte", False),
+        ("ref_ppl.perplexity", False),
+    ],
+)
 def test_metric_direction(metric, higher):
     assert higher_is_better(metric) is higher
 
@@ -101,7 +121,10 @@ def test_metric_direction(metric, higher):
 def test_primary_metric():
     assert primary_metric("ref_next", {"acc": 0.7, "acc_norm": 0.72}) == "acc_norm"
     assert primary_metric("mmlu", {"acc": 0.6}) == "acc"
-    assert primary_metric("ref_ppl", {"byte_perplexity": 3.0, "word_perplexity": 90.0, "bits_per_byte": 1.6}) == "word_perplexity"
+    assert (
+        primary_metric("ref_ppl", {"byte_perplexity": 3.0, "word_perplexity": 90.0, "bits_per_byte": 1.6})
+        == "word_perplexity"
+    )
     assert primary_metric("custom", {"zeta": 1.0, "alpha": 2.0}) == "alpha"
     assert primary_metric("custom", {"alpha_stderr": 0.1, "beta": 2.0}) == "beta"
     with pytest.raises(UserError, match="custom"):
@@ -152,8 +175,11 @@ def test_cli_eval_prints_a_table_and_writes_json(tiny_teacher, tmp_path):
     from compressor.cli import app
 
     out = tmp_path / "scores.json"
-    result = CliRunner().invoke(app, ["eval", "--model", "zoo:tiny-test", "--tasks", "ref_next", "--limit", "20",
-                                      "--output", str(out)], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--model", "zoo:tiny-test", "--tasks", "ref_next", "--limit", "20", "--output", str(out)],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "ref_next" in result.stdout and "acc_norm" in result.stdout
     assert "stderr" in result.stdout and "±0." in result.stdout and "acc_stderr" not in result.stdout  # a column
@@ -173,8 +199,22 @@ def test_cli_eval_unknown_task_exits_2_with_one_line(tiny_teacher):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "compressor", "eval", "--model", str(tiny_teacher),
-                             "--tasks", "no_such_task", "--include", "zoo:tiny-test"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compressor",
+            "eval",
+            "--model",
+            str(tiny_teacher),
+            "--tasks",
+            "no_such_task",
+            "--include",
+            "zoo:tiny-test",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "unknown evaluation task 'no_such_task'" in result.stderr and "Traceback" not in result.stderr
 
@@ -242,8 +282,9 @@ def test_evaluate_stage_loads_the_model_onto_its_own_gpu(tiny_teacher, tmp_path,
     from compressor.stages.context import StageContext
     from compressor.stages.evaluate.spec import EvaluateSpec
 
-    ctx = StageContext(work_dir=tmp_path, resources=Resources(num_gpus=num_gpus), tasks=SMALL, eval_batch_size=8,
-                       quiet=True)
+    ctx = StageContext(
+        work_dir=tmp_path, resources=Resources(num_gpus=num_gpus), tasks=SMALL, eval_batch_size=8, quiet=True
+    )
     model = ModelRef(path=str(tiny_teacher), key="teacher")
     if device == "cuda":
         with pytest.raises(LoaderCalled):

@@ -24,8 +24,12 @@ def test_min_and_max():
 
 def test_recovery_for_higher_and_lower_is_better():
     scores = {"ref_next": {"acc": 0.55}, "ref_ppl": {"word_perplexity": 21.0}}
-    ok = check_gate(gate(**{"ref_next.acc": {"min_recovery": 0.9}, "ref_ppl.word_perplexity": {"min_recovery": 0.9}}),
-                    scores, BASE, None)
+    ok = check_gate(
+        gate(**{"ref_next.acc": {"min_recovery": 0.9}, "ref_ppl.word_perplexity": {"min_recovery": 0.9}}),
+        scores,
+        BASE,
+        None,
+    )
     assert [r.passed for r in ok] == [True, True]  # 0.55 >= 0.54; 21 <= 20/0.9
     bad = check_gate(gate(**{"ref_ppl.word_perplexity": {"min_recovery": 0.99}}), scores, BASE, None)
     assert not bad[0].passed
@@ -69,7 +73,9 @@ def test_max_drop_stderr_for_a_higher_is_better_metric(acc, passed):
 
 @pytest.mark.parametrize("ppl,passed", [(3.2, True), (3.69, True), (3.71, False), (4.5, False)])
 def test_max_drop_stderr_for_a_lower_is_better_metric(ppl, passed):
-    rows = check_gate(gate(**{"lambada.perplexity": {"max_drop_stderr": 2}}), scores_now(perplexity=ppl), None, PREVIOUS)
+    rows = check_gate(
+        gate(**{"lambada.perplexity": {"max_drop_stderr": 2}}), scores_now(perplexity=ppl), None, PREVIOUS
+    )
     assert [r.passed for r in rows] == [passed]
     assert "<= 3.7 " in rows[0].bar
 
@@ -89,15 +95,27 @@ def test_plain_task_name_uses_the_primary_metric_and_its_stderr():
     assert rows[0].metric == "arc.acc_norm" and rows[0].stderr == 0.0145 and rows[0].passed
 
 
-@pytest.mark.parametrize("now,previous,missing", [
-    ({"ref_ppl": {"bits_per_byte": 2.0}}, {"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.01}},
-     "this stage"),
-    ({"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.01}}, {"ref_ppl": {"bits_per_byte": 2.0}},
-     "the previous one"),
-    ({"ref_ppl": {"bits_per_byte": 2.0}}, {"ref_ppl": {"bits_per_byte": 2.0}}, "this stage and the previous one"),
-    ({"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": float("nan")}},
-     {"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.01}}, "this stage"),
-])
+@pytest.mark.parametrize(
+    "now,previous,missing",
+    [
+        (
+            {"ref_ppl": {"bits_per_byte": 2.0}},
+            {"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.01}},
+            "this stage",
+        ),
+        (
+            {"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.01}},
+            {"ref_ppl": {"bits_per_byte": 2.0}},
+            "the previous one",
+        ),
+        ({"ref_ppl": {"bits_per_byte": 2.0}}, {"ref_ppl": {"bits_per_byte": 2.0}}, "this stage and the previous one"),
+        (
+            {"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": float("nan")}},
+            {"ref_ppl": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.01}},
+            "this stage",
+        ),
+    ],
+)
 def test_missing_stderr_is_a_fail_row_that_says_so(now, previous, missing):
     rows = check_gate(gate(**{"ref_ppl.bits_per_byte": {"max_drop_stderr": 2.5}}), now, None, previous)
     assert len(rows) == 1 and not rows[0].passed and rows[0].value == 2.0
@@ -112,7 +130,9 @@ def test_max_drop_stderr_without_a_previous_score_fails():
 def test_gate_table_and_json_carry_the_stderr():
     from rich.console import Console
 
-    rows = check_gate(gate(**{"ref_next.acc": {"min": 0.5, "max_drop_stderr": 2}}), scores_now(acc=0.59), None, PREVIOUS)
+    rows = check_gate(
+        gate(**{"ref_next.acc": {"min": 0.5, "max_drop_stderr": 2}}), scores_now(acc=0.59), None, PREVIOUS
+    )
     assert [r.stderr for r in rows] == [0.016, 0.016]
     assert json.loads(json.dumps([r.__dict__ for r in rows]))[1]["stderr"] == 0.016  # the gate.json artifact
     console = Console(width=200, record=True)

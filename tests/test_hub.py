@@ -53,10 +53,13 @@ def test_plan_keys_the_teacher_by_commit_without_network(offline_hub, tmp_path):
     assert plan.teacher.key == hub.model_key(offline_hub["repo"], offline_hub["commit"], "float32")
 
 
-@pytest.mark.parametrize("repo, revision, words", [
-    ("acme/tiny-llama", "no-such-branch", ["'no-such-branch'", "acme/tiny-llama", "HF_HUB_OFFLINE"]),
-    ("acme/not-there", "main", ["acme/not-there", "local Hugging Face cache"]),
-])
+@pytest.mark.parametrize(
+    "repo, revision, words",
+    [
+        ("acme/tiny-llama", "no-such-branch", ["'no-such-branch'", "acme/tiny-llama", "HF_HUB_OFFLINE"]),
+        ("acme/not-there", "main", ["acme/not-there", "local Hugging Face cache"]),
+    ],
+)
 def test_what_cannot_be_had_is_a_one_paragraph_user_error(offline_hub, repo, revision, words):
     with pytest.raises(UserError) as err:
         hub.resolve_commit(repo, revision)
@@ -67,8 +70,13 @@ def test_what_cannot_be_had_is_a_one_paragraph_user_error(offline_hub, repo, rev
 def test_run_with_a_wrong_revision_exits_2_naming_it(hub_cache, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(PIPELINE.format(repo=hub_cache["repo"], revision="v9.9", storage=tmp_path / "store"))
-    result = subprocess.run([sys.executable, "-m", "compressor", "run", str(path)], capture_output=True, text=True,
-                            env={**__import__("os").environ, **hub_cache["env"]}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "compressor", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **hub_cache["env"]},
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "'v9.9'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "store" / "hubbed").exists()

@@ -14,11 +14,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ON_TWO_NODES = [
     "storage=s3://bucket/compressor",
-    "evaluation.resources.num_cpus=1", "evaluation.resources.custom={node_b: 1}",
-    "stages.prune.resources.num_cpus=1", "stages.prune.resources.custom={node_a: 1}",
-    "stages.quantize.resources.num_cpus=1", "stages.quantize.resources.custom={node_b: 1}",
-    "stages.distill.workers=2", "stages.distill.cpus_per_worker=1", "stages.distill.placement_strategy=STRICT_SPREAD",
-    "stages.distill.steps=6", "stages.distill.checkpoint_every=3",
+    "evaluation.resources.num_cpus=1",
+    "evaluation.resources.custom={node_b: 1}",
+    "stages.prune.resources.num_cpus=1",
+    "stages.prune.resources.custom={node_a: 1}",
+    "stages.quantize.resources.num_cpus=1",
+    "stages.quantize.resources.custom={node_b: 1}",
+    "stages.distill.workers=2",
+    "stages.distill.cpus_per_worker=1",
+    "stages.distill.placement_strategy=STRICT_SPREAD",
+    "stages.distill.steps=6",
+    "stages.distill.checkpoint_every=3",
 ]
 
 

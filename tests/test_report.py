@@ -111,7 +111,7 @@ def test_compare_shows_the_prune_target_difference(server, tmp_path):
     row = next(line for line in result.stdout.splitlines() if "prune.target.intermediate_size" in line)
     assert re.search(r"192\D+256", row)
     page = (out / "compare.html").read_text()
-    assert "<tr class=\"diff\"><td>prune.target.intermediate_size</td><td>192</td><td>256</td></tr>" in page
+    assert '<tr class="diff"><td>prune.target.intermediate_size</td><td>192</td><td>256</td></tr>' in page
     assert re.search(r"<td>final/num_params</td><td><b class='best'>[\d.]+M</b></td><td>[\d.]+M</td>", page)
     assert "distill.steps" not in page  # only the settings that differ
 
@@ -136,7 +136,7 @@ def _summary_header(stdout: str) -> list[list[str]]:
     """The column titles of the run summary table (two lines: task, metric), cell by cell."""
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(r"tiny: [\d.]+s", line.strip()))
-    header = lines[start + 2:next(i for i in range(start, len(lines)) if lines[i].startswith("┡"))]
+    header = lines[start + 2 : next(i for i in range(start, len(lines)) if lines[i].startswith("┡"))]
     return [[cell.strip() for cell in line.strip().strip("┃").split("┃")] for line in header]
 
 

@@ -29,8 +29,9 @@ stages:
 """
 
 
-def write(tmp_path: Path, name: str, steps: int = 4, gate: str = "{ref_next.acc: {min: 1.01}}",
-          tasks: bool = True) -> Path:
+def write(
+    tmp_path: Path, name: str, steps: int = 4, gate: str = "{ref_next.acc: {min: 1.01}}", tasks: bool = True
+) -> Path:
     text = PIPELINE.format(storage=tmp_path / "store", steps=steps, gate=gate)
     if not tasks:
         text = text.replace('  tasks: [{name: ref_next, include: "zoo:tiny-test", limit: 40}]\n', "  tasks: []\n")
@@ -41,14 +42,18 @@ def write(tmp_path: Path, name: str, steps: int = 4, gate: str = "{ref_next.acc:
 
 
 def compressor(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "compressor", *map(str, args)], capture_output=True, text=True,
-                          timeout=900, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "compressor", *map(str, args)], capture_output=True, text=True, timeout=900, **kwargs
+    )
 
 
 def distill_runs(tmp_path: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("rerun").experiment_id], "attributes.run_name = 'distill'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("rerun").experiment_id],
+        "attributes.run_name = 'distill'",
+        order_by=["attributes.start_time ASC"],
+    )
     return client, runs
 
 
@@ -65,8 +70,12 @@ def test_a_missed_gate_keeps_the_model_and_a_relaxed_rerun_takes_it_without_trai
     checkpoints = list((tmp_path / "store" / "ray").glob("*/checkpoint_*"))
     assert checkpoints, "the Ray Train checkpoints stay until the model is published"
 
-    relaxed = compressor("run", write(tmp_path, "relaxed.yaml", gate="{ref_next.acc: {min: 0.0}}"),
-                         "--summary-json", tmp_path / "summary.json")
+    relaxed = compressor(
+        "run",
+        write(tmp_path, "relaxed.yaml", gate="{ref_next.acc: {min: 0.0}}"),
+        "--summary-json",
+        tmp_path / "summary.json",
+    )
     assert relaxed.returncode == 0, relaxed.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["status"] for s in summary["stages"]] == ["re-gated"]
@@ -92,11 +101,18 @@ def wait_for(predicate, seconds: float, what: str):
 @pytest.mark.slow
 def test_operational_fields_can_change_and_a_killed_distill_resumes(tmp_path):
     pipeline = write(tmp_path, "p.yaml", steps=12, tasks=False)
-    first = subprocess.Popen([sys.executable, "-m", "compressor", "run", str(pipeline)], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "compressor", "run", str(pipeline)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: list((tmp_path / "store" / "ray").glob("*/checkpoint_step00000006")), 600,
-                 "the checkpoint of step 6")
+        wait_for(
+            lambda: list((tmp_path / "store" / "ray").glob("*/checkpoint_step00000006")),
+            600,
+            "the checkpoint of step 6",
+        )
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         first.wait()

@@ -44,8 +44,9 @@ def test_trust_remote_code_is_off_unless_the_pipeline_sets_it(tmp_path, caplog, 
     assert load_pipeline(write(tmp_path, PIPELINE)).teacher.trust_remote_code is False
     assert not remote_code.enabled()
     with caplog.at_level("WARNING", logger="compressor"):
-        spec = load_pipeline(write(tmp_path, PIPELINE.replace('"zoo:tiny-test"}', '"zoo:tiny-test", '
-                                                                               'trust_remote_code: true}', 1)))
+        spec = load_pipeline(
+            write(tmp_path, PIPELINE.replace('"zoo:tiny-test"}', '"zoo:tiny-test", trust_remote_code: true}', 1))
+        )
     assert spec.teacher.trust_remote_code and "trust_remote_code is on" in caplog.text
     with pytest.raises(UserError, match="auto_map"):
         remote_code.check_config({"auto_map": {"AutoConfig": "x.Config"}}, "--model m")
@@ -60,11 +61,20 @@ def test_every_model_load_in_compressor_passes_trust_remote_code():
     calls = []
     for file in (ROOT / "compressor").rglob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and (
                     node.func.attr == "from_pretrained"
-                    or (node.func.attr == "load" and getattr(node.func.value, "id", "") == "GPTQModel")):
-                calls.append((f"{file.relative_to(ROOT)}:{node.lineno}",
-                              any(k.arg == "trust_remote_code" for k in node.keywords)))
+                    or (node.func.attr == "load" and getattr(node.func.value, "id", "") == "GPTQModel")
+                )
+            ):
+                calls.append(
+                    (
+                        f"{file.relative_to(ROOT)}:{node.lineno}",
+                        any(k.arg == "trust_remote_code" for k in node.keywords),
+                    )
+                )
     assert len(calls) >= 8, calls  # modeling, evaluation, prune, quantize (2), distill engines (2)
     assert all(passed for _, passed in calls), [where for where, passed in calls if not passed]
 
@@ -78,7 +88,8 @@ def test_checkpoint_code_runs_only_when_allowed(tmp_path, tiny_teacher, monkeypa
     model = tmp_path / "custom"
     shutil.copytree(tiny_teacher, model)
     marker = tmp_path / "code-ran"
-    (model / "modeling_custom.py").write_text(textwrap.dedent(f"""\
+    (model / "modeling_custom.py").write_text(
+        textwrap.dedent(f"""\
         from pathlib import Path
         from transformers import LlamaConfig, LlamaForCausalLM
         Path({str(marker)!r}).write_text("imported")
@@ -88,10 +99,16 @@ def test_checkpoint_code_runs_only_when_allowed(tmp_path, tiny_teacher, monkeypa
 
         class CustomForCausalLM(LlamaForCausalLM):
             config_class = CustomConfig
-        """))
+        """)
+    )
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="custom-llama", auto_map={"AutoConfig": "modeling_custom.CustomConfig",
-                                                       "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    config.update(
+        model_type="custom-llama",
+        auto_map={
+            "AutoConfig": "modeling_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+        },
+    )
     (model / "config.json").write_text(json.dumps(config))
     monkeypatch.setenv(remote_code.ENV, "")
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -104,8 +121,11 @@ def test_checkpoint_code_runs_only_when_allowed(tmp_path, tiny_teacher, monkeypa
 # ----------------------------------------------------------------------------- YAML
 def test_yaml_tags_that_build_objects_are_refused(tmp_path):
     marker = tmp_path / "ran"
-    for tag in (f'!!python/object/apply:os.system ["touch {marker}"]', "!!python/name:os.system",
-                f'!!python/object/new:subprocess.Popen [["touch", "{marker}"]]'):
+    for tag in (
+        f'!!python/object/apply:os.system ["touch {marker}"]',
+        "!!python/name:os.system",
+        f'!!python/object/new:subprocess.Popen [["touch", "{marker}"]]',
+    ):
         path = write(tmp_path, PIPELINE.replace('{model: "zoo:tiny-test"}', tag))
         with pytest.raises(UserError, match="p.yaml:2: tag .* refused: .*safe loader"):
             load_pipeline(path)
@@ -172,8 +192,12 @@ def test_ensure_ray_passes_remote_code_to_a_cluster(monkeypatch):
 def test_mlflow_commands_the_project_prints_bind_loopback():
     """compressor starts no MLflow server itself; the `mlflow ui` it suggests listens on MLflow's default,
     127.0.0.1 (a server for a cluster is configured in clusters/, inside the cluster's network)."""
-    mentions = [line for file in (ROOT / "compressor").rglob("*.py") for line in file.read_text().splitlines()
-                if "mlflow ui" in line or "mlflow server" in line]
+    mentions = [
+        line
+        for file in (ROOT / "compressor").rglob("*.py")
+        for line in file.read_text().splitlines()
+        if "mlflow ui" in line or "mlflow server" in line
+    ]
     assert mentions and not [m for m in mentions if "--host" in m and "127.0.0.1" not in m]
 
 
@@ -182,15 +206,23 @@ def test_redaction():
     r = secrets.redact
     assert r("http://alice:pa55word@mlflow:5000/x") == "http://alice:***@mlflow:5000/x"
     assert r("https://ghp_tokenvalue@github.com/a") == "https://***@github.com/a"
-    assert r("https://b.s3.amazonaws.com/k?X-Amz-Signature=abc123&x=1") == "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&x=1"
+    assert (
+        r("https://b.s3.amazonaws.com/k?X-Amz-Signature=abc123&x=1")
+        == "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&x=1"
+    )
     assert r("token hf_abcdefghijklmnopqrstuvwxyz0123 used") == "token *** used"
-    assert r("sqlite:////tmp/a/mlflow.db and s3://bucket/key and http://mlflow:5000") == \
-        "sqlite:////tmp/a/mlflow.db and s3://bucket/key and http://mlflow:5000"
+    assert (
+        r("sqlite:////tmp/a/mlflow.db and s3://bucket/key and http://mlflow:5000")
+        == "sqlite:////tmp/a/mlflow.db and s3://bucket/key and http://mlflow:5000"
+    )
     os.environ["MY_SERVICE_TOKEN"] = "s3cr3t-value-42"
     try:
         assert r("value s3cr3t-value-42 here") == "value *** here"
-        assert secrets.redact_mapping({"a.password": "x", "b": "s3cr3t-value-42", "tokens": "94e9"}) == \
-            {"a.password": "***", "b": "***", "tokens": "94e9"}
+        assert secrets.redact_mapping({"a.password": "x", "b": "s3cr3t-value-42", "tokens": "94e9"}) == {
+            "a.password": "***",
+            "b": "***",
+            "tokens": "94e9",
+        }
     finally:
         del os.environ["MY_SERVICE_TOKEN"]
     secrets.register("registered-secret-1")
@@ -210,10 +242,24 @@ def mlflow_server(tmp_path):
     store.mkdir()
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                             str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                             "--artifacts-destination", str(store / "artifacts")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -235,16 +281,31 @@ def mlflow_server(tmp_path):
 @pytest.mark.slow
 def test_planted_secrets_reach_neither_mlflow_nor_the_console(tmp_path, mlflow_server, tiny_teacher):
     port, store = mlflow_server
-    planted = {"HF_TOKEN": "hf_PlantedHubToken0123456789abcdef", "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-9f8e7d",
-               "uri": "planted-uri-password-31337"}
-    text = PIPELINE.replace("data:", f"tracking: {{uri: 'http://compressor:{planted['uri']}@127.0.0.1:{port}'}}\n"
-                                     f"# hub token for later: {planted['HF_TOKEN']}\ndata:")
+    planted = {
+        "HF_TOKEN": "hf_PlantedHubToken0123456789abcdef",
+        "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-9f8e7d",
+        "uri": "planted-uri-password-31337",
+    }
+    text = PIPELINE.replace(
+        "data:",
+        f"tracking: {{uri: 'http://compressor:{planted['uri']}@127.0.0.1:{port}'}}\n"
+        f"# hub token for later: {planted['HF_TOKEN']}\ndata:",
+    )
     pipeline = write(tmp_path, text + "evaluation: {tasks: []}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_TOKEN=planted["HF_TOKEN"],
-               AWS_SECRET_ACCESS_KEY=planted["AWS_SECRET_ACCESS_KEY"])
-    done = subprocess.run([sys.executable, "-m", "compressor", "run", str(pipeline), f"storage={tmp_path / 'store'}"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_TOKEN=planted["HF_TOKEN"],
+        AWS_SECRET_ACCESS_KEY=planted["AWS_SECRET_ACCESS_KEY"],
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "compressor", "run", str(pipeline), f"storage={tmp_path / 'store'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = [p for p in store.rglob("*") if p.is_file()] + [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
     logged_yaml = [p for p in files if p.name == "pipeline.yaml"]
@@ -252,8 +313,12 @@ def test_planted_secrets_reach_neither_mlflow_nor_the_console(tmp_path, mlflow_s
     assert any(p.name == "mlflow.db" for p in files)
     haystacks = {str(p): p.read_bytes() for p in files}
     haystacks.update(stdout=done.stdout.encode(), stderr=done.stderr.encode())
-    leaks = [(where, name, [line for line in data.decode(errors="replace").splitlines() if secret in line][:3])
-             for where, data in haystacks.items() for name, secret in planted.items() if secret.encode() in data]
+    leaks = [
+        (where, name, [line for line in data.decode(errors="replace").splitlines() if secret in line][:3])
+        for where, data in haystacks.items()
+        for name, secret in planted.items()
+        if secret.encode() in data
+    ]
     assert not leaks, leaks
 
 
@@ -268,11 +333,19 @@ def test_submit_entrypoint_runs_compressor_through_python_whatever_the_path(tmp_
     assert entrypoint.startswith(f"for py in {sys.executable} python3 python; do")
     assert 'exec "$py" -m compressor run p.yaml seed=1' in entrypoint
     bare = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(["/bin/sh", "-c", entrypoint], cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["/bin/sh", "-c", entrypoint], cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2 and "teacher.model: /no/such/teacher" in done.stderr, done.stderr  # compressor ran
     missing = submit.run_command(["run", "p.yaml"], python="/no/such/python")
-    done = subprocess.run(["/bin/sh", "-c", missing], cwd=tmp_path, env={"PATH": str(tmp_path)}, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        ["/bin/sh", "-c", missing],
+        cwd=tmp_path,
+        env={"PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "no Python on the Ray head can run compressor" in done.stderr
     assert "not found" not in done.stderr
 
@@ -299,11 +372,23 @@ def test_submit_never_prints_env_values(tmp_path, monkeypatch):
     from compressor.cli import app
     from compressor.commands import submit
 
-    (tmp_path / "p.yaml").write_text(PIPELINE.replace('"zoo:tiny-test"}', '"zoo:tiny-test", trust_remote_code: true}', 1)
-                                     + "storage: /shared/store\n")
+    (tmp_path / "p.yaml").write_text(
+        PIPELINE.replace('"zoo:tiny-test"}', '"zoo:tiny-test", trust_remote_code: true}', 1)
+        + "storage: /shared/store\n"
+    )
     secret = "hf_SubmitEnvSecret0123456789abc"
-    args = ["submit", str(tmp_path / "p.yaml"), "--working-dir", str(tmp_path), "--address", "http://127.0.0.1:8265",
-            "--env", f"HF_TOKEN={secret}", "--env", f"EXTRA=tracking.uri=http://u:{secret[3:]}@h"]
+    args = [
+        "submit",
+        str(tmp_path / "p.yaml"),
+        "--working-dir",
+        str(tmp_path),
+        "--address",
+        "http://127.0.0.1:8265",
+        "--env",
+        f"HF_TOKEN={secret}",
+        "--env",
+        f"EXTRA=tracking.uri=http://u:{secret[3:]}@h",
+    ]
     jobs = FakeJobs()
     monkeypatch.setattr(submit, "connect", lambda address: jobs)
     result = CliRunner().invoke(app, args)
@@ -315,8 +400,7 @@ def test_submit_never_prints_env_values(tmp_path, monkeypatch):
     assert "-m compressor run p.yaml" in jobs.submitted["entrypoint"]
     jobs = FakeJobs(fail=True)
     with pytest.raises(UserError, match="rejected runtime_env") as refused:
-        submit.submit_pipeline("http://127.0.0.1:8265", tmp_path / "p.yaml", [], tmp_path,
-                               [f"HF_TOKEN={secret}"])
+        submit.submit_pipeline("http://127.0.0.1:8265", tmp_path / "p.yaml", [], tmp_path, [f"HF_TOKEN={secret}"])
     assert secret not in str(refused.value)
     with pytest.raises(UserError, match="--env number 2") as malformed:
         submit.runtime_env_for(tmp_path, ["A=1", "NOVALUE-" + secret], [])

@@ -33,8 +33,15 @@ def expected(tokenizer, tiny_corpus):
 
 
 def prepare(root, tokenizer_dir, sequences, **kw):
-    return shards.prepare(DataSource(source="zoo:tiny-test"), str(tokenizer_dir), SEQ, sequences, str(root),
-                          shard_bytes=kw.pop("shard_bytes", SMALL_SHARDS), **kw)
+    return shards.prepare(
+        DataSource(source="zoo:tiny-test"),
+        str(tokenizer_dir),
+        SEQ,
+        sequences,
+        str(root),
+        shard_bytes=kw.pop("shard_bytes", SMALL_SHARDS),
+        **kw,
+    )
 
 
 def test_round_trip_many_shards_read_by_global_id(tiny_teacher, expected, tmp_path):
@@ -86,7 +93,9 @@ def test_an_interrupted_writer_leaves_only_complete_shards_and_resumes_exactly(t
 
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path, tiny_teacher, 800, progress=crash)
-    directory = shards.shard_dir(str(tmp_path), DataSource(source="zoo:tiny-test"), shards.tokenizer_digest(str(tiny_teacher)), SEQ)
+    directory = shards.shard_dir(
+        str(tmp_path), DataSource(source="zoo:tiny-test"), shards.tokenizer_digest(str(tiny_teacher)), SEQ
+    )
     index = shards.read_index(directory)
     assert 0 < index.sequences < 800 and index.sequences % 25 == 0  # the complete shards only
     for shard in index.shards:  # every listed file is whole; a torn one, if any, is not listed
@@ -115,7 +124,7 @@ def test_the_key_follows_source_tokenizer_and_seq_len(tiny_teacher, tmp_path):
 def test_shards_on_object_storage_are_range_read(s3, tiny_teacher, expected):
     directory, index = prepare("s3://bucket/_data", tiny_teacher, 120)
     assert directory.startswith("s3://bucket/_data/") and index.sequences == 120
-    assert s3.exists(f"{directory[len('s3://'):]}/{shards.INDEX}")
+    assert s3.exists(f"{directory[len('s3://') :]}/{shards.INDEX}")
     reader = shards.ShardReader(directory)
     assert reader.remote
     ids = np.array([119, 0, 57, 25, 24])
@@ -124,7 +133,9 @@ def test_shards_on_object_storage_are_range_read(s3, tiny_teacher, expected):
     assert np.array_equal(shards.ShardReader(directory).read(np.arange(160)), expected[:160])
 
 
-def test_data_prepare_tokenizes_each_distill_stage_and_plan_shows_the_shards(tiny_teacher, tiny_test_overrides, tmp_path):
+def test_data_prepare_tokenizes_each_distill_stage_and_plan_shows_the_shards(
+    tiny_teacher, tiny_test_overrides, tmp_path
+):
     from typer.testing import CliRunner
 
     from compressor.cli import app

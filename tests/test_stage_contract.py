@@ -39,7 +39,9 @@ def test_every_registered_kind_meets_the_contract(name):
 
 
 def test_importing_every_kind_imports_no_torch():
-    code = "import sys, compressor.stages as s; s.kinds(); import compressor.config.schema; print('torch' in sys.modules)"
+    code = (
+        "import sys, compressor.stages as s; s.kinds(); import compressor.config.schema; print('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -57,9 +59,17 @@ def toy_run(spec: ToySpec, model, ctx) -> StageResult:
 
 @pytest.fixture
 def toy_kind():
-    kind = stages.register(StageKind(
-        name="toy", spec=ToySpec, summary="Copy the model (a test kind).", check=lambda spec, cfg: CheckResult(dict(cfg)),
-        run=toy_run, flops=lambda spec, given: 1e9 * spec.copies, result_line=lambda m: f"copied {m.metrics['copies']:g}x"))
+    kind = stages.register(
+        StageKind(
+            name="toy",
+            spec=ToySpec,
+            summary="Copy the model (a test kind).",
+            check=lambda spec, cfg: CheckResult(dict(cfg)),
+            run=toy_run,
+            flops=lambda spec, given: 1e9 * spec.copies,
+            result_line=lambda m: f"copied {m.metrics['copies']:g}x",
+        )
+    )
     yield kind
     stages.unregister("toy")
 
@@ -68,8 +78,10 @@ def test_a_kind_registered_from_a_test_module_is_everywhere(toy_kind, tiny_teach
     from compressor.cli import application
 
     pipeline = tmp_path / "toy.yaml"
-    pipeline.write_text(f"name: toy\nteacher: {{model: {tiny_teacher}}}\nstorage: {tmp_path / 'store'}\n"
-                        "stages:\n  - toy: {copies: 3}\n  - prune: {target: {num_layers: 1}}\n")
+    pipeline.write_text(
+        f"name: toy\nteacher: {{model: {tiny_teacher}}}\nstorage: {tmp_path / 'store'}\n"
+        "stages:\n  - toy: {copies: 3}\n  - prune: {target: {num_layers: 1}}\n"
+    )
     runner = CliRunner()
     validated = runner.invoke(application(), ["validate", str(pipeline)])
     assert validated.exit_code == 0, validated.output
@@ -96,19 +108,28 @@ def test_a_kind_registered_from_a_test_module_is_everywhere(toy_kind, tiny_teach
 def _reference_defaults(section: str) -> dict[str, str]:
     text = (ROOT / "docs" / "reference.md").read_text()
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return {m.group(1): m.group(2).replace("`", "") for m in re.finditer(r"^\| `(\w+)` \| [^|]*(?:\\\|[^|]*)* \| ([^|]+) \|", body, re.M)}
+    return {
+        m.group(1): m.group(2).replace("`", "")
+        for m in re.finditer(r"^\| `(\w+)` \| [^|]*(?:\\\|[^|]*)* \| ([^|]+) \|", body, re.M)
+    }
 
 
 @pytest.mark.parametrize("command, section", [("prune", "PruneSpec"), ("distill", "DistillSpec")])
 def test_cli_help_shows_the_defaults_of_docs_reference(command, section):
     env = {**os.environ, "COLUMNS": "400"}
-    help_text = subprocess.run([sys.executable, "-m", "compressor", command, "--help"], capture_output=True, text=True,
-                               env=env).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "compressor", command, "--help"], capture_output=True, text=True, env=env
+    ).stdout
     lines = {m.group(1): m.group(2) for m in re.finditer(r"(--[\w-]+)\b(.*)", help_text)}
     compared = 0
     for field, default in _reference_defaults(section).items():
         line = lines.get("--" + field.replace("_", "-"))
-        if line is None or "KEY=VALUE" in line or default == "see section" or field in ("calibration", "data", "teacher"):
+        if (
+            line is None
+            or "KEY=VALUE" in line
+            or default == "see section"
+            or field in ("calibration", "data", "teacher")
+        ):
             continue  # a data source / teacher flag, or a nested model (its keys are listed in its help)
         assert f"(default: {default.strip()})" in line, (field, default, line)
         compared += 1

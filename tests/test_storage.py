@@ -62,7 +62,9 @@ def test_upload_writes_manifest_last_and_first_publisher_wins(tmp_path, remote, 
 
     monkeypatch.setattr(type(fs), "put_file", lambda self, *a, **k: recording_put(*a, **k))
     assert storage.upload_stage(local, target) is True
-    assert order[-1] == MANIFEST and sorted(order) == sorted(["config.json", "model.safetensors", "eval.json", MANIFEST])
+    assert order[-1] == MANIFEST and sorted(order) == sorted(
+        ["config.json", "model.safetensors", "eval.json", MANIFEST]
+    )
     assert storage.exists(storage.join(target, "model", "model.safetensors"))
     assert storage.read_manifest(target).key == "k" * 64
     assert storage.upload_stage(local, target) is False  # already published: left alone

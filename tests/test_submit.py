@@ -33,8 +33,14 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in submit.ADDRESS_ENV}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        **extra,
+    )
     return env
 
 
@@ -46,10 +52,23 @@ def head(hub_cache):
     port, dashboard, agent = free_port(), free_port(), free_port()
     log = open(Path(temp_dir) / "ray-start.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",  # default 52365 may be taken
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=clean_env(**hub_cache["env"]), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-agent-listen-port={agent}",  # default 52365 may be taken
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=clean_env(**hub_cache["env"]),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
@@ -75,6 +94,7 @@ def _dashboard_up(url: str) -> bool:
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     """SIGTERM to `ray start --block` ends the node's processes. Whatever of its tree, or of any process
     naming its private temp dir, is still alive after that is killed by pid."""
+
     def ours() -> list[psutil.Process]:
         found = []
         for p in psutil.process_iter(["cmdline"]):
@@ -105,8 +125,14 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
 
 
 def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "compressor"), *args], cwd=cwd, env=env or clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "compressor"), *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def client(url: str):
@@ -198,9 +224,13 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     work.mkdir()
     shutil.copy(resolve_pipeline(None), work / "tiny.yaml")  # the small upload: just the pipeline
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [f"storage={tiny_runs.storage}", f"tracking.uri={tracking}", *tiny_runs.overrides,
-                 f"stages.prune.target.intermediate_size={tiny_runs.runs[0].intermediate_size}",
-                 "stages.quantize.damp_percent=0.02"]
+    overrides = [
+        f"storage={tiny_runs.storage}",
+        f"tracking.uri={tracking}",
+        *tiny_runs.overrides,
+        f"stages.prune.target.intermediate_size={tiny_runs.runs[0].intermediate_size}",
+        "stages.quantize.damp_percent=0.02",
+    ]
     result = cli("submit", "tiny.yaml", *overrides, "--address", head, "--wait", cwd=work, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_id = result.stdout.splitlines()[0]
@@ -208,7 +238,8 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     assert f"job {job_id} SUCCEEDED" in result.stderr
 
     runs = MlflowClient(tracking_uri=tracking).search_runs(
-        [e.experiment_id for e in MlflowClient(tracking_uri=tracking).search_experiments()])
+        [e.experiment_id for e in MlflowClient(tracking_uri=tracking).search_experiments()]
+    )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -217,9 +248,24 @@ def test_tiny_pipeline_succeeds_with_compressor_submit_and_ray_job_submit(head, 
     assert cached == {"prune": "true", "distill": "true", "quantize": "false"}
 
     plain = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(work), "--",
-         "compressor", "run", "tiny.yaml", *overrides],
-        env=clean_env(), capture_output=True, text=True, timeout=1800,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            head,
+            "--working-dir",
+            str(work),
+            "--",
+            "compressor",
+            "run",
+            "tiny.yaml",
+            *overrides,
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
     plain_id = next(w.strip("'") for w in plain.stdout.split() if w.strip("'").startswith("raysubmit_"))

@@ -59,9 +59,12 @@ def test_parent_run_carries_the_final_figures_settings_and_verdicts(server):
         assert metrics["teacher/ref_ppl.bits_per_byte"] == pytest.approx(teacher["ref_ppl"]["bits_per_byte"])
         assert metrics["seconds/wall"] > sum(s["seconds"] for s in run.summary["stages"])
         # recovery in the gates' min_recovery sense: higher-is-better value / teacher, lower-is-better teacher / value
-        assert metrics["recovery/ref_next.acc"] == pytest.approx(final["scores"]["ref_next"]["acc"] / teacher["ref_next"]["acc"])
+        assert metrics["recovery/ref_next.acc"] == pytest.approx(
+            final["scores"]["ref_next"]["acc"] / teacher["ref_next"]["acc"]
+        )
         assert metrics["recovery/ref_ppl.bits_per_byte"] == pytest.approx(
-            teacher["ref_ppl"]["bits_per_byte"] / final["scores"]["ref_ppl"]["bits_per_byte"])
+            teacher["ref_ppl"]["bits_per_byte"] / final["scores"]["ref_ppl"]["bits_per_byte"]
+        )
 
         # the quantized model's real parameter count, not its packed int32 storage
         model_dir = Path(tags["final_model"])
@@ -71,7 +74,9 @@ def test_parent_run_carries_the_final_figures_settings_and_verdicts(server):
         assert metrics["final/num_params"] == metrics["distill/num_params"]  # quantizing keeps every parameter
         assert checkpoint.num_params(model_dir) < 0.6 * metrics["final/num_params"]  # what the manifest counted
         assert metrics["final/bits"] == 4 and metrics["final/bytes"] < metrics["distill/bytes"] / 2.5
-        assert metrics["final/param_compression"] == pytest.approx(metrics["teacher/num_params"] / metrics["final/num_params"])
+        assert metrics["final/param_compression"] == pytest.approx(
+            metrics["teacher/num_params"] / metrics["final/num_params"]
+        )
         assert metrics["final/byte_compression"] > metrics["final/param_compression"]
 
         assert params["prune.target.intermediate_size"] == str(run.intermediate_size)
@@ -86,10 +91,15 @@ def test_search_runs_orders_pipeline_runs_by_a_final_metric(server):
     client, runs = _client(server), server[1]
     experiment = client.get_experiment_by_name("tiny")
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
-    for metric, key in (("final/ref_ppl.bits_per_byte", lambda r: _final_stage(r)["scores"]["ref_ppl"]["bits_per_byte"]),
-                        ("final/num_params", lambda r: r.intermediate_size)):
-        found = client.search_runs([experiment.experiment_id], filter_string="tags.`compressor.summary` = 'stages.json'",
-                                   order_by=[f"metrics.`{metric}` ASC"])
+    for metric, key in (
+        ("final/ref_ppl.bits_per_byte", lambda r: _final_stage(r)["scores"]["ref_ppl"]["bits_per_byte"]),
+        ("final/num_params", lambda r: r.intermediate_size),
+    ):
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string="tags.`compressor.summary` = 'stages.json'",
+            order_by=[f"metrics.`{metric}` ASC"],
+        )
         assert [r.info.run_id for r in found] == [r.run_id for r in sorted(runs, key=key)]
 
 

@@ -48,7 +48,7 @@ def local_tokenizer(teacher) -> Optional[str]:
     if path.startswith("zoo:"):
         from compressor import zoo
 
-        name = path[len("zoo:"):]
+        name = path[len("zoo:") :]
         return str(zoo.model_path(name)) if zoo.is_built(name) else None
     if storage.is_remote(path):
         return path if storage.exists(storage.join(path, "config.json")) else None
@@ -74,15 +74,20 @@ def shard_status(plan, stage) -> str:
     wanted = f"{need.sequences:,} sequences of {need.seq_len} tokens needed"
     if index is None:
         return f"{need.source.source}: not tokenized yet ({wanted}; `compressor data prepare` does it ahead)"
-    state = ("cached" if index.sequences >= need.sequences else
-             "cached, the whole source (fewer than needed: see distill.max_epochs)" if index.exhausted else
-             "partly cached (the run extends it)")
+    state = (
+        "cached"
+        if index.sequences >= need.sequences
+        else "cached, the whole source (fewer than needed: see distill.max_epochs)"
+        if index.exhausted
+        else "partly cached (the run extends it)"
+    )
     return f"{need.source.source}: {state}: {index.sequences:,} sequences ({index.tokens:,} tokens), {wanted}, at {directory}"
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Token shards of the distill data (tokenized once, reused by every pipeline).",
-                        no_args_is_help=True)
+    group = typer.Typer(
+        help="Token shards of the distill data (tokenized once, reused by every pipeline).", no_args_is_help=True
+    )
     app.add_typer(group, name="data")
 
     @group.command("prepare")
@@ -109,13 +114,32 @@ def register(app: typer.Typer) -> None:
         for stage in stages:
             need = stage_data(plan, stage)
             tokenizer = materialize(need.teacher).path
-            columns = [TextColumn(f"{stage.name}: tokenizing {need.source.source}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("sequences"), TimeElapsedColumn()]
+            columns = [
+                TextColumn(f"{stage.name}: tokenizing {need.source.source}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("sequences"),
+                TimeElapsedColumn(),
+            ]
             with Progress(*columns, console=console, transient=True) as bar:
                 task = bar.add_task("tokenize", total=need.sequences)
-                directory, index = shards.prepare(need.source, tokenizer, need.seq_len, need.sequences, need.data_root,
-                                                  progress=lambda done, task=task: bar.update(task, completed=done))
-            typer.echo(f"{stage.name}: {index.sequences:,} sequences of {need.seq_len} tokens ({index.tokens:,} tokens"
-                       f"{', the whole source' if index.exhausted else ''}) at {directory}")
-            run_data(directory, index, need.steps, stage.entry.spec.global_batch, stage.entry.spec.max_epochs,
-                     need.source.source)  # a source too small for the budget: the same exit 2 the run would give
+                directory, index = shards.prepare(
+                    need.source,
+                    tokenizer,
+                    need.seq_len,
+                    need.sequences,
+                    need.data_root,
+                    progress=lambda done, task=task: bar.update(task, completed=done),
+                )
+            typer.echo(
+                f"{stage.name}: {index.sequences:,} sequences of {need.seq_len} tokens ({index.tokens:,} tokens"
+                f"{', the whole source' if index.exhausted else ''}) at {directory}"
+            )
+            run_data(
+                directory,
+                index,
+                need.steps,
+                stage.entry.spec.global_batch,
+                stage.entry.spec.max_epochs,
+                need.source.source,
+            )  # a source too small for the budget: the same exit 2 the run would give

@@ -36,9 +36,11 @@ def resolve(model: str, include: Optional[str]) -> tuple[str, Optional[str]]:
     if model.startswith("zoo:"):
         from compressor import zoo
 
-        return str(zoo.ensure_model(model[len("zoo:"):])), include or model
+        return str(zoo.ensure_model(model[len("zoo:") :])), include or model
     if not (Path(model).expanduser() / "config.json").is_file():
-        raise UserError(f"--model {model!r}: no config.json there; give a Hugging Face checkpoint directory or zoo:NAME")
+        raise UserError(
+            f"--model {model!r}: no config.json there; give a Hugging Face checkpoint directory or zoo:NAME"
+        )
     return str(Path(model).expanduser()), include
 
 
@@ -48,7 +50,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Checkpoint directory, or zoo:NAME."),
         tasks: str = typer.Option("ref_ppl,ref_next", "--tasks", help="Comma-separated lm-eval task names."),
         include: Optional[str] = typer.Option(
-            None, "--include", help="Directory of task YAMLs, or zoo:NAME (default for a zoo model: its own tasks)."),
+            None, "--include", help="Directory of task YAMLs, or zoo:NAME (default for a zoo model: its own tasks)."
+        ),
         batch_size: str = typer.Option("16", "--batch-size", help='Sequences per forward pass, or "auto".'),
         limit: Optional[float] = typer.Option(None, "--limit", help="Docs per task (or a fraction below 1)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
@@ -61,8 +64,9 @@ def register(app: typer.Typer) -> None:
         from compressor.evaluation import STDERR_SUFFIX, evaluate, higher_is_better, primary_metric
 
         model_dir, include = resolve(model, include)
-        results = evaluate(model_dir, parse_tasks(tasks, include, limit), batch_size=parse_batch_size(batch_size),
-                           device=device)
+        results = evaluate(
+            model_dir, parse_tasks(tasks, include, limit), batch_size=parse_batch_size(batch_size), device=device
+        )
         table = Table(title=f"{model}", title_justify="left")
         for col in ("task", "metric", "value", "stderr", "better"):
             table.add_column(col)
@@ -73,8 +77,13 @@ def register(app: typer.Typer) -> None:
                     continue
                 name = f"[bold]{metric}[/]" if metric == main else metric
                 stderr = metrics.get(metric + STDERR_SUFFIX)
-                table.add_row(task, name, f"{value:.4f}", "-" if stderr is None else f"±{stderr:.4f}",
-                              "higher" if higher_is_better(metric) else "lower")
+                table.add_row(
+                    task,
+                    name,
+                    f"{value:.4f}",
+                    "-" if stderr is None else f"±{stderr:.4f}",
+                    "higher" if higher_is_better(metric) else "lower",
+                )
         Console().print(table)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)

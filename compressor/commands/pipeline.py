@@ -14,8 +14,11 @@ from rich.table import Table
 from compressor.secrets import redact
 
 DEFAULT_PIPELINE = "tiny"
-PipelineArg = typer.Argument(None, help="Pipeline YAML, or the name of a pipeline shipped with compressor "
-                                        "(default: the offline 'tiny' pipeline).", show_default=False)
+PipelineArg = typer.Argument(
+    None,
+    help="Pipeline YAML, or the name of a pipeline shipped with compressor (default: the offline 'tiny' pipeline).",
+    show_default=False,
+)
 OverridesArg = typer.Argument(None, help="KEY=VALUE overrides, e.g. stages.distill.steps=20 storage=/tmp/a")
 
 
@@ -40,15 +43,28 @@ def register(app: typer.Typer) -> None:
     def run(
         pipeline: Optional[str] = PipelineArg,
         overrides: Optional[list[str]] = OverridesArg,
-        address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to join; default: a local Ray on 127.0.0.1."),
-        tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI; default sqlite:///<storage>/mlflow.db."),
+        address: Optional[str] = typer.Option(
+            None, envvar="RAY_ADDRESS", help="Ray cluster to join; default: a local Ray on 127.0.0.1."
+        ),
+        tracking_uri: Optional[str] = typer.Option(
+            None, help="MLflow tracking URI; default sqlite:///<storage>/mlflow.db."
+        ),
         storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
         summary_json: Optional[Path] = typer.Option(None, help="Also write the run summary as JSON here."),
         register: Optional[str] = typer.Option(
-            None, "--register", metavar="NAME", help="Register the final model in MLflow's model registry as a new "
-            "version of NAME, with the gate summary as its description (it points at the stage directory)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show libraries' output (warnings, their progress "
-                                     "bars, Ray workers' lines) live; by default it goes to each stage's stage.log."),
+            None,
+            "--register",
+            metavar="NAME",
+            help="Register the final model in MLflow's model registry as a new "
+            "version of NAME, with the gate summary as its description (it points at the stage directory).",
+        ),
+        verbose: bool = typer.Option(
+            False,
+            "--verbose",
+            "-v",
+            help="Show libraries' output (warnings, their progress "
+            "bars, Ray workers' lines) live; by default it goes to each stage's stage.log.",
+        ),
     ) -> None:
         """Run a pipeline: stages in order, each evaluated and gated; finished stages are taken from the cache."""
         import json
@@ -70,11 +86,20 @@ def register(app: typer.Typer) -> None:
         from compressor import interrupt
 
         with interrupt.handled():  # issue 14: SIGTERM = Ctrl-C; distill stops after its step; exit 130, how to resume
-            summary = Orchestrator(spec, path.read_text(), storage=storage, tracking_uri=tracking_uri,
-                                   address=address, console=console, register=register).run()
+            summary = Orchestrator(
+                spec,
+                path.read_text(),
+                storage=storage,
+                tracking_uri=tracking_uri,
+                address=address,
+                console=console,
+                register=register,
+            ).run()
         print_summary(summary, Console())
         if summary_json:
-            summary_json.write_text(json.dumps(summary_dict(summary) | {"stage_seconds": summary.stage_seconds}, indent=2))
+            summary_json.write_text(
+                json.dumps(summary_dict(summary) | {"stage_seconds": summary.stage_seconds}, indent=2)
+            )
 
     @app.command()
     def validate(pipeline: Optional[str] = PipelineArg, overrides: Optional[list[str]] = OverridesArg) -> None:
@@ -121,26 +146,43 @@ def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
     from compressor import stages as stage_kinds
 
     teacher_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
-    console.print(f"[bold]{plan.spec.name}[/]: teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params), "
-                  f"storage {redact(plan.pipeline_uri)}", soft_wrap=True)
-    table = Table(caption=f"FLOPs and GPU-hours: estimates for {gpu} at {mfu:.0%} MFU, evaluation not included",
-                  caption_justify="left")
+    console.print(
+        f"[bold]{plan.spec.name}[/]: teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params), "
+        f"storage {redact(plan.pipeline_uri)}",
+        soft_wrap=True,
+    )
+    table = Table(
+        caption=f"FLOPs and GPU-hours: estimates for {gpu} at {mfu:.0%} MFU, evaluation not included",
+        caption_justify="left",
+    )
     for col in ("#", "stage", "resources", "cache", "params", "FLOPs", "GPU-h"):
         table.add_column(col, no_wrap=col not in ("stage", "resources"))
     total_hours = 0.0
     for i, stage in enumerate(plan.stages):
         spec, kind = stage.entry.spec, stage_kinds.get(stage.kind)
         resources_text = kind.describe_resources(spec, stage.entry.resources)
-        flops = estimate.stage_flops(stage.kind, spec, stage.in_config, stage.out_config, plan.spec) if stage.in_config else None
+        flops = (
+            estimate.stage_flops(stage.kind, spec, stage.in_config, stage.out_config, plan.spec)
+            if stage.in_config
+            else None
+        )
         hours = estimate.gpu_hours(flops, gpu, mfu) if flops else None
         total_hours += hours or 0.0
         params_in = _fmt_params(estimate.param_count(stage.in_config) if stage.in_config else None)
         params_out = _fmt_params(estimate.param_count(stage.out_config) if stage.out_config else None)
-        table.add_row(str(i), stage.name if stage.name == stage.kind else f"{stage.name} ({stage.kind})", resources_text,
-                      "[green]cached[/]" if stage.cached else
-                      f"[yellow]kept in {stage.held[0]}/: re-gate[/]" if stage.held else "to run",
-                      params_in if params_in == params_out else f"{params_in} -> {params_out}",
-                      f"{flops:.2e}" if flops else "-", _fmt_hours(hours))
+        table.add_row(
+            str(i),
+            stage.name if stage.name == stage.kind else f"{stage.name} ({stage.kind})",
+            resources_text,
+            "[green]cached[/]"
+            if stage.cached
+            else f"[yellow]kept in {stage.held[0]}/: re-gate[/]"
+            if stage.held
+            else "to run",
+            params_in if params_in == params_out else f"{params_in} -> {params_out}",
+            f"{flops:.2e}" if flops else "-",
+            _fmt_hours(hours),
+        )
     console.print(table)
     console.print(f"total: {_fmt_hours(total_hours)} {gpu}-hours")
     for stage in plan.stages:
@@ -160,13 +202,29 @@ def print_summary(summary, console: Console) -> None:
     from compressor.tracking import stage_records, teacher_record
 
     gates = {"passed": "pass", "warned": "warn", "none": "-"}
-    rows = [{**teacher_record(summary), "status": "baseline", "gate_verdict": "none", "seconds": None}] \
-        if summary.baseline else []
+    rows = (
+        [{**teacher_record(summary), "status": "baseline", "gate_verdict": "none", "seconds": None}]
+        if summary.baseline
+        else []
+    )
     rows += stage_records(summary)
-    gated = {tuple(lookup(r["scores"], key)[0].split(".", 1)) for e in summary.plan.spec.stages if e.gate
-             for key in e.gate.metrics for r in rows if r["scores"]}
-    metrics = sorted(gated | {(t, primary_metric(t, v)) for r in rows for t, v in (r["scores"] or {}).items()
-                              if not any(g[0] == t for g in gated)})
+    gated = {
+        tuple(lookup(r["scores"], key)[0].split(".", 1))
+        for e in summary.plan.spec.stages
+        if e.gate
+        for key in e.gate.metrics
+        for r in rows
+        if r["scores"]
+    }
+    metrics = sorted(
+        gated
+        | {
+            (t, primary_metric(t, v))
+            for r in rows
+            for t, v in (r["scores"] or {}).items()
+            if not any(g[0] == t for g in gated)
+        }
+    )
     table = Table(title=f"{summary.plan.spec.name}: {summary.seconds:.1f}s", title_justify="left")
     for col in ("stage", "status", "params", "MB", "s", *(f"{t}\n{m}" for t, m in metrics), "gate"):
         table.add_column(col)
@@ -174,8 +232,15 @@ def print_summary(summary, console: Console) -> None:
         scores = r["scores"] or {}
         values = [f"{scores[t][m]:.4g}" if m in scores.get(t, {}) else "-" for t, m in metrics]
         params = _fmt_params(r["num_params"]) + (f" ({r['bits']}-bit)" if r.get("bits") else "")
-        table.add_row(r["name"], r["status"], params, f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-",
-                      f"{r['seconds']:.1f}" if r["seconds"] else "-", *values, gates[r["gate_verdict"]])
+        table.add_row(
+            r["name"],
+            r["status"],
+            params,
+            f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-",
+            f"{r['seconds']:.1f}" if r["seconds"] else "-",
+            *values,
+            gates[r["gate_verdict"]],
+        )
     console.print(table)
     final = next((r for r in reversed(rows) if r.get("model_uri")), None)
     if final:
@@ -184,5 +249,6 @@ def print_summary(summary, console: Console) -> None:
     tracking_uri = redact(summary.tracking_uri)  # a server URI may carry a password or token
     console.print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}{note}", soft_wrap=True)
     if summary.parent_run_id:
-        console.print(f"report: compressor report {summary.parent_run_id} --tracking-uri {tracking_uri}",
-                      soft_wrap=True)
+        console.print(
+            f"report: compressor report {summary.parent_run_id} --tracking-uri {tracking_uri}", soft_wrap=True
+        )

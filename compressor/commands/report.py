@@ -10,16 +10,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-TrackingOption = typer.Option(None, "--tracking-uri", help="MLflow tracking URI; default MLFLOW_TRACKING_URI, else "
-                                                            "sqlite:///./artifacts/mlflow.db (where `run` logs).")
+TrackingOption = typer.Option(
+    None,
+    "--tracking-uri",
+    help="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///./artifacts/mlflow.db (where `run` logs).",
+)
 RunHelp = "An MLflow run id (a pipeline run or one of its stage runs) or a stage directory."
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def report(
-        run: Optional[str] = typer.Argument(None, help=RunHelp + " Default: the latest finished pipeline run.",
-                                            show_default=False),
+        run: Optional[str] = typer.Argument(
+            None, help=RunHelp + " Default: the latest finished pipeline run.", show_default=False
+        ),
         tracking_uri: Optional[str] = TrackingOption,
         out: Optional[Path] = typer.Option(None, help="Output directory; default ./reports/<pipeline>-<run8>."),
     ) -> None:
@@ -34,8 +38,11 @@ def register(app: typer.Typer) -> None:
         html_path, md_path, plots = rep.write_report(data, out)
         rep.log_report(client, run_id, out)
         console = Console()
-        console.print(f"{data.pipeline} run {run_id}: {html_path} and {md_path} "
-                      f"({len(plots)} figures; logged to the run under report/)", soft_wrap=True)
+        console.print(
+            f"{data.pipeline} run {run_id}: {html_path} and {md_path} "
+            f"({len(plots)} figures; logged to the run under report/)",
+            soft_wrap=True,
+        )
 
     @app.command()
     def compare(
@@ -102,9 +109,16 @@ def runs_table(found: list, uri: str) -> Table:
         values = headline_scores(m)
         started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
         bits = f" ({m['final/bits']:.0f}-bit)" if "final/bits" in m else ""
-        table.add_row(run.info.run_id, tags.get("compressor.pipeline", "-"), started, run.info.status,
-                      tags.get("gate", "-"), fmt_params(m.get("final/num_params")) + bits,
-                      fmt(m["final/bytes"] / 1e6, ".2f") if "final/bytes" in m else "-",
-                      fmt(m.get("final/byte_compression"), ".2f"), *[fmt(values.get(c)) for c in columns],
-                      fmt(m.get("seconds/wall"), ".0f"))
+        table.add_row(
+            run.info.run_id,
+            tags.get("compressor.pipeline", "-"),
+            started,
+            run.info.status,
+            tags.get("gate", "-"),
+            fmt_params(m.get("final/num_params")) + bits,
+            fmt(m["final/bytes"] / 1e6, ".2f") if "final/bytes" in m else "-",
+            fmt(m.get("final/byte_compression"), ".2f"),
+            *[fmt(values.get(c)) for c in columns],
+            fmt(m.get("seconds/wall"), ".0f"),
+        )
     return table

@@ -81,8 +81,17 @@ def _option_specs(kind) -> dict[tuple[str, ...], dict]:
             click_type = str if nested else _scalar(field.annotation)
             if click_type is None:
                 continue
-            entry = options.setdefault((name,), {"type": click_type, "help": field.description or "", "choices": [],
-                                                 "defaults": {}, "list_of": _list_of(field.annotation), "model": nested})
+            entry = options.setdefault(
+                (name,),
+                {
+                    "type": click_type,
+                    "help": field.description or "",
+                    "choices": [],
+                    "defaults": {},
+                    "list_of": _list_of(field.annotation),
+                    "model": nested,
+                },
+            )
             entry["choices"] += [c for c in _choices(field.annotation) if c not in entry["choices"]]
             entry["defaults"][member] = default_text(field).replace("`", "")
     return options
@@ -109,36 +118,102 @@ def _signature(kind, options: dict) -> inspect.Signature:
     P = inspect.Parameter
     fields = {f for m in _models(kind.spec) for f in m.model_fields}
     params = [
-        P("model", P.KEYWORD_ONLY, annotation=str, default=typer.Option(
-            ..., "--model", *(("--student",) if kind.needs_teacher else ()),
-            help="Input: a checkpoint directory (a previous `--out`), a pipeline stage directory, or zoo:NAME.")),
-        P("out", P.KEYWORD_ONLY, annotation=str, default=typer.Option(
-            ..., "--out", help="New directory for the output: a checkpoint transformers loads, with manifest.json.")),
+        P(
+            "model",
+            P.KEYWORD_ONLY,
+            annotation=str,
+            default=typer.Option(
+                ...,
+                "--model",
+                *(("--student",) if kind.needs_teacher else ()),
+                help="Input: a checkpoint directory (a previous `--out`), a pipeline stage directory, or zoo:NAME.",
+            ),
+        ),
+        P(
+            "out",
+            P.KEYWORD_ONLY,
+            annotation=str,
+            default=typer.Option(
+                ..., "--out", help="New directory for the output: a checkpoint transformers loads, with manifest.json."
+            ),
+        ),
     ]
     if kind.needs_teacher:
-        params.append(P("teacher", P.KEYWORD_ONLY, annotation=str, default=typer.Option(
-            ..., "--teacher", help="Teacher checkpoint directory, a pipeline stage directory, or zoo:NAME.")))
+        params.append(
+            P(
+                "teacher",
+                P.KEYWORD_ONLY,
+                annotation=str,
+                default=typer.Option(
+                    ..., "--teacher", help="Teacher checkpoint directory, a pipeline stage directory, or zoo:NAME."
+                ),
+            )
+        )
     for name in (n for n in DATA_FIELDS if n in fields):
-        params.append(P(f"source_{name}", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, f"--{name}", help=SOURCE_HELP)))
-        params.append(P("text_field", P.KEYWORD_ONLY, annotation=str, default=typer.Option(
-            "text", "--text-field", help="Text column of JSONL / parquet / hf data.")))
+        params.append(
+            P(
+                f"source_{name}",
+                P.KEYWORD_ONLY,
+                annotation=Optional[str],
+                default=typer.Option(None, f"--{name}", help=SOURCE_HELP),
+            )
+        )
+        params.append(
+            P(
+                "text_field",
+                P.KEYWORD_ONLY,
+                annotation=str,
+                default=typer.Option("text", "--text-field", help="Text column of JSONL / parquet / hf data."),
+            )
+        )
     for path, entry in options.items():
         name = "opt__" + "__".join(path)
         decl = f"{flag(path)}/--no-{flag(path)[2:]}" if entry["type"] is bool else flag(path)
-        params.append(P(name, P.KEYWORD_ONLY, annotation=Optional[entry["type"]],
-                        default=typer.Option(None, decl, help=_help(entry), show_default=False)))
+        params.append(
+            P(
+                name,
+                P.KEYWORD_ONLY,
+                annotation=Optional[entry["type"]],
+                default=typer.Option(None, decl, help=_help(entry), show_default=False),
+            )
+        )
     if kind.runs_as == "driver":
-        params.append(P("address", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray).")))
+        params.append(
+            P(
+                "address",
+                P.KEYWORD_ONLY,
+                annotation=Optional[str],
+                default=typer.Option(
+                    None, "--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)."
+                ),
+            )
+        )
     params += [
-        P("seed", P.KEYWORD_ONLY, annotation=int, default=typer.Option(0, "--seed", help="Seeds data order and sampling.")),
+        P(
+            "seed",
+            P.KEYWORD_ONLY,
+            annotation=int,
+            default=typer.Option(0, "--seed", help="Seeds data order and sampling."),
+        ),
         P("quiet", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(False, "--quiet", help="No progress bars.")),
-        P("trust_remote_code", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--trust-remote-code", help="Run Python code the checkpoint ships (config.json auto_map); only for "
-            "a source you trust.")),
-        P("overrides", P.KEYWORD_ONLY, annotation=Optional[list[str]], default=typer.Argument(
-            None, help="KEY=VALUE spec fields (YAML values), e.g. loss.hidden_mse=[[3,7]].", show_default=False)),
+        P(
+            "trust_remote_code",
+            P.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(
+                False,
+                "--trust-remote-code",
+                help="Run Python code the checkpoint ships (config.json auto_map); only for a source you trust.",
+            ),
+        ),
+        P(
+            "overrides",
+            P.KEYWORD_ONLY,
+            annotation=Optional[list[str]],
+            default=typer.Argument(
+                None, help="KEY=VALUE spec fields (YAML values), e.g. loss.hidden_mse=[[3,7]].", show_default=False
+            ),
+        ),
     ]
     return inspect.Signature(params)
 
@@ -198,8 +273,11 @@ def build_spec(kind, data: dict):
         return TypeAdapter(kind.spec).validate_python(data)
     except ValidationError as exc:
         unknown = "not an option of this method" if "method" in data else "unknown field"
-        raise UserError(format_validation_error(exc, f"compressor {kind.name}", data,
-                                                name=lambda loc: flag(tuple(map(str, loc))), unknown=unknown)) from None
+        raise UserError(
+            format_validation_error(
+                exc, f"compressor {kind.name}", data, name=lambda loc: flag(tuple(map(str, loc))), unknown=unknown
+            )
+        ) from None
 
 
 def make_command(kind):
@@ -226,20 +304,43 @@ def make_command(kind):
             text, zoo = given[f"source_{name}"], teacher_zoo or zoo_name
             if text is None:
                 if zoo is None:
-                    raise UserError(f"--{name}: required for a model outside the zoo (a text/JSONL/parquet file or "
-                                    "directory, or an hf: dataset)")
+                    raise UserError(
+                        f"--{name}: required for a model outside the zoo (a text/JSONL/parquet file or "
+                        "directory, or an hf: dataset)"
+                    )
                 text = f"zoo:{zoo}"
             source_flag = f"--{name}"
-            source = DataSource(source=text, samples=getattr(spec, "samples", None), text_field=given["text_field"],
-                                **({"seq_len": spec.seq_len} if getattr(spec, "seq_len", None) else {}))
+            source = DataSource(
+                source=text,
+                samples=getattr(spec, "samples", None),
+                text_field=given["text_field"],
+                **({"seq_len": spec.seq_len} if getattr(spec, "seq_len", None) else {}),
+            )
             sources[name] = source
         if given.get("address"):
             os.environ["RAY_ADDRESS"] = given["address"]
-        check_standalone(kind.name, spec, model_dir, given["out"], source, source_flag or "--data",
-                         getattr(spec, "samples", None) or 1, getattr(spec, "seq_len", None), teacher_dir=teacher_dir,
-                         model_flag="--model")
-        manifest = run_standalone(kind.name, spec, model_dir, given["out"], data=sources, teacher=teacher_dir,
-                                  seed=given["seed"], quiet=given["quiet"])
+        check_standalone(
+            kind.name,
+            spec,
+            model_dir,
+            given["out"],
+            source,
+            source_flag or "--data",
+            getattr(spec, "samples", None) or 1,
+            getattr(spec, "seq_len", None),
+            teacher_dir=teacher_dir,
+            model_flag="--model",
+        )
+        manifest = run_standalone(
+            kind.name,
+            spec,
+            model_dir,
+            given["out"],
+            data=sources,
+            teacher=teacher_dir,
+            seed=given["seed"],
+            quiet=given["quiet"],
+        )
         typer.echo(f"{kind.result_line(manifest)}; wrote {Path(given['out']).expanduser().resolve()}")
 
     command.__signature__ = _signature(kind, options)

@@ -42,7 +42,10 @@ class JobFailed(CompressorError):
 
 
 AddressOpt = typer.Option(
-    None, "--address", envvar=ADDRESS_ENV, show_envvar=True,
+    None,
+    "--address",
+    envvar=ADDRESS_ENV,
+    show_envvar=True,
     help="Dashboard URL of the Ray head, e.g. http://HEAD:8265.",
 )
 
@@ -51,12 +54,16 @@ AddressOpt = typer.Option(
 def check_address(address: Optional[str]) -> str:
     """A usable dashboard URL, or a UserError saying what is wrong with it."""
     if not address:
-        raise UserError("--address: give the Ray head's dashboard URL, e.g. --address http://HEAD:8265 "
-                        "(or set RAY_API_SERVER_ADDRESS)")
+        raise UserError(
+            "--address: give the Ray head's dashboard URL, e.g. --address http://HEAD:8265 "
+            "(or set RAY_API_SERVER_ADDRESS)"
+        )
     address = address.strip().rstrip("/")
     if not address.startswith(("http://", "https://")):
-        raise UserError(f"--address {address!r}: expected the dashboard URL http://HOST:8265 (not the GCS "
-                        f"address HOST:6379 or a ray:// client address)")
+        raise UserError(
+            f"--address {address!r}: expected the dashboard URL http://HOST:8265 (not the GCS "
+            f"address HOST:6379 or a ray:// client address)"
+        )
     return address
 
 
@@ -67,20 +74,28 @@ def _probe(address: str) -> None:
     try:
         reply = requests.get(f"{address}/api/version", timeout=CONNECT_TIMEOUT_S)
     except requests.exceptions.Timeout:
-        raise UserError(f"--address {address}: no answer within {CONNECT_TIMEOUT_S:.0f} s; is the head up and "
-                        f"its dashboard port reachable from here (firewall, port-forward)?") from None
+        raise UserError(
+            f"--address {address}: no answer within {CONNECT_TIMEOUT_S:.0f} s; is the head up and "
+            f"its dashboard port reachable from here (firewall, port-forward)?"
+        ) from None
     except requests.exceptions.RequestException as exc:
         reason = type(exc).__name__ if not str(exc) else str(exc).split("(Caused by")[-1].strip(" )")
-        raise UserError(f"--address {address}: cannot reach a Ray dashboard there ({reason}); is the head running "
-                        f"and is this its dashboard URL (port 8265 by default)?") from None
+        raise UserError(
+            f"--address {address}: cannot reach a Ray dashboard there ({reason}); is the head running "
+            f"and is this its dashboard URL (port 8265 by default)?"
+        ) from None
     if reply.status_code in (401, 403):
-        raise UserError(f"--address {address}: the dashboard refused the request (HTTP {reply.status_code}); this "
-                        f"cluster uses token authentication: set RAY_AUTH_TOKEN")
+        raise UserError(
+            f"--address {address}: the dashboard refused the request (HTTP {reply.status_code}); this "
+            f"cluster uses token authentication: set RAY_AUTH_TOKEN"
+        )
     try:
         reply.json()["ray_version"]
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"--address {address}: HTTP {reply.status_code} from something that is not a Ray "
-                        f"dashboard; check host and port") from None
+        raise UserError(
+            f"--address {address}: HTTP {reply.status_code} from something that is not a Ray "
+            f"dashboard; check host and port"
+        ) from None
 
 
 @contextmanager
@@ -121,11 +136,15 @@ def run_command(args: list[str], python: Optional[str] = None) -> str:
     """A POSIX shell command that runs `python -m compressor <args>` with the first of `python` (default: this
     interpreter), python3 and python that can import compressor on the node, or says which were tried (exit 2)."""
     candidates = list(dict.fromkeys([python or sys.executable, "python3", "python"]))
-    missing = (f"error: no Python on the Ray head can run compressor (tried {', '.join(candidates)}); install "
-               f"compressor there or pass `compressor submit --python /path/to/bin/python`. The job's PATH: ")
-    return (f"for py in {' '.join(map(shlex.quote, candidates))}; do "
-            f'"$py" -c "import compressor.cli" >/dev/null 2>&1 && exec "$py" {shlex.join(["-m", "compressor", *args])}; '
-            f'done; echo {shlex.quote(missing)}"$PATH" >&2; exit 2')
+    missing = (
+        f"error: no Python on the Ray head can run compressor (tried {', '.join(candidates)}); install "
+        f"compressor there or pass `compressor submit --python /path/to/bin/python`. The job's PATH: "
+    )
+    return (
+        f"for py in {' '.join(map(shlex.quote, candidates))}; do "
+        f'"$py" -c "import compressor.cli" >/dev/null 2>&1 && exec "$py" {shlex.join(["-m", "compressor", *args])}; '
+        f'done; echo {shlex.quote(missing)}"$PATH" >&2; exit 2'
+    )
 
 
 def entrypoint_for(pipeline: Path, working_dir: Path, overrides: list[str], python: Optional[str] = None) -> str:
@@ -133,8 +152,9 @@ def entrypoint_for(pipeline: Path, working_dir: Path, overrides: list[str], pyth
     try:
         relative = pipeline.resolve().relative_to(working_dir.resolve())
     except ValueError:
-        raise UserError(f"{pipeline}: the pipeline must be inside the uploaded working dir {working_dir} "
-                        f"(pass --working-dir)") from None
+        raise UserError(
+            f"{pipeline}: the pipeline must be inside the uploaded working dir {working_dir} (pass --working-dir)"
+        ) from None
     return run_command(["run", relative.as_posix(), *overrides], python)
 
 
@@ -157,8 +177,10 @@ def storage_warning(storage: str) -> Optional[str]:
 
     if storage_mod.is_remote(storage) or Path(storage).expanduser().is_absolute():
         return None
-    return (f"storage {storage!r} is relative: on the cluster it lands inside the job's unpacked working dir on "
-            f"the head node and is lost with it; set an absolute shared path (NFS) or s3:// / gs://")
+    return (
+        f"storage {storage!r} is relative: on the cluster it lands inside the job's unpacked working dir on "
+        f"the head node and is lost with it; set an absolute shared path (NFS) or s3:// / gs://"
+    )
 
 
 def wait_for(client, job_id: str, follow_logs: bool = True, poll_s: float = 1.0) -> str:
@@ -168,6 +190,7 @@ def wait_for(client, job_id: str, follow_logs: bool = True, poll_s: float = 1.0)
     from ray.job_submission import JobStatus
 
     if follow_logs:
+
         async def stream() -> None:
             async for chunk in client.tail_job_logs(job_id):
                 sys.stdout.write(redact(chunk))  # Ray echoes the entrypoint, overrides and all
@@ -193,15 +216,23 @@ def raise_unless_succeeded(client, job_id: str, address: str) -> None:
     # Ray appends the log tail to the message; the logs were streamed already, keep the first sentence.
     detail = (info.message or "").strip().split(", last available logs")[0].split("\n")[0].rstrip(".")
     raise JobFailed(
-        f"job {job_id} {status}" + (f" (exit code {code})" if code else "") + (f": {detail}" if detail else "")
+        f"job {job_id} {status}"
+        + (f" (exit code {code})" if code else "")
+        + (f": {detail}" if detail else "")
         + f". Full logs: compressor jobs logs {job_id} --address {address}",
         exit_code=code if code and code > 0 else 1,
     )
 
 
 def submit_pipeline(
-    address: Optional[str], pipeline: Path, overrides: list[str], working_dir: Path,
-    env: list[str] = (), excludes: list[str] = (), job_id: Optional[str] = None, python: Optional[str] = None,
+    address: Optional[str],
+    pipeline: Path,
+    overrides: list[str],
+    working_dir: Path,
+    env: list[str] = (),
+    excludes: list[str] = (),
+    job_id: Optional[str] = None,
+    python: Optional[str] = None,
 ) -> tuple[object, str, str]:
     """Validate locally, then submit. Returns (client, job id, dashboard address)."""
     from compressor.commands.pipeline import resolve_pipeline
@@ -225,8 +256,13 @@ def submit_pipeline(
         typer.secho(f"warning: {warning}", err=True, fg="yellow")
     client = connect(address)
     try:
-        submitted = submit_job(client, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
-                               metadata={"compressor.pipeline": spec.name})
+        submitted = submit_job(
+            client,
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=job_id,
+            metadata={"compressor.pipeline": spec.name},
+        )
     except Exception as exc:  # upload too large, duplicate id, ...: Ray's message names the cause
         raise UserError(f"submitting {pipeline} to {client.get_address()} failed: {redact(exc)}") from None
     return client, submitted, client.get_address()
@@ -248,26 +284,36 @@ def submit_job(client, retry_s: float = AGENT_WAIT_S, **kwargs) -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def submit(
-        pipeline: Path = typer.Argument(..., help="Pipeline YAML inside the working dir, or the name of a "
-                                                  "pipeline shipped with compressor (e.g. tiny, a cluster smoke test)."),
+        pipeline: Path = typer.Argument(
+            ...,
+            help="Pipeline YAML inside the working dir, or the name of a "
+            "pipeline shipped with compressor (e.g. tiny, a cluster smoke test).",
+        ),
         overrides: Optional[list[str]] = typer.Argument(None, help="KEY=VALUE overrides passed to `compressor run`."),
         address: Optional[str] = AddressOpt,
         wait: bool = typer.Option(False, "--wait", help="Stream the logs and exit with the job's result."),
         working_dir: Path = typer.Option(Path("."), help="Directory uploaded as the job's working dir."),
         env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE environment for the job (repeatable)."),
-        exclude: Optional[list[str]] = typer.Option(None, help="Extra upload exclusions, gitignore syntax (repeatable)."),
+        exclude: Optional[list[str]] = typer.Option(
+            None, help="Extra upload exclusions, gitignore syntax (repeatable)."
+        ),
         job_id: Optional[str] = typer.Option(None, help="Submission id; default: generated by Ray."),
         python: Optional[str] = typer.Option(
-            None, "--python", envvar="COMPRESSOR_JOB_PYTHON",
+            None,
+            "--python",
+            envvar="COMPRESSOR_JOB_PYTHON",
             help="Python on the head that has compressor installed; default: this interpreter, then python3 and "
-                 "python from the job's PATH, whichever imports compressor first."),
+            "python from the job's PATH, whichever imports compressor first.",
+        ),
     ) -> None:
         """Run a pipeline on a Ray cluster as a Ray job; prints the job id."""
-        client, submitted, url = submit_pipeline(address, pipeline, overrides or [], working_dir,
-                                                 env or [], exclude or [], job_id, python)
+        client, submitted, url = submit_pipeline(
+            address, pipeline, overrides or [], working_dir, env or [], exclude or [], job_id, python
+        )
         typer.echo(submitted)
-        typer.secho(f"submitted to {url}; follow with: compressor jobs logs {submitted} --follow --address {url}",
-                    err=True)
+        typer.secho(
+            f"submitted to {url}; follow with: compressor jobs logs {submitted} --follow --address {url}", err=True
+        )
         if wait:
             _watch(client, submitted, url)
 
@@ -280,15 +326,22 @@ def register(app: typer.Typer) -> None:
         client = connect(address)
         info = _call("querying", job_id, client.get_job_info, job_id)
         typer.echo(f"{job_id}: {info.status.value}")
-        for label, value in (("entrypoint", info.entrypoint), ("message", info.message),
-                             ("exit code", info.driver_exit_code), ("started", _when(info.start_time)),
-                             ("ended", _when(info.end_time))):
+        for label, value in (
+            ("entrypoint", info.entrypoint),
+            ("message", info.message),
+            ("exit code", info.driver_exit_code),
+            ("started", _when(info.start_time)),
+            ("ended", _when(info.end_time)),
+        ):
             if value not in (None, ""):
                 typer.echo(f"  {label}: {redact(value)}")  # an override may carry a URI with a password
 
     @jobs.command("logs")
-    def logs(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt,
-             follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")) -> None:
+    def logs(
+        job_id: str = typer.Argument(...),
+        address: Optional[str] = AddressOpt,
+        follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+    ) -> None:
         """Print a job's logs (the output of `compressor run`)."""
         client = connect(address)
         if follow:
@@ -302,8 +355,11 @@ def register(app: typer.Typer) -> None:
         """Stop a running job (the pipeline resumes from its cache when submitted again)."""
         client = connect(address)
         stopped = _call("stopping", job_id, client.stop_job, job_id)
-        status = wait_for(client, job_id, follow_logs=False) if stopped else \
-            _call("querying", job_id, client.get_job_status, job_id).value
+        status = (
+            wait_for(client, job_id, follow_logs=False)
+            if stopped
+            else _call("querying", job_id, client.get_job_status, job_id).value
+        )
         typer.echo(f"{job_id}: {status}" + ("" if stopped else " (was not running)"))
 
     @jobs.command("list")
@@ -311,16 +367,21 @@ def register(app: typer.Typer) -> None:
         """Jobs on the cluster, newest last."""
         client = connect(address)
         for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
-            typer.echo(f"{job.submission_id or job.job_id}\t{job.status.value}\t{_when(job.start_time)}\t"
-                       f"{redact(job.entrypoint)}")
+            typer.echo(
+                f"{job.submission_id or job.job_id}\t{job.status.value}\t{_when(job.start_time)}\t"
+                f"{redact(job.entrypoint)}"
+            )
 
 
 def _watch(client, job_id: str, address: str) -> None:
     try:
         wait_for(client, job_id)
     except KeyboardInterrupt:
-        typer.secho(f"\nstopped watching; the job keeps running. Stop it with: compressor jobs stop {job_id} "
-                    f"--address {address}", err=True)
+        typer.secho(
+            f"\nstopped watching; the job keeps running. Stop it with: compressor jobs stop {job_id} "
+            f"--address {address}",
+            err=True,
+        )
         raise SystemExit(130) from None
     raise_unless_succeeded(client, job_id, address)
     typer.secho(f"job {job_id} SUCCEEDED", err=True, fg="green")

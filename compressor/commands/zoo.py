@@ -10,8 +10,9 @@ def _size(path) -> int:
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Reference models built offline (small Llama teachers trained on CPython's docs).",
-                        no_args_is_help=True)
+    group = typer.Typer(
+        help="Reference models built offline (small Llama teachers trained on CPython's docs).", no_args_is_help=True
+    )
     app.add_typer(group, name="zoo")
 
     @group.command("list")
@@ -28,9 +29,18 @@ def register(app: typer.Typer) -> None:
         for name, r in zoo.RECIPES.items():
             info = zoo.build_info(name)
             built = f"yes ({info['build_seconds']:.0f} s)" if info else "no"
-            table.add_row(name, f"{zoo.param_count(name) / 1e6:.2f}M", str(r.num_layers), str(r.hidden_size),
-                          f"{r.num_heads}/{r.num_kv_heads}", str(r.intermediate_size), str(r.vocab_size),
-                          str(r.seq_len), built, r.description)
+            table.add_row(
+                name,
+                f"{zoo.param_count(name) / 1e6:.2f}M",
+                str(r.num_layers),
+                str(r.hidden_size),
+                f"{r.num_heads}/{r.num_kv_heads}",
+                str(r.intermediate_size),
+                str(r.vocab_size),
+                str(r.seq_len),
+                built,
+                r.description,
+            )
         console = Console()
         console.print(table)
         for name in zoo.RECIPES:
@@ -50,8 +60,11 @@ def register(app: typer.Typer) -> None:
         console = Console()
         console.print(f"path         {path}{' (cached)' if cached else ''}")
         console.print(f"params       {info.get('params', 0):,} ({_size(path) / 2**20:.1f} MiB on disk)")
-        console.print(f"build time   {info.get('build_seconds', float('nan')):.1f} s "
-                      f"({info.get('threads', '?')} threads)")
-        console.print(f"held-out ppl {info.get('heldout_ppl', float('nan')):.2f} per token "
-                      f"(unigram baseline {info.get('unigram_ppl', float('nan')):.1f})")
+        console.print(
+            f"build time   {info.get('build_seconds', float('nan')):.1f} s ({info.get('threads', '?')} threads)"
+        )
+        console.print(
+            f"held-out ppl {info.get('heldout_ppl', float('nan')):.2f} per token "
+            f"(unigram baseline {info.get('unigram_ppl', float('nan')):.1f})"
+        )
         console.print(f"tasks        {zoo.tasks_dir(name)} ({', '.join(zoo.TASK_NAMES)})")

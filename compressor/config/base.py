@@ -21,5 +21,6 @@ class Resources(Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per task/worker.")
     memory_gb: Optional[float] = Field(None, gt=0, description="Memory reservation in GiB (Ray `memory`).")
     custom: dict[str, float] = Field(
-        default_factory=dict, description="Ray custom resources, e.g. {node_type_a100: 1} to place a stage on the "
-        "nodes that advertise them.")
+        default_factory=dict,
+        description="Ray custom resources, e.g. {node_type_a100: 1} to place a stage on the nodes that advertise them.",
+    )

@@ -96,8 +96,11 @@ def _input_loc(loc: tuple, data: Any) -> tuple:
         if isinstance(node, dict) and isinstance(part, str) and part not in node and not _is_leaf(loc, part):
             continue  # a tag: the input has no such key here
         kept.append(part)
-        node = node.get(part) if isinstance(node, dict) else (
-            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+        node = (
+            node.get(part)
+            if isinstance(node, dict)
+            else (node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+        )
     return tuple(kept)
 
 
@@ -112,8 +115,15 @@ def dotted(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def format_validation_error(exc: ValidationError, where: str, data: Any = None, root: Optional[yaml.Node] = None,
-                            name: Callable[[tuple], str] = dotted, unknown: str = UNKNOWN_KEY, limit: int = 3) -> str:
+def format_validation_error(
+    exc: ValidationError,
+    where: str,
+    data: Any = None,
+    root: Optional[yaml.Node] = None,
+    name: Callable[[tuple], str] = dotted,
+    unknown: str = UNKNOWN_KEY,
+    limit: int = 3,
+) -> str:
     """One paragraph for the pydantic errors of a pipeline file (`where` its path, `root` its YAML nodes for line
     numbers) or of a stage spec given on a command line (`name` turns a field path into its flag)."""
     errors = [_format(e, where, root, data, name, unknown) for e in exc.errors()]
@@ -121,10 +131,14 @@ def format_validation_error(exc: ValidationError, where: str, data: Any = None, 
     return "; ".join(errors[:limit]) + more
 
 
-def _format(error: dict, path: str, root: Optional[yaml.Node], data: Any, name: Callable[[tuple], str],
-            unknown: str) -> str:
-    loc = _input_loc(tuple(error["loc"]), data) if data is not None else tuple(
-        p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+def _format(
+    error: dict, path: str, root: Optional[yaml.Node], data: Any, name: Callable[[tuple], str], unknown: str
+) -> str:
+    loc = (
+        _input_loc(tuple(error["loc"]), data)
+        if data is not None
+        else tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+    )
     message = error["msg"].removeprefix("Value error, ")
     named = re.match(r"(stages\.\d+[\w.\-]*): (.*)", message, re.DOTALL) if not loc else None
     if named:  # a check across fields names its own place, e.g. "stages.1.name: duplicate stage name 'x'"
@@ -152,8 +166,10 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
         data = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
-        raise UserError(f"{path}:{mark.line + 1}: tag {_tag_of(exc)} refused: pipeline files are read with YAML's safe "
-                        "loader, and no field constructs Python objects or runs code") from None
+        raise UserError(
+            f"{path}:{mark.line + 1}: tag {_tag_of(exc)} refused: pipeline files are read with YAML's safe "
+            "loader, and no field constructs Python objects or runs code"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -168,9 +184,11 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
     except ValidationError as exc:
         raise UserError("invalid pipeline: " + format_validation_error(exc, str(path), data, root)) from None
     if spec.teacher.trust_remote_code:
-        log.warning("warning: teacher.trust_remote_code is on: the Python code shipped with %s (and with the models "
-                    "made from it) will run on every node that loads them. Only use it for a repository you trust.",
-                    spec.teacher.model)
+        log.warning(
+            "warning: teacher.trust_remote_code is on: the Python code shipped with %s (and with the models "
+            "made from it) will run on every node that loads them. Only use it for a repository you trust.",
+            spec.teacher.model,
+        )
     return spec
 
 
@@ -187,8 +205,10 @@ def _refuse_duplicate_keys(node: Optional[yaml.Node], path: str) -> None:
             if isinstance(key, yaml.ScalarNode) and key.value != "<<":
                 line = key.start_mark.line + 1
                 if key.value in seen:
-                    raise UserError(f"{path}:{line}: key {key.value!r} appears twice in one mapping (first on line "
-                                    f"{seen[key.value]}); YAML would silently keep only the last one")
+                    raise UserError(
+                        f"{path}:{line}: key {key.value!r} appears twice in one mapping (first on line "
+                        f"{seen[key.value]}); YAML would silently keep only the last one"
+                    )
                 seen[key.value] = line
             _refuse_duplicate_keys(value, path)
     elif isinstance(node, yaml.SequenceNode):

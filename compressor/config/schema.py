@@ -21,11 +21,15 @@ class TeacherSpec(Strict):
     model: str
     revision: Optional[str] = Field(None, description="Hub revision (commit, tag or branch).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    config: Optional[str] = Field(None, description="A config.json used by `plan` instead of the hub (offline estimates).")
+    config: Optional[str] = Field(
+        None, description="A config.json used by `plan` instead of the hub (offline estimates)."
+    )
     trust_remote_code: bool = Field(
-        False, description="Run the Python code a checkpoint ships (config.json `auto_map`) when loading it and the "
+        False,
+        description="Run the Python code a checkpoint ships (config.json `auto_map`) when loading it and the "
         "models made from it, on every node. Off by default: only set it for a repository you trust (it is logged "
-        "as a warning).")
+        "as a warning).",
+    )
 
 
 class DataSource(Strict):
@@ -47,7 +51,9 @@ class TaskSpec(Strict):
     name: str
     num_fewshot: Optional[int] = Field(None, ge=0)
     limit: Optional[float] = Field(None, gt=0, description="Docs per task (int) or fraction (<1).")
-    include: Optional[str] = Field(None, description="Directory of task YAMLs, or `zoo:NAME` for a reference model's tasks.")
+    include: Optional[str] = Field(
+        None, description="Directory of task YAMLs, or `zoo:NAME` for a reference model's tasks."
+    )
 
 
 class EvaluationSpec(Strict):
@@ -59,7 +65,8 @@ class EvaluationSpec(Strict):
     tasks: list[TaskSpec] = Field(default_factory=list)
     baseline: Literal["teacher", "none"] = "teacher"
     batch_size: Union[int, Literal["auto"]] = Field(
-        16, description='Sequences per forward pass, or "auto": lm-eval finds the largest that fits (64 down).')
+        16, description='Sequences per forward pass, or "auto": lm-eval finds the largest that fits (64 down).'
+    )
     resources: Resources = Field(default_factory=Resources)
 
     @field_validator("batch_size")
@@ -88,8 +95,11 @@ class GateBar(Strict):
     min_recovery: Optional[float] = Field(None, gt=0, description="Fraction of the teacher baseline to keep.")
     max_drop: Optional[float] = Field(None, ge=0, description="Allowed quality loss against the previous stage.")
     max_drop_stderr: Optional[float] = Field(
-        None, gt=0, description="Allowed quality loss against the previous stage, in standard errors of the "
-        "difference (2.5: noise alone fails it about 0.6% of the time).")
+        None,
+        gt=0,
+        description="Allowed quality loss against the previous stage, in standard errors of the "
+        "difference (2.5: noise alone fails it about 0.6% of the time).",
+    )
 
     @model_validator(mode="after")
     def _some_bar(self):
@@ -106,8 +116,11 @@ class GateSpec(Strict):
 class StageEntry(Strict):
     """One stage: exactly one stage kind's options (prune, distill, quantize, evaluate, ...), plus its gate and resources."""
 
-    name: Optional[str] = Field(None, description="Default: the stage kind, numbered if repeated. Letters, digits, "
-                                "'.', '_' and '-' (it names the stage's directory under the storage root).")
+    name: Optional[str] = Field(
+        None,
+        description="Default: the stage kind, numbered if repeated. Letters, digits, "
+        "'.', '_' and '-' (it names the stage's directory under the storage root).",
+    )
     # One optional field per registered stage kind (prune, distill, ...) is added by set_stage_kinds below.
     gate: Optional[GateSpec] = None
     resources: Resources = Field(default_factory=Resources)
@@ -127,8 +140,10 @@ class StageEntry(Strict):
     def _safe_name(cls, v: Optional[str]) -> Optional[str]:
         # The name becomes <storage>/<pipeline>/<name>-<key12>: '/', '..' or an absolute path would write elsewhere.
         if v is not None and (not NAME_RE.match(v) or ".." in v):
-            raise ValueError(f"{v!r}: use letters, digits, '.', '_' and '-' only, without '..' (the name becomes a "
-                             "directory under the storage root)")
+            raise ValueError(
+                f"{v!r}: use letters, digits, '.', '_' and '-' only, without '..' (the name becomes a "
+                "directory under the storage root)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -166,16 +181,18 @@ class PipelineSpec(Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v) or ".." in v:
-            raise ValueError("use letters, digits, '.', '_' and '-' only, without '..' (it names directories and MLflow "
-                             "experiments)")
+            raise ValueError(
+                "use letters, digits, '.', '_' and '-' only, without '..' (it names directories and MLflow experiments)"
+            )
         return v
 
     @field_validator("stages")
     @classmethod
     def _some_stage(cls, v: list) -> list:
         if not v:
-            raise ValueError(f"a pipeline needs at least one stage ({', '.join(STAGE_KINDS)}); one without stages "
-                             "does nothing")
+            raise ValueError(
+                f"a pipeline needs at least one stage ({', '.join(STAGE_KINDS)}); one without stages does nothing"
+            )
         return v
 
     @model_validator(mode="after")

@@ -25,8 +25,6 @@ if TYPE_CHECKING:  # the pipeline schema imports the stage kinds, which import t
 T = TypeVar("T")
 
 
-
-
 @dataclass
 class StageContext:
     # Private scratch dir on the node that runs the stage, set there by runner.execute_stage; published to
@@ -116,8 +114,16 @@ class StageContext:
         """Where token shards are kept: `data_root`, else `_data` beside the work dir."""
         return self.data_root or str(Path(self.work_dir).expanduser().resolve().parent / "_data")
 
-    def calibration_blocks(self, name: Optional[str], tokenizer, samples: Optional[int], seq_len: Optional[int],
-                           max_positions: Optional[int], default_samples: int, stage: str):
+    def calibration_blocks(
+        self,
+        name: Optional[str],
+        tokenizer,
+        samples: Optional[int],
+        seq_len: Optional[int],
+        max_positions: Optional[int],
+        default_samples: int,
+        stage: str,
+    ):
         """Exactly `samples` [samples, seq_len] token blocks of data source `name` (UserError naming the numbers when
         the source is too small); the stage's own samples/seq_len win over the source's, and seq_len is capped at the
         model's context."""
@@ -127,7 +133,9 @@ class StageContext:
         source = self.data_source(name)
         seq_len = seq_len or source.seq_len
         if max_positions and seq_len > max_positions:
-            self.info(f"{stage}: seq_len {seq_len} is beyond the model's max_position_embeddings; using {max_positions}")
+            self.info(
+                f"{stage}: seq_len {seq_len} is beyond the model's max_position_embeddings; using {max_positions}"
+            )
             seq_len = max_positions
         samples = samples or source.samples or default_samples
         try:
@@ -141,7 +149,9 @@ class StageContext:
         if name is None:
             if len(self.data) == 1:
                 return next(iter(self.data.values()))
-            raise UserError("this stage needs a data source: set `calibration`/`data` to one of the pipeline's `data:` names")
+            raise UserError(
+                "this stage needs a data source: set `calibration`/`data` to one of the pipeline's `data:` names"
+            )
         if name not in self.data:
             raise UserError(f"unknown data source {name!r}; known: {', '.join(self.data) or 'none'}")
         return self.data[name]
@@ -172,8 +182,15 @@ class DriverProgress:
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.task = self.bar.add_task(self.label, total=None)
             self.bar.start()
         try:

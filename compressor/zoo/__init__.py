@@ -23,8 +23,22 @@ from compressor.zoo.eval_tasks import TASK_NAMES
 from compressor.zoo.recipes import RECIPES, Recipe, corpus_key, model_config, model_key, param_count, recipe
 
 __all__ = [
-    "RECIPES", "Recipe", "TASK_NAMES", "build_info", "corpus_dir", "corpus_key", "ensure_corpus", "ensure_model",
-    "home", "is_built", "model_config", "model_key", "model_path", "param_count", "recipe", "tasks_dir",
+    "RECIPES",
+    "Recipe",
+    "TASK_NAMES",
+    "build_info",
+    "corpus_dir",
+    "corpus_key",
+    "ensure_corpus",
+    "ensure_model",
+    "home",
+    "is_built",
+    "model_config",
+    "model_key",
+    "model_path",
+    "param_count",
+    "recipe",
+    "tasks_dir",
 ]
 
 home = _build.home

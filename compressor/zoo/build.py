@@ -105,7 +105,9 @@ def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
         tokenizer = train_tokenizer((p for doc in train_docs for p in doc), r.vocab_size, r.seq_len)
         blocks = train.pack(train_docs, tokenizer, r.seq_len, r.seed)
         heldout_blocks = train.pack([[p] for doc in heldout_docs for p in doc], tokenizer, r.seq_len, r.seed)
-        log(f"zoo: building {name}: {r.steps} steps over {blocks.numel():,} train tokens, {torch.get_num_threads()} threads")
+        log(
+            f"zoo: building {name}: {r.steps} steps over {blocks.numel():,} train tokens, {torch.get_num_threads()} threads"
+        )
         model = train.build_model(model_config(name), r.seed)
         losses = train.train(model, blocks, r, progress=_progress)
         info = {
@@ -125,8 +127,10 @@ def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
         }
         save_checkpoint(model, tokenizer, work)
         (work / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        log(f"zoo: built {name} in {info['build_seconds']} s, held-out ppl {info['heldout_ppl']:.1f} "
-            f"(unigram {info['unigram_ppl']:.1f})")
+        log(
+            f"zoo: built {name} in {info['build_seconds']} s, held-out ppl {info['heldout_ppl']:.1f} "
+            f"(unigram {info['unigram_ppl']:.1f})"
+        )
 
     return _build_once(final, fill)
 

@@ -18,8 +18,21 @@ from pathlib import Path
 
 # Optional or test-only parts of the stdlib, absent from some distributions' minimal installs.
 SKIP_PARTS = {
-    "test", "tests", "idle_test", "idlelib", "turtledemo", "tkinter", "lib2to3", "distutils", "ensurepip",
-    "site-packages", "dist-packages", "lib-dynload", "__pycache__", "__phello__", "pydoc_data",
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "turtledemo",
+    "tkinter",
+    "lib2to3",
+    "distutils",
+    "ensurepip",
+    "site-packages",
+    "dist-packages",
+    "lib-dynload",
+    "__pycache__",
+    "__phello__",
+    "pydoc_data",
 }
 SKIP_PREFIXES = ("_sysconfigdata", "config-")  # machine-specific build data
 MIN_PARAGRAPH_CHARS = 40

@@ -24,7 +24,10 @@ from pathlib import Path
 TASK_NAMES = ("ref_ppl", "ref_next")
 MC_ITEMS = 400
 MC_DISTRACTORS = 3
-CONTEXT_CHARS = (60, 300)  # opening sentences until at least 60 chars; longer ones are skipped (model windows are short)
+CONTEXT_CHARS = (
+    60,
+    300,
+)  # opening sentences until at least 60 chars; longer ones are skipped (model windows are short)
 SENTENCE_WORDS = (6, 40)  # length range of the sentence to recognise
 # A sentence ends at . ! or ? followed by a capital; skip common abbreviations like "e.g." and "i.e.".
 SENTENCE_END = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\betc\.)(?<=[.!?])\s+(?=[A-Z])")

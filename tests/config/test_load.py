@@ -61,13 +61,17 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_data_source_and_gate_task(tmp_path):
-    assert "unknown data source 'calibX'" in error_of(tmp_path, GOOD.replace("calibration: calib\n    gate", "calibration: calibX\n    gate"))
+    assert "unknown data source 'calibX'" in error_of(
+        tmp_path, GOOD.replace("calibration: calib\n    gate", "calibration: calibX\n    gate")
+    )
     assert "no evaluation task named 'mmlu'" in error_of(tmp_path, GOOD.replace("gate: {ref_ppl", "gate: {mmlu"))
 
 
 def test_overrides_by_index_and_stage_name(tmp_path):
-    spec = load_pipeline(write(tmp_path, GOOD), ["stages.quantize.bits=8", "stages.0.prune.target.intermediate_size=128",
-                                                 "storage=/tmp/x", "seed=3"])
+    spec = load_pipeline(
+        write(tmp_path, GOOD),
+        ["stages.quantize.bits=8", "stages.0.prune.target.intermediate_size=128", "storage=/tmp/x", "seed=3"],
+    )
     assert spec.stages[1].quantize.bits == 8
     assert spec.stages[0].prune.target.intermediate_size == 128
     assert spec.storage == "/tmp/x" and spec.seed == 3

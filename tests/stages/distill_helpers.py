@@ -29,23 +29,43 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus_text().split("\n\n")[:400], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def build_llama(out_dir: Path, tokenizer, hidden: int, intermediate: int, layers: int, seed: int, vocab: int = VOCAB,
-                tie: bool = False) -> Path:
+def build_llama(
+    out_dir: Path,
+    tokenizer,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    seed: int,
+    vocab: int = VOCAB,
+    tie: bool = False,
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from compressor.modeling import save_checkpoint
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         tie_word_embeddings=tie, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        tie_word_embeddings=tie,
+        max_position_embeddings=256,
+    )
     save_checkpoint(LlamaForCausalLM(config), tokenizer, out_dir)
     return out_dir
 
@@ -54,7 +74,9 @@ def tiny_pair(root: Path, student_vocab: int = VOCAB) -> tuple[Path, Path, Path]
     """(teacher dir, student dir, corpus file) under root."""
     tokenizer = build_tokenizer()
     teacher = build_llama(root / "teacher", tokenizer, hidden=64, intermediate=128, layers=2, seed=1)
-    student = build_llama(root / "student", tokenizer, hidden=64, intermediate=64, layers=2, seed=2, vocab=student_vocab)
+    student = build_llama(
+        root / "student", tokenizer, hidden=64, intermediate=64, layers=2, seed=2, vocab=student_vocab
+    )
     corpus = root / "corpus.txt"
     corpus.write_text(corpus_text())
     return teacher, student, corpus
@@ -86,8 +108,15 @@ class FileSink(MetricsSink):
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
 
-def context(work: Path, teacher: Path, corpus: Path, sink: MetricsSink, seq_len: int = 32, run_name: str = "distill-test",
-            storage: Optional[Path] = None) -> StageContext:
+def context(
+    work: Path,
+    teacher: Path,
+    corpus: Path,
+    sink: MetricsSink,
+    seq_len: int = 32,
+    run_name: str = "distill-test",
+    storage: Optional[Path] = None,
+) -> StageContext:
     return StageContext(
         work_dir=work,
         teacher=ModelRef(path=str(teacher), key="teacher"),

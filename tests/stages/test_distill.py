@@ -3,7 +3,6 @@ nodes agree with one worker, failures and re-runs resume, outputs load, impossib
 
 Each Ray Train fit costs ~15-25 s here, so the runs are few and short (random tiny Llamas, 6 steps)."""
 
-
 import pytest
 import torch
 from conftest import simulated_cluster
@@ -28,8 +27,17 @@ def models(tmp_path_factory):
 
 
 def spec(**overrides) -> DistillSpec:
-    base = dict(data="text", steps=STEPS, lr=3e-3, min_lr=3e-4, global_batch=4, micro_batch=2, checkpoint_every=2,
-                loss={"chunk_tokens": 40}, deepspeed={"zero_stage": 3})
+    base = dict(
+        data="text",
+        steps=STEPS,
+        lr=3e-3,
+        min_lr=3e-4,
+        global_batch=4,
+        micro_batch=2,
+        checkpoint_every=2,
+        loss={"chunk_tokens": 40},
+        deepspeed={"zero_stage": 3},
+    )
     return DistillSpec(**{**base, **overrides})
 
 
@@ -126,9 +134,28 @@ def test_cli_distills_under_zero2(two_nodes, models, tmp_path):
 
     teacher, student, corpus = models
     out = tmp_path / "distilled"
-    args = ["distill", "--teacher", str(teacher), "--student", str(student), "--out", str(out), "--data", str(corpus),
-            "--steps", "2", "--seq-len", "32", "--global-batch", "2", "--micro-batch", "1", "--deepspeed", "zero_stage=2",
-            "--quiet"]
+    args = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--out",
+        str(out),
+        "--data",
+        str(corpus),
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--global-batch",
+        "2",
+        "--micro-batch",
+        "1",
+        "--deepspeed",
+        "zero_stage=2",
+        "--quiet",
+    ]
     result = CliRunner().invoke(application(), args)
     assert result.exit_code == 0, result.output
     assert "distilled 2 steps (128 tokens) on 1 worker(s)" in result.output
@@ -144,8 +171,19 @@ def test_cli_bad_input_exits_2_with_one_message(models, tmp_path):
     teacher, student, _ = models
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    args = ["distill", "--teacher", str(teacher), "--student", str(student), "--out", str(tmp_path / "out"),
-            "--data", str(empty), "--steps", "2"]
+    args = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--out",
+        str(tmp_path / "out"),
+        "--data",
+        str(empty),
+        "--steps",
+        "2",
+    ]
     proc = subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "error: --data:" in proc.stderr and "empty.txt: the file is empty" in proc.stderr
@@ -157,9 +195,11 @@ def test_more_workers_than_the_cluster_can_place_are_refused(two_nodes, models, 
     teacher, student, corpus = models
     (tmp_path / "work").mkdir()
     ctx = context(tmp_path / "work", teacher, corpus, FileSink(tmp_path / "metrics.jsonl"), storage=tmp_path / "ray")
-    for overrides, words in [({"workers": 3, "global_batch": 6}, "need 3 CPU, the cluster has 2"),
-                             ({"cpus_per_worker": 2}, "no single node has the 2 CPU"),
-                             ({"workers": 2, "gpus_per_worker": 1}, "need 2 GPU")]:
+    for overrides, words in [
+        ({"workers": 3, "global_batch": 6}, "need 3 CPU, the cluster has 2"),
+        ({"cpus_per_worker": 2}, "no single node has the 2 CPU"),
+        ({"workers": 2, "gpus_per_worker": 1}, "need 2 GPU"),
+    ]:
         with pytest.raises(UserError, match=words):
             distill.run(spec(micro_batch=1, **overrides), ModelRef(path=str(student), key="student"), ctx)
     assert not (tmp_path / "ray").exists()  # refused before Ray Train started anything

@@ -21,7 +21,10 @@ def spec(**overrides) -> DistillSpec:
 
 def test_importing_the_stage_does_not_import_torch():
     code = "import sys, compressor.stages.distill, compressor.commands.stage; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_check_keeps_the_shape():
@@ -31,9 +34,17 @@ def test_check_keeps_the_shape():
 @pytest.mark.parametrize(
     "overrides,config,words",
     [
-        ({"global_batch": 6, "workers": 4}, LLAMA, "distill.global_batch: 6 sequences do not split evenly over 4 workers"),
+        (
+            {"global_batch": 6, "workers": 4},
+            LLAMA,
+            "distill.global_batch: 6 sequences do not split evenly over 4 workers",
+        ),
         ({"global_batch": 12, "micro_batch": 5}, LLAMA, "distill.micro_batch: each worker gets 12 sequences"),
-        ({"steps": None, "tokens": 1000, "seq_len": 512}, LLAMA, "distill.tokens: a budget of 1000 tokens is less than one"),
+        (
+            {"steps": None, "tokens": 1000, "seq_len": 512},
+            LLAMA,
+            "distill.tokens: a budget of 1000 tokens is less than one",
+        ),
         ({"warmup_steps": 10}, LLAMA, "distill.warmup_steps: 10 warm-up steps leave none of the 10"),
         ({"loss": {"hidden_mse": [(4, 0)]}}, LLAMA, "student layer 4 does not exist"),
         ({}, {**LLAMA, "final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
@@ -61,8 +72,15 @@ def models(tmp_path_factory):
     empty.write_text("\n\n")
     few = root / "few.txt"
     few.write_text("only a few tokens")
-    return {"teacher": teacher, "student": student, "corpus": corpus, "other_vocab": other_vocab, "narrow": narrow,
-            "empty": empty, "few": few}
+    return {
+        "teacher": teacher,
+        "student": student,
+        "corpus": corpus,
+        "other_vocab": other_vocab,
+        "narrow": narrow,
+        "empty": empty,
+        "few": few,
+    }
 
 
 @pytest.mark.parametrize(
@@ -73,7 +91,12 @@ def models(tmp_path_factory):
         ("student", "corpus", {"loss": {"hidden_mse": [(0, 7)]}}, "teacher layer 7 does not exist"),
         ("student", "empty", {}, "no text found"),
         ("student", "few", {}, "fewer than 32 tokens"),
-        ("student", "corpus", {"steps": None, "tokens": 100.0}, "a budget of 100 tokens is less than one optimizer step"),
+        (
+            "student",
+            "corpus",
+            {"steps": None, "tokens": 100.0},
+            "a budget of 100 tokens is less than one optimizer step",
+        ),
     ],
 )
 def test_run_refuses_bad_input_before_training(models, tmp_path, student, corpus, overrides, words):

@@ -23,19 +23,32 @@ def gpu_node(gpus=8, cpus=96):
     return {"CPU": float(cpus), "GPU": float(gpus), "memory": 1e12}
 
 
-@pytest.mark.parametrize("overrides,nodes,words", [
-    ({"workers": 2}, [{"CPU": 2.0}], None),
-    ({"workers": 4, "cpus_per_worker": 1}, [{"CPU": 1.5}] * 3, "the nodes hold 3 of the 4 workers"),
-    ({"workers": 8, "gpus_per_worker": 1}, [{"CPU": 16.0}], "need 8 GPU, the cluster has 0"),
-    ({"workers": 8, "gpus_per_worker": 1, "cpus_per_worker": 8}, [gpu_node()], None),
-    ({"workers": 8, "gpus_per_worker": 1, "cpus_per_worker": 16}, [gpu_node()], "need 128 CPU, the cluster has 96"),
-    ({"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 150}, [gpu_node(), gpu_node()], "no single node has the 150 CPU"),
-    ({"workers": 2, "placement_strategy": "STRICT_SPREAD", "gpus_per_worker": 1}, [gpu_node(), {"CPU": 8.0}],
-     "STRICT_SPREAD puts each of the 2 workers on its own node, and 1 of the cluster's 2 nodes can hold one"),
-    ({"workers": 16, "placement_strategy": "STRICT_PACK", "gpus_per_worker": 1}, [gpu_node(), gpu_node()],
-     "STRICT_PACK puts all 16 workers on one node, and the largest holds 8"),
-    ({"workers": 16, "gpus_per_worker": 1}, [gpu_node(), gpu_node()], None),
-])
+@pytest.mark.parametrize(
+    "overrides,nodes,words",
+    [
+        ({"workers": 2}, [{"CPU": 2.0}], None),
+        ({"workers": 4, "cpus_per_worker": 1}, [{"CPU": 1.5}] * 3, "the nodes hold 3 of the 4 workers"),
+        ({"workers": 8, "gpus_per_worker": 1}, [{"CPU": 16.0}], "need 8 GPU, the cluster has 0"),
+        ({"workers": 8, "gpus_per_worker": 1, "cpus_per_worker": 8}, [gpu_node()], None),
+        ({"workers": 8, "gpus_per_worker": 1, "cpus_per_worker": 16}, [gpu_node()], "need 128 CPU, the cluster has 96"),
+        (
+            {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 150},
+            [gpu_node(), gpu_node()],
+            "no single node has the 150 CPU",
+        ),
+        (
+            {"workers": 2, "placement_strategy": "STRICT_SPREAD", "gpus_per_worker": 1},
+            [gpu_node(), {"CPU": 8.0}],
+            "STRICT_SPREAD puts each of the 2 workers on its own node, and 1 of the cluster's 2 nodes can hold one",
+        ),
+        (
+            {"workers": 16, "placement_strategy": "STRICT_PACK", "gpus_per_worker": 1},
+            [gpu_node(), gpu_node()],
+            "STRICT_PACK puts all 16 workers on one node, and the largest holds 8",
+        ),
+        ({"workers": 16, "gpus_per_worker": 1}, [gpu_node(), gpu_node()], None),
+    ],
+)
 def test_check_cluster_counts_whole_workers_per_node(overrides, nodes, words):
     problems = check_cluster(spec(**overrides), nodes)
     if words is None:

@@ -28,14 +28,25 @@ SEQ, BATCH = 64, 4
 
 
 def spec(**overrides) -> DistillSpec:
-    base = dict(data="distill", seq_len=SEQ, global_batch=BATCH, micro_batch=2, lr=1e-3, min_lr=1e-4,
-                checkpoint_every=100, cpus_per_worker=1, deepspeed={"zero_stage": 2})
+    base = dict(
+        data="distill",
+        seq_len=SEQ,
+        global_batch=BATCH,
+        micro_batch=2,
+        lr=1e-3,
+        min_lr=1e-4,
+        checkpoint_every=100,
+        cpus_per_worker=1,
+        deepspeed={"zero_stage": 2},
+    )
     return DistillSpec(**{**base, **overrides})
 
 
 def traces(directory: Path) -> dict[int, list[dict]]:
-    return {int(p.stem[len("rank"):]): [json.loads(line) for line in p.read_text().splitlines()]
-            for p in sorted(directory.glob("rank*.jsonl"))}
+    return {
+        int(p.stem[len("rank") :]): [json.loads(line) for line in p.read_text().splitlines()]
+        for p in sorted(directory.glob("rank*.jsonl"))
+    }
 
 
 def sequences_of(tokenizer, path: Path) -> int:
@@ -69,12 +80,24 @@ def test_token_budget_rounds_up_to_whole_steps_and_refuses_less_than_one():
 
 
 def test_run_data_refuses_repetition_unless_allowed():
-    index = ShardIndex(key="k", source="s", seq_len=SEQ, dtype="<u2", vocab_size=1024, eos=1, tokenizer="t",
-                       sequences=30, exhausted=True)
+    index = ShardIndex(
+        key="k",
+        source="s",
+        seq_len=SEQ,
+        dtype="<u2",
+        vocab_size=1024,
+        eos=1,
+        tokenizer="t",
+        sequences=30,
+        exhausted=True,
+    )
     with pytest.raises(UserError) as err:
         run_data("d", index, steps=16, global_batch=BATCH, max_epochs=1.0, source="small.txt")
-    for words in ("needs 64 sequences of 64 tokens (4,096 tokens", "holds only 30 sequences (1,920 tokens)",
-                  "distill.max_epochs to 2.14 or more"):
+    for words in (
+        "needs 64 sequences of 64 tokens (4,096 tokens",
+        "holds only 30 sequences (1,920 tokens)",
+        "distill.max_epochs to 2.14 or more",
+    ):
         assert words in str(err.value)
     data = run_data("d", index, steps=16, global_batch=BATCH, max_epochs=3, source="small.txt")
     assert (data.sequences, data.distinct_tokens, round(data.epochs, 3)) == (30, 30 * SEQ, 2.133)
@@ -110,15 +133,22 @@ def small_corpus(tiny_corpus, tmp_path_factory) -> Path:
     return path
 
 
-def test_two_workers_read_disjoint_ids_and_the_budget_is_met_with_distinct_tokens(local_ray, tiny_teacher, tmp_path,
-                                                                                  monkeypatch):
+def test_two_workers_read_disjoint_ids_and_the_budget_is_met_with_distinct_tokens(
+    local_ray, tiny_teacher, tmp_path, monkeypatch
+):
     from compressor.runner import run_standalone
 
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace"))
     budget = 2000  # the zoo corpus holds ~7,500 sequences of 64: far more than the budget
-    manifest = run_standalone("distill", spec(tokens=budget, workers=2), str(tiny_teacher), str(tmp_path / "out"),
-                              data={"distill": DataSource(source="zoo:tiny-test", seq_len=SEQ)},
-                              teacher=str(tiny_teacher), quiet=True)
+    manifest = run_standalone(
+        "distill",
+        spec(tokens=budget, workers=2),
+        str(tiny_teacher),
+        str(tmp_path / "out"),
+        data={"distill": DataSource(source="zoo:tiny-test", seq_len=SEQ)},
+        teacher=str(tiny_teacher),
+        quiet=True,
+    )
     details = manifest.details
     assert details["steps"] == 8 and details["tokens"] == 8 * BATCH * SEQ >= budget
     assert details["distinct_tokens"] == details["tokens"] >= budget and details["epochs"] == 1.0
@@ -136,14 +166,37 @@ def test_two_workers_read_disjoint_ids_and_the_budget_is_met_with_distinct_token
     assert union == set(range(8 * BATCH))  # every planned sequence, each once
 
 
-def test_a_budget_larger_than_the_source_needs_max_epochs(local_ray, tiny_teacher, tokenizer, small_corpus, tmp_path,
-                                                        monkeypatch):
+def test_a_budget_larger_than_the_source_needs_max_epochs(
+    local_ray, tiny_teacher, tokenizer, small_corpus, tmp_path, monkeypatch
+):
     available = sequences_of(tokenizer, small_corpus)
     budget = 16 * BATCH * SEQ  # 16 steps, 64 sequences
     assert available < 64
-    cli = [sys.executable, "-m", "compressor", "distill", "--teacher", str(tiny_teacher), "--student",
-           str(tiny_teacher), "--out", str(tmp_path / "refused"), "--data", str(small_corpus), "--tokens", str(budget),
-           "--seq-len", str(SEQ), "--global-batch", str(BATCH), "--micro-batch", "2", "--deepspeed", "zero_stage=2", "--quiet"]
+    cli = [
+        sys.executable,
+        "-m",
+        "compressor",
+        "distill",
+        "--teacher",
+        str(tiny_teacher),
+        "--student",
+        str(tiny_teacher),
+        "--out",
+        str(tmp_path / "refused"),
+        "--data",
+        str(small_corpus),
+        "--tokens",
+        str(budget),
+        "--seq-len",
+        str(SEQ),
+        "--global-batch",
+        str(BATCH),
+        "--micro-batch",
+        "2",
+        "--deepspeed",
+        "zero_stage=2",
+        "--quiet",
+    ]
     proc = subprocess.run(cli, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "distill.max_epochs" in proc.stderr and "Traceback" not in proc.stderr
@@ -154,9 +207,15 @@ def test_a_budget_larger_than_the_source_needs_max_epochs(local_ray, tiny_teache
     from compressor.runner import run_standalone
 
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace"))
-    manifest = run_standalone("distill", spec(tokens=budget, max_epochs=3), str(tiny_teacher), str(tmp_path / "out"),
-                              data={"distill": DataSource(source=str(small_corpus), seq_len=SEQ)},
-                              teacher=str(tiny_teacher), quiet=True)
+    manifest = run_standalone(
+        "distill",
+        spec(tokens=budget, max_epochs=3),
+        str(tiny_teacher),
+        str(tmp_path / "out"),
+        data={"distill": DataSource(source=str(small_corpus), seq_len=SEQ)},
+        teacher=str(tiny_teacher),
+        quiet=True,
+    )
     details = manifest.details
     assert details["steps"] == 16 and details["distinct_tokens"] == available * SEQ
     assert details["epochs"] == pytest.approx(64 / available)
@@ -170,9 +229,14 @@ def test_bad_data_found_while_tokenizing_is_one_user_error(local_ray, tiny_teach
     lines = [json.dumps({"text": p}) for p in (tiny_corpus / "train.txt").read_text().split("\n\n")[:3000]]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(lines[:2500] + ["{not json"] + lines[2500:]) + "\n")
-    ctx = StageContext(work_dir=tmp_path / "work", teacher=ModelRef(path=str(tiny_teacher), key="teacher"),
-                       data={"distill": DataSource(source=str(corpus), seq_len=SEQ)},
-                       storage_path=str(tmp_path / "ray"), data_root=str(tmp_path / "_data"), quiet=True)
+    ctx = StageContext(
+        work_dir=tmp_path / "work",
+        teacher=ModelRef(path=str(tiny_teacher), key="teacher"),
+        data={"distill": DataSource(source=str(corpus), seq_len=SEQ)},
+        storage_path=str(tmp_path / "ray"),
+        data_root=str(tmp_path / "_data"),
+        quiet=True,
+    )
     with pytest.raises(UserError, match="corpus.jsonl:2501: not valid JSON lines") as err:  # from the Ray task
         distill.run(spec(steps=2000), ModelRef(path=str(tiny_teacher), key="student"), ctx)
     assert type(err.value) is UserError and "Traceback" not in str(err.value)
@@ -194,24 +258,34 @@ def _ship_by_value() -> None:
 _ship_by_value()
 
 
-def test_a_killed_worker_resumes_at_the_step_after_the_checkpoint_with_the_planned_ids(local_ray, tiny_teacher,
-                                                                                      tmp_path, monkeypatch):
+def test_a_killed_worker_resumes_at_the_step_after_the_checkpoint_with_the_planned_ids(
+    local_ray, tiny_teacher, tmp_path, monkeypatch
+):
     from compressor.stages import distill
 
     steps, every = 30, 4
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace"))
     work = tmp_path / "work"
     work.mkdir()
-    ctx = StageContext(work_dir=work, teacher=ModelRef(path=str(tiny_teacher), key="teacher"),
-                       data={"distill": DataSource(source="zoo:tiny-test", seq_len=SEQ)},
-                       storage_path=str(tmp_path / "ray"), data_root=str(tmp_path / "_data"), run_name="kill",
-                       sink=SlowSink(), quiet=True)
+    ctx = StageContext(
+        work_dir=work,
+        teacher=ModelRef(path=str(tiny_teacher), key="teacher"),
+        data={"distill": DataSource(source="zoo:tiny-test", seq_len=SEQ)},
+        storage_path=str(tmp_path / "ray"),
+        data_root=str(tmp_path / "_data"),
+        run_name="kill",
+        sink=SlowSink(),
+        quiet=True,
+    )
     outcome = {}
 
     def run():
         try:
-            outcome["result"] = distill.run(spec(steps=steps, workers=2, checkpoint_every=every, max_failures=2),
-                                            ModelRef(path=str(tiny_teacher), key="student"), ctx)
+            outcome["result"] = distill.run(
+                spec(steps=steps, workers=2, checkpoint_every=every, max_failures=2),
+                ModelRef(path=str(tiny_teacher), key="student"),
+                ctx,
+            )
         except BaseException as exc:  # noqa: BLE001  (re-raised below)
             outcome["error"] = exc
 

@@ -40,9 +40,16 @@ def test_deepspeed_step_matches_plain_pytorch(single_process_group, tmp_path):
     teacher = build_llama(tmp_path / "teacher", tokenizer, hidden=64, intermediate=128, layers=2, seed=1)
     student = build_llama(tmp_path / "student", tokenizer, hidden=64, intermediate=64, layers=2, seed=2)
     # Everything at once: CE mix, temperature, hidden MSE, 3 loss chunks, clipping, accumulation, warm-up + cosine.
-    spec = DistillSpec(data="d", steps=3, lr=1e-3, min_lr=1e-4, warmup_steps=1, grad_clip=0.05,
-                       loss={"alpha": 0.3, "temperature": 2.0, "chunk_tokens": 16, "hidden_mse": [(0, 1)]},
-                       deepspeed={"zero_stage": 0})
+    spec = DistillSpec(
+        data="d",
+        steps=3,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=1,
+        grad_clip=0.05,
+        loss={"alpha": 0.3, "temperature": 2.0, "chunk_tokens": 16, "hidden_mse": [(0, 1)]},
+        deepspeed={"zero_stage": 0},
+    )
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 320, (2, 24), generator=gen) for _ in range(2)]
 
@@ -88,8 +95,15 @@ def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same(single
     batches = [torch.randint(0, 320, (2, 24), generator=gen) for _ in range(2)]
     runs = {}
     for on in (False, True):
-        spec = DistillSpec(data="d", steps=2, lr=1e-3, warmup_steps=0, gradient_checkpointing=on,
-                           loss={"chunk_tokens": 16}, deepspeed={"zero_stage": 2})
+        spec = DistillSpec(
+            data="d",
+            steps=2,
+            lr=1e-3,
+            warmup_steps=0,
+            gradient_checkpointing=on,
+            loss={"chunk_tokens": 16},
+            deepspeed={"zero_stage": 2},
+        )
         engines = build_engines(spec, student, teacher, world_size=1, micro_batch=2, grad_accum=2)
         calls = []
         # transformers checkpoints a layer's forward (its own hooks run once); its MLP starts again in backward (and
@@ -110,8 +124,9 @@ def zero3_worker(rank: int, port: int, teacher: str, student: str, out: str) -> 
     per micro-batch; then 3 steps of the same run under ZeRO++ hierarchical partitioning."""
     import json
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from compressor.stages.distill import engines as engines_module
 
@@ -121,10 +136,12 @@ def zero3_worker(rank: int, port: int, teacher: str, student: str, out: str) -> 
     # The test heads (320 x 64) are below ZeRO-3's persistence threshold, which would keep them whole on every rank;
     # the 128k-vocabulary heads of a real run are far above it. Partition them here as they would be there.
     for name in ("student_config", "teacher_config"):
+
         def partitioned(*args, _make=getattr(engines_module, name), **kwargs):
             config = _make(*args, **kwargs)
             config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
             return config
+
         setattr(engines_module, name, partitioned)
     gathered, from_secondary = [], []
     fetch = PartitionedParameterCoordinator._PartitionedParameterCoordinator__all_gather_params
@@ -138,13 +155,27 @@ def zero3_worker(rank: int, port: int, teacher: str, student: str, out: str) -> 
     gen = torch.Generator().manual_seed(rank)
     batches = [[torch.randint(0, 320, (2, 33), generator=gen)] for _ in range(3)]  # 64 targets: 4 chunks of 16
     result = {}
-    for name, overrides in [("checkpointed", {"gradient_checkpointing": True}),
-                            ("hpz", {"deepspeed": {"zero_stage": 3, "zero_hpz_partition_size": 2}})]:
-        spec = DistillSpec(**{"data": "d", "steps": 3, "lr": 1e-3, "warmup_steps": 0, "workers": 2,
-                              "loss": {"chunk_tokens": 16}, "deepspeed": {"zero_stage": 3}, **overrides})
+    for name, overrides in [
+        ("checkpointed", {"gradient_checkpointing": True}),
+        ("hpz", {"deepspeed": {"zero_stage": 3, "zero_hpz_partition_size": 2}}),
+    ]:
+        spec = DistillSpec(
+            **{
+                "data": "d",
+                "steps": 3,
+                "lr": 1e-3,
+                "warmup_steps": 0,
+                "workers": 2,
+                "loss": {"chunk_tokens": 16},
+                "deepspeed": {"zero_stage": 3},
+                **overrides,
+            }
+        )
         engines = engines_module.build_engines(spec, student, teacher, world_size=2, micro_batch=2, grad_accum=1)
-        heads = (engines.student_model.get_output_embeddings().weight.ds_id,
-                 engines.teacher.module.teacher.get_output_embeddings().weight.ds_id)
+        heads = (
+            engines.student_model.get_output_embeddings().weight.ds_id,
+            engines.teacher.module.teacher.get_output_embeddings().weight.ds_id,
+        )
         counts, losses = [], []
         from_secondary.clear()
         for step in range(3):
@@ -187,16 +218,25 @@ def test_hierarchical_partitioning_config():
 
     from compressor.stages.distill.deepspeed_config import student_config, teacher_config
 
-    spec = DistillSpec(data="d", steps=1, global_batch=64, micro_batch=1, workers=64, gpus_per_worker=1,
-                       deepspeed={"zero_stage": 3, "zero_hpz_partition_size": 8})
+    spec = DistillSpec(
+        data="d",
+        steps=1,
+        global_batch=64,
+        micro_batch=1,
+        workers=64,
+        gpus_per_worker=1,
+        deepspeed={"zero_stage": 3, "zero_hpz_partition_size": 8},
+    )
     zero = student_config(spec, 64, 1, 1, bf16=True, on_gpu=True)["zero_optimization"]
     assert zero == {"stage": 3, "stage3_max_reuse_distance": 10**9, "zero_hpz_partition_size": 8}
     # DeepSpeed 0.19.8 cannot build an optimizer-less engine with hpZ: the teacher never gets it.
     assert "zero_hpz_partition_size" not in teacher_config(1, True)["zero_optimization"]
     plain = spec.model_copy(update={"deepspeed": spec.deepspeed.model_copy(update={"zero_hpz_partition_size": 1})})
     assert "zero_hpz_partition_size" not in student_config(plain, 64, 1, 1, bf16=True, on_gpu=True)["zero_optimization"]
-    for overrides, words in [({"deepspeed": {"zero_stage": 2, "zero_hpz_partition_size": 8}}, "needs deepspeed.zero_stage 3"),
-                             ({"workers": 12, "deepspeed": {"zero_hpz_partition_size": 8}}, "does not divide workers 12"),
-                             ({"workers": 1, "deepspeed": {"zero_hpz_partition_size": 8}}, "does not divide workers 1")]:
+    for overrides, words in [
+        ({"deepspeed": {"zero_stage": 2, "zero_hpz_partition_size": 8}}, "needs deepspeed.zero_stage 3"),
+        ({"workers": 12, "deepspeed": {"zero_hpz_partition_size": 8}}, "does not divide workers 12"),
+        ({"workers": 1, "deepspeed": {"zero_hpz_partition_size": 8}}, "does not divide workers 1"),
+    ]:
         with pytest.raises(ValidationError, match=words):
             DistillSpec(**{"data": "d", "steps": 1, "global_batch": 96, **overrides})

@@ -39,8 +39,10 @@ def paragraph_perplexity(model_dir, paragraphs, tokenizer, seq_len=128) -> float
 
     model, nll, count = load_model(model_dir), 0.0, 0
     for start in range(0, len(paragraphs), 16):
-        ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"][: seq_len - 1]]
-               for p in paragraphs[start : start + 16]]
+        ids = [
+            [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"][: seq_len - 1]]
+            for p in paragraphs[start : start + 16]
+        ]
         width = max(map(len, ids))
         tokens = torch.tensor([row + [0] * (width - len(row)) for row in ids])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
@@ -53,9 +55,15 @@ def paragraph_perplexity(model_dir, paragraphs, tokenizer, seq_len=128) -> float
 
 def context(work, teacher, seq_len=128) -> StageContext:
     work.mkdir()
-    return StageContext(work_dir=work, teacher=ModelRef(path=str(teacher), key="zoo:tiny-test"),
-                        data={"corpus": DataSource(source="zoo:tiny-test", seq_len=seq_len, samples=128)},
-                        storage_path=str(work.parent / "ray"), run_name=work.name, sink=MetricsSink(), quiet=True)
+    return StageContext(
+        work_dir=work,
+        teacher=ModelRef(path=str(teacher), key="zoo:tiny-test"),
+        data={"corpus": DataSource(source="zoo:tiny-test", seq_len=seq_len, samples=128)},
+        storage_path=str(work.parent / "ray"),
+        run_name=work.name,
+        sink=MetricsSink(),
+        quiet=True,
+    )
 
 
 @pytest.mark.slow
@@ -65,8 +73,11 @@ def test_distillation_beats_hard_labels_on_a_pruned_reference_teacher(ray_local,
 
     teacher = tiny_teacher
     pruned_ctx = context(tmp_path / "pruned", teacher)
-    prune.run(PruneSpec(target={"intermediate_size": 128}, calibration="corpus"), ModelRef(path=str(teacher), key="t"),
-              pruned_ctx)  # MLP 384 -> 128: half of the non-embedding weights
+    prune.run(
+        PruneSpec(target={"intermediate_size": 128}, calibration="corpus"),
+        ModelRef(path=str(teacher), key="t"),
+        pruned_ctx,
+    )  # MLP 384 -> 128: half of the non-embedding weights
     pruned = ModelRef(path=str(pruned_ctx.model_dir), key="pruned")
 
     students = {}
@@ -78,8 +89,10 @@ def test_distillation_beats_hard_labels_on_a_pruned_reference_teacher(ray_local,
 
     tokenizer = load_tokenizer(teacher)
     paragraphs = [p for p in (tiny_corpus / "heldout.txt").read_text().split("\n\n") if p.strip()][:300]
-    ppl = {name: paragraph_perplexity(path, paragraphs, tokenizer)
-           for name, path in {"teacher": teacher, "pruned": pruned.path, **students}.items()}
+    ppl = {
+        name: paragraph_perplexity(path, paragraphs, tokenizer)
+        for name, path in {"teacher": teacher, "pruned": pruned.path, **students}.items()
+    }
     gap = ppl["pruned"] - ppl["teacher"]
     recovered = {name: (ppl["pruned"] - ppl[name]) / gap for name in students}
     print(json.dumps({"perplexity": ppl, "gap_recovered": recovered, "tokens": 30 * 8 * 128}))

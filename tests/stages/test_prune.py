@@ -40,8 +40,12 @@ def tiny_tokenizer():
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TEXT] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
@@ -50,8 +54,17 @@ def build_model(family: str, **overrides):
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128, vocab_size=300, bos_token_id=0, eos_token_id=1)
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        vocab_size=300,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     config = getattr(transformers, config_cls)(**{**shape, **extra, **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
@@ -117,15 +130,18 @@ def config_of(family="llama", **overrides):
     return {**config, "architectures": [FAMILIES[family][1]], **overrides}
 
 
-@pytest.mark.parametrize("target, message", [
-    ({"hidden_size": 128}, "prune.target.hidden_size: 128 is larger than the source's 64"),
-    ({"num_layers": 5}, "prune.target.num_layers: 5 is larger than the source's 4"),
-    ({"num_attention_heads": 3}, "num_attention_heads: 3 is not a multiple of num_key_value_heads 2"),
-    ({"num_key_value_heads": 1}, "4 per KV group, but the source's groups have 2"),
-    ({"intermediate_size": 100}, "prune.target.intermediate_size: 100 is not a multiple of align=32"),
-    ({"keep_layers": [0, 4]}, "prune.target.keep_layers: [4] out of range"),
-    ({"drop_layers": [0, 1, 2, 3]}, "drops every layer"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ({"hidden_size": 128}, "prune.target.hidden_size: 128 is larger than the source's 64"),
+        ({"num_layers": 5}, "prune.target.num_layers: 5 is larger than the source's 4"),
+        ({"num_attention_heads": 3}, "num_attention_heads: 3 is not a multiple of num_key_value_heads 2"),
+        ({"num_key_value_heads": 1}, "4 per KV group, but the source's groups have 2"),
+        ({"intermediate_size": 100}, "prune.target.intermediate_size: 100 is not a multiple of align=32"),
+        ({"keep_layers": [0, 4]}, "prune.target.keep_layers: [4] out of range"),
+        ({"drop_layers": [0, 1, 2, 3]}, "drops every layer"),
+    ],
+)
 def test_bad_targets_name_the_field(target, message):
     with pytest.raises(UserError, match=re.escape(message)):
         prune_stage.check(PruneSpec(target=target), config_of())
@@ -148,9 +164,16 @@ def test_unsupported_architecture_is_refused():
 
 def test_check_predicts_config_and_warns_on_group_size():
     spec = PruneSpec(target={"hidden_size": 32, "num_attention_heads": 2, "drop_layers": [1]}, quantize_group_size=64)
-    config = {**config_of("qwen2"), "layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"]}
+    config = {
+        **config_of("qwen2"),
+        "layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"],
+    }
     result = prune_stage.check(spec, config)
-    assert (result.config["hidden_size"], result.config["num_attention_heads"], result.config["head_dim"]) == (32, 2, 16)
+    assert (result.config["hidden_size"], result.config["num_attention_heads"], result.config["head_dim"]) == (
+        32,
+        2,
+        16,
+    )
     assert result.config["num_hidden_layers"] == 3
     assert result.config["layer_types"] == ["full_attention"] * 3
     assert any("hidden_size = 32 is not a multiple of the quantize group size 64" in w for w in result.warnings)
@@ -171,11 +194,13 @@ def test_heads_are_ranked_within_their_kv_group():
 
 
 def test_check_and_command_import_no_torch():
-    code = ("import sys, compressor.stages.prune as p, compressor.commands.stage\n"
-            "from compressor.stages.prune.spec import PruneSpec\n"
-            "p.check(PruneSpec(target={'num_layers': 1}), {'architectures': ['LlamaForCausalLM'], 'hidden_size': 64, "
-            "'intermediate_size': 128, 'num_attention_heads': 4, 'num_hidden_layers': 2})\n"
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, compressor.stages.prune as p, compressor.commands.stage\n"
+        "from compressor.stages.prune.spec import PruneSpec\n"
+        "p.check(PruneSpec(target={'num_layers': 1}), {'architectures': ['LlamaForCausalLM'], 'hidden_size': 64, "
+        "'intermediate_size': 128, 'num_attention_heads': 4, 'num_hidden_layers': 2})\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -210,14 +235,18 @@ def test_removing_heads_and_neurons_equals_masking_them(family, layout, tmp_path
     with torch.no_grad():
         for i, layer in enumerate(masked.model.layers):
             for h in set(range(4)) - set(heads[i].tolist()):
-                layer.self_attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0
+                layer.self_attn.o_proj.weight[:, h * 16 : (h + 1) * 16] = 0
             layer.mlp.down_proj.weight[:, sorted(set(range(128)) - set(neurons[i].tolist()))] = 0
         expected = masked(IDS).logits
 
     pruned = build_model(family)
     src = source_shape(pruned.config.to_dict())
-    target = Shape(**{**src.as_dict(), "num_attention_heads": 2, "num_key_value_heads": len(kv[0]), "intermediate_size": 64})
-    apply_plan(pruned, PrunePlan(source=src, target=target, layers=[0, 1, 2, 3], heads=heads, kv_heads=kv, neurons=neurons))
+    target = Shape(
+        **{**src.as_dict(), "num_attention_heads": 2, "num_key_value_heads": len(kv[0]), "intermediate_size": 64}
+    )
+    apply_plan(
+        pruned, PrunePlan(source=src, target=target, layers=[0, 1, 2, 3], heads=heads, kv_heads=kv, neurons=neurons)
+    )
     pruned.save_pretrained(tmp_path)
     reloaded = load(tmp_path)
     assert reloaded.model.layers[0].self_attn.k_proj.weight.shape[0] == 16 * len(kv[0])
@@ -226,10 +255,14 @@ def test_removing_heads_and_neurons_equals_masking_them(family, layout, tmp_path
 
 
 # ----------------------------------------------------------------------------- export
-@pytest.mark.parametrize("target", [
-    {"hidden_size": 32, "intermediate_size": 64, "num_layers": 3},  # head_dim 16, hidden / heads = 8
-    {"num_attention_heads": 2, "num_key_value_heads": 1, "drop_layers": [1]},  # head_dim 16, hidden / heads = 32
-], ids=["width+depth", "kv_groups"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"hidden_size": 32, "intermediate_size": 64, "num_layers": 3},  # head_dim 16, hidden / heads = 8
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "drop_layers": [1]},  # head_dim 16, hidden / heads = 32
+    ],
+    ids=["width+depth", "kv_groups"],
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_checkpoint_loads_anywhere_and_generates(family, target, saved, calib_file, tmp_path):
     from transformers import AutoTokenizer
@@ -244,7 +277,10 @@ def test_pruned_checkpoint_loads_anywhere_and_generates(family, target, saved, c
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 6
     assert len(model.model.layers) == 3 and model.model.layers[2].self_attn.layer_idx == 2
     if family == "qwen2":  # tied embeddings stay tied
-        assert config["tie_word_embeddings"] and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert (
+            config["tie_word_embeddings"]
+            and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        )
 
 
 # ----------------------------------------------------------------------------- importance
@@ -254,13 +290,15 @@ def zeroed_by_construction(path):
     g = torch.Generator().manual_seed(3)
     dead = {"hidden": torch.randperm(64, generator=g)[:32].sort().values, "neurons": [], "kv_group": [], "layer": 2}
     with torch.no_grad():
-        for norm in [model.model.norm] + [n for l in model.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)]:
+        for norm in [model.model.norm] + [
+            n for l in model.model.layers for n in (l.input_layernorm, l.post_attention_layernorm)
+        ]:
             norm.weight[dead["hidden"]] = 0  # channel is zero in every RMSNorm output
         for i, layer in enumerate(model.model.layers):
             neurons = torch.randperm(128, generator=g)[:64].sort().values
             layer.mlp.up_proj.weight[neurons] = 0  # down_proj input is silu(gate) * 0
             group = i % 2
-            layer.self_attn.v_proj.weight[group * 16:(group + 1) * 16] = 0  # both query heads of this group output 0
+            layer.self_attn.v_proj.weight[group * 16 : (group + 1) * 16] = 0  # both query heads of this group output 0
             dead["neurons"].append(neurons)
             dead["kv_group"].append(group)
         layer = model.model.layers[dead["layer"]]
@@ -274,7 +312,13 @@ def zeroed_by_construction(path):
 @pytest.mark.parametrize("depth_metric", ["bi", "loss"])
 def test_units_zeroed_by_construction_are_pruned_first(depth_metric, calib_file, tmp_path):
     dead = zeroed_by_construction(tmp_path / "src")
-    target = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "num_layers": 3}
+    target = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_layers": 3,
+    }
     run_stage(tmp_path / "src", tmp_path / "run", target, calib=calib_file, depth_metric=depth_metric)
     report = json.loads((tmp_path / "run" / "importance.json").read_text())
     plan = report["plan"]
@@ -309,15 +353,21 @@ def test_importance_beats_random_channels_on_the_reference_teacher(tmp_path):
     kept = sink.metrics["non_embedding_params_after"] / sink.metrics["non_embedding_params_before"]
     assert 0.45 < kept < 0.55
 
-    heldout = token_blocks(DataSource(source="zoo:tiny-test", split="heldout", seq_len=128), load_tokenizer(teacher), 64)
+    heldout = token_blocks(
+        DataSource(source="zoo:tiny-test", split="heldout", seq_len=128), load_tokenizer(teacher), 64
+    )
     ppl_importance = perplexity(load(out), heldout)
     shape = source_shape(json.loads((teacher / "config.json").read_text()))
     out_shape = Shape(**result.details["target_shape"])
     ppl_random = []
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
-        scores = Importance(hidden=torch.rand(128, generator=g), heads=torch.rand(4, 4, generator=g),
-                            neurons=torch.rand(4, 384, generator=g), block_importance=torch.rand(4, generator=g))
+        scores = Importance(
+            hidden=torch.rand(128, generator=g),
+            heads=torch.rand(4, 4, generator=g),
+            neurons=torch.rand(4, 384, generator=g),
+            block_importance=torch.rand(4, generator=g),
+        )
         model = load_model(teacher)
         apply_plan(model, make_plan(scores, shape, out_shape, kept_layers=None))
         ppl_random.append(perplexity(model, heldout))
@@ -363,13 +413,28 @@ def test_calibration_reads_jsonl_and_parquet(suffix, saved, tmp_path):
 # ----------------------------------------------------------------------------- CLI
 def cli(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "compressor", "prune", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "compressor", "prune", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
 
 
 def test_cli_prunes_and_publishes(saved, calib_file, tmp_path):
     out = tmp_path / "out"
-    run = cli("--model", str(saved["qwen2"]), "--out", str(out), "--target", "intermediate_size=64,num_layers=3",
-              "--calibration", str(calib_file), "--samples", "4", "--seq-len", "32", "--quiet")
+    run = cli(
+        "--model",
+        str(saved["qwen2"]),
+        "--out",
+        str(out),
+        "--target",
+        "intermediate_size=64,num_layers=3",
+        "--calibration",
+        str(calib_file),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--quiet",
+    )
     assert run.returncode == 0, run.stderr
     assert {"manifest.json", "importance.json", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64  # OUT is the checkpoint
@@ -386,7 +451,9 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(case, saved, calib
         expected = "architecture GPT2LMHeadModel is not supported"
     if case == "bad_key":
         target, expected = "hidden=32", "--target: unknown key 'hidden'"
-    run = cli("--model", str(model), "--out", str(tmp_path / "out"), "--target", target, "--calibration", str(calib_file))
+    run = cli(
+        "--model", str(model), "--out", str(tmp_path / "out"), "--target", target, "--calibration", str(calib_file)
+    )
     assert run.returncode == 2 and expected in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
 

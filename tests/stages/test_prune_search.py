@@ -18,8 +18,15 @@ from compressor.stages.prune import budget
 from compressor.stages.prune.spec import PruneSpec
 
 # pipelines/tiny.yaml's distill settings at test size (tests/conftest.py), one CPU per worker so two run at once.
-DISTILL = {"global_batch": 8, "micro_batch": 8, "lr": 1.0e-3, "min_lr": 1.0e-4, "cpus_per_worker": 1,
-           "loss": {"kind": "forward_kl", "temperature": 1.0}, "deepspeed": {"zero_stage": 3}}
+DISTILL = {
+    "global_batch": 8,
+    "micro_batch": 8,
+    "lr": 1.0e-3,
+    "min_lr": 1.0e-4,
+    "cpus_per_worker": 1,
+    "loss": {"kind": "forward_kl", "temperature": 1.0},
+    "deepspeed": {"zero_stage": 3},
+}
 MAIN_STEPS = 40  # the distill stage of the tiny pipeline at test size
 HAND_PICKED = {"intermediate_size": 192, "num_attention_heads": 2}  # its prune target at test size
 SEARCH = {"tolerance": 0.1, "top_k": 2, "steps": 10, "data": "distill", "heldout_samples": 32, "distill": DISTILL}
@@ -35,8 +42,16 @@ def search_spec(**target) -> PruneSpec:
 
 
 # ----------------------------------------------------------------------------- candidates (no torch)
-@pytest.mark.parametrize("target, align", [({}, 64), ({}, 32), ({"num_layers": 4}, 32), ({"hidden_size": [64, 96]}, 32),
-                                           ({"num_key_value_heads": [1, 2], "num_layers": [3, 4]}, 32)])
+@pytest.mark.parametrize(
+    "target, align",
+    [
+        ({}, 64),
+        ({}, 32),
+        ({"num_layers": 4}, 32),
+        ({"hidden_size": [64, 96]}, 32),
+        ({"num_key_value_heads": [1, 2], "num_layers": [3, 4]}, 32),
+    ],
+)
 def test_every_candidate_meets_the_budget_the_alignment_and_the_constraints(teacher_config, target, align):
     spec = PruneSpec(target={"params": 0.5, **target}, align=align, search={"tolerance": 0.1, "max_candidates": 100})
     space = budget.search_space(spec, teacher_config)
@@ -69,14 +84,17 @@ def _fixed(shape) -> dict:
 
 def test_the_hand_picked_shape_is_a_candidate_at_quantize_alignment(teacher_config):
     shapes = [c.shape for c in budget.search_space(search_spec(), teacher_config).candidates]
-    assert any(s.intermediate_size == 192 and s.num_attention_heads == 2 and s.hidden_size == 128 and s.num_layers == 4
-               for s in shapes)
+    assert any(
+        s.intermediate_size == 192 and s.num_attention_heads == 2 and s.hidden_size == 128 and s.num_layers == 4
+        for s in shapes
+    )
 
 
 def test_max_candidates_takes_an_even_spread_of_the_space(teacher_config):
     spec = PruneSpec(target={"params": 0.5}, search={"tolerance": 0.1, "max_candidates": 3})
-    whole = budget.search_space(spec.model_copy(update={"search": spec.search.model_copy(update={"max_candidates": 99})}),
-                                teacher_config).candidates
+    whole = budget.search_space(
+        spec.model_copy(update={"search": spec.search.model_copy(update={"max_candidates": 99})}), teacher_config
+    ).candidates
     few = budget.search_space(spec, teacher_config)
     assert few.total == len(whole) > 3 and len(few.candidates) == 3
     assert few.candidates[0] == whole[0] and few.candidates[-1] == whole[-1]
@@ -94,18 +112,35 @@ def test_a_fixed_target_dumps_and_keys_as_before():
     assert prune_stage.KIND.key_extra(spec, None) == {}
 
 
-@pytest.mark.parametrize("target, search, message", [
-    ({"params": 5e6}, {}, "prune.target.params: 5,000,000 is more than the source's 1,049,728 parameters"),
-    ({"params": 0.001}, {}, "no shape meets the budget of 788 non-embedding parameters (0% of the source's 787,584) "
-                            "+/- 5%, i.e. 749..826; the smallest aligned shape has 11,360"),
-    ({"params": 0.2, "hidden_size": 128, "num_attention_heads": 4, "num_layers": 4}, {},
-     "the smallest aligned shape with hidden_size 128, num_attention_heads 4, num_layers 4 has 246,912"),
-    ({"params": 0.99, "num_layers": 2}, {}, "the largest shape with num_layers 2 has only 393,856"),
-    ({"params": 0.5, "hidden_size": [256, 512]}, {}, "prune.target.hidden_size: no allowed value in [256, 512] "
-                                                     "(the source has 128"),
-    ({"params": 0.5, "num_layers": 8}, {}, "prune.target.num_layers: 8 is larger than the source's 4"),
-    ({"params": 0.5, "intermediate_size": 100}, {}, "prune.target.intermediate_size: 100 is not a multiple of align=32"),
-])
+@pytest.mark.parametrize(
+    "target, search, message",
+    [
+        ({"params": 5e6}, {}, "prune.target.params: 5,000,000 is more than the source's 1,049,728 parameters"),
+        (
+            {"params": 0.001},
+            {},
+            "no shape meets the budget of 788 non-embedding parameters (0% of the source's 787,584) "
+            "+/- 5%, i.e. 749..826; the smallest aligned shape has 11,360",
+        ),
+        (
+            {"params": 0.2, "hidden_size": 128, "num_attention_heads": 4, "num_layers": 4},
+            {},
+            "the smallest aligned shape with hidden_size 128, num_attention_heads 4, num_layers 4 has 246,912",
+        ),
+        ({"params": 0.99, "num_layers": 2}, {}, "the largest shape with num_layers 2 has only 393,856"),
+        (
+            {"params": 0.5, "hidden_size": [256, 512]},
+            {},
+            "prune.target.hidden_size: no allowed value in [256, 512] (the source has 128",
+        ),
+        ({"params": 0.5, "num_layers": 8}, {}, "prune.target.num_layers: 8 is larger than the source's 4"),
+        (
+            {"params": 0.5, "intermediate_size": 100},
+            {},
+            "prune.target.intermediate_size: 100 is not a multiple of align=32",
+        ),
+    ],
+)
 def test_bad_budgets_are_refused_naming_the_numbers(teacher_config, target, search, message):
     with pytest.raises(UserError, match=re.escape(message)):
         prune_stage.check(PruneSpec(target=target, search=search), teacher_config)
@@ -113,17 +148,22 @@ def test_bad_budgets_are_refused_naming_the_numbers(teacher_config, target, sear
 
 def test_a_later_group_size_must_divide_every_candidate(teacher_config):
     spec = PruneSpec(target={"params": 0.5}, search={"tolerance": 0.1}, quantize_group_size=64)
-    with pytest.raises(UserError, match=re.escape("the later quantize group size 64 does not divide") + ".*"
-                       + re.escape("set prune.align to 64")):
+    with pytest.raises(
+        UserError,
+        match=re.escape("the later quantize group size 64 does not divide") + ".*" + re.escape("set prune.align to 64"),
+    ):
         prune_stage.check(spec, teacher_config)
     assert prune_stage.check(spec.model_copy(update={"align": 64}), teacher_config).config["num_hidden_layers"]
 
 
-@pytest.mark.parametrize("target, message", [
-    ({"hidden_size": [64, 128]}, "a [lo, hi] range bounds a search, which needs a budget"),
-    ({"params": 0.5, "hidden_size": [128, 64]}, "range [128, 64] is empty"),
-    ({"params": 0.5, "num_layers": 0}, "0: give a positive number"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ({"hidden_size": [64, 128]}, "a [lo, hi] range bounds a search, which needs a budget"),
+        ({"params": 0.5, "hidden_size": [128, 64]}, "range [128, 64] is empty"),
+        ({"params": 0.5, "num_layers": 0}, "0: give a positive number"),
+    ],
+)
 def test_malformed_targets_fail_validation(target, message):
     from pydantic import ValidationError
 
@@ -168,8 +208,11 @@ def test_plan_shows_the_candidates_and_the_search_cost_beside_the_distill(tmp_pa
     space = budget.search_space(plan.stages[0].entry.spec, plan.teacher_config)
     assert f"prune search: {len(space.candidates)} candidate shapes" in text
     assert "the best 2 distilled 10 steps each, the winner by held-out loss" in text
-    assert re.search(r"prune search cost: \S+ FLOPs \(\S+ scoring, \S+ short distillations\); the distill stage after "
-                     r"it: \S+ \(the search is \d+% of it\)", text), text
+    assert re.search(
+        r"prune search cost: \S+ FLOPs \(\S+ scoring, \S+ short distillations\); the distill stage after "
+        r"it: \S+ \(the search is \d+% of it\)",
+        text,
+    ), text
     assert all(f"  {c.label()}: {c.params:,} parameters" in text for c in space.candidates)
     assert "search: 2 x (1 x 1 CPU)" in text  # the resources column
 
@@ -177,11 +220,14 @@ def test_plan_shows_the_candidates_and_the_search_cost_beside_the_distill(tmp_pa
 def test_the_search_is_in_the_key_and_names_its_data(tmp_path):
     from compressor.planning import make_plan
 
-    keys = {make_plan(pipeline(tmp_path, {**SEARCH, **change}), str(tmp_path / "s")).stages[0].key
-            for change in ({}, {"steps": 11}, {"top_k": 3}, {"distill": {**DISTILL, "lr": 2e-3}})}
+    keys = {
+        make_plan(pipeline(tmp_path, {**SEARCH, **change}), str(tmp_path / "s")).stages[0].key
+        for change in ({}, {"steps": 11}, {"top_k": 3}, {"distill": {**DISTILL, "lr": 2e-3}})
+    }
     assert len(keys) == 4
-    with pytest.raises(UserError, match=re.escape("stages.0.prune.search.heldout: unknown data source 'held' "
-                                                  "(known: calib, distill)")):
+    with pytest.raises(
+        UserError, match=re.escape("stages.0.prune.search.heldout: unknown data source 'held' (known: calib, distill)")
+    ):
         make_plan(pipeline(tmp_path, {**SEARCH, "heldout": "held"}), str(tmp_path / "s"))
 
 
@@ -204,20 +250,35 @@ def searched(tmp_path_factory, tiny_teacher):
     tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}", "search", root)
     tracker.start_pipeline("search", "", {})
     stage_run = tracker.start_stage("prune", "prune", "key", {})
-    data = {"calib": DataSource(source="zoo:tiny-test", samples=32, seq_len=128),
-            "distill": DataSource(source="zoo:tiny-test", seq_len=128)}
+    data = {
+        "calib": DataSource(source="zoo:tiny-test", samples=32, seq_len=128),
+        "distill": DataSource(source="zoo:tiny-test", seq_len=128),
+    }
 
     def context(name: str, sink=None) -> StageContext:
         (root / name).mkdir()
-        return StageContext(work_dir=root / name, teacher=ModelRef(path=str(tiny_teacher), key="zoo:tiny-test"),
-                            data=data, storage_path=str(root / "ray"), run_name=name, quiet=True,
-                            **({"sink": sink} if sink else {}))
+        return StageContext(
+            work_dir=root / name,
+            teacher=ModelRef(path=str(tiny_teacher), key="zoo:tiny-test"),
+            data=data,
+            storage_path=str(root / "ray"),
+            run_name=name,
+            quiet=True,
+            **({"sink": sink} if sink else {}),
+        )
 
     teacher = ModelRef(path=str(tiny_teacher), key="zoo:tiny-test")
     ctx = context("prune", tracker.sink(stage_run))
     result = prune_stage.run(search_spec(), teacher, ctx)
-    yield {"result": result, "ctx": ctx, "tracker": tracker, "stage_run": stage_run, "context": context,
-           "teacher": teacher, "root": root}
+    yield {
+        "result": result,
+        "ctx": ctx,
+        "tracker": tracker,
+        "stage_run": stage_run,
+        "context": context,
+        "teacher": teacher,
+        "root": root,
+    }
     ray.shutdown()
 
 
@@ -241,8 +302,9 @@ def test_the_search_records_every_candidate_in_the_manifest(searched, teacher_co
     assert details["target_shape"] == chosen["shape"] == search["chosen_shape"]
     assert details["params_after"] == chosen["params"]  # the output is the source pruned to the chosen shape
     model_config = json.loads((searched["ctx"].model_dir / "config.json").read_text())
-    assert {k: model_config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")} == \
-        {k: chosen["shape"][k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")}
+    assert {k: model_config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")} == {
+        k: chosen["shape"][k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")
+    }
     assert not (searched["ctx"].work_dir / "search").exists()  # no candidate in the stage's output
     assert json.loads((searched["ctx"].work_dir / "search.json").read_text()) == search
     assert details["scratch"] and all(Path(uri).exists() for uri in details["scratch"])  # until the stage is published
@@ -290,8 +352,10 @@ def test_the_chosen_shape_distills_no_worse_than_the_hand_picked_one(searched, t
     prune_stage.run(PruneSpec(target=HAND_PICKED, calibration="calib"), teacher, hand_ctx)
     spec = DistillSpec(data="distill", steps=MAIN_STEPS, **DISTILL)
     pruned = {"chosen": searched["ctx"].model_dir, "hand-picked": hand_ctx.model_dir}
-    jobs = [(spec, ModelRef(path=str(path), key=f"pruned:{name}"), context(f"{name}-distilled"))
-            for name, path in pruned.items()]
+    jobs = [
+        (spec, ModelRef(path=str(path), key=f"pruned:{name}"), context(f"{name}-distilled"))
+        for name, path in pruned.items()
+    ]
     results = dict(distill_in_parallel(jobs))
     tokenizer = load_tokenizer(teacher.path)
     paragraphs = [p for p in (tiny_corpus / "heldout.txt").read_text().split("\n\n") if p.strip()][:300]

@@ -25,8 +25,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # GPTQModel's native packer JIT-compiles for ~30 s on a fresh machine; its torch fallback is as fast at test sizes.
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 
-LLAMA = {"hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "head_dim": 32, "num_hidden_layers": 4, "max_position_embeddings": 128}
+LLAMA = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_hidden_layers": 4,
+    "max_position_embeddings": 128,
+}
 
 
 # ----------------------------------------------------------------------------- check(): torch-free decisions
@@ -34,7 +41,13 @@ def test_check_aligned_predicts_the_gptq_config():
     result = quantize_stage.check(QuantizeSpec(bits=4, group_size=128), LLAMA)
     assert result.warnings == []
     assert result.config["quantization_config"] == {
-        "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 128,
+        "desc_act": False,
+        "sym": True,
+        "checkpoint_format": "gptq",
+    }
 
 
 def test_check_error_names_the_layers_and_an_aligned_prune_target():
@@ -53,8 +66,9 @@ def test_check_error_for_attention_output_suggests_a_head_count():
 
 
 def test_check_largest_divisor_warns_which_group_size_is_used():
-    result = quantize_stage.check(QuantizeSpec(group_size=128, on_misaligned="largest_divisor"),
-                                  {**LLAMA, "intermediate_size": 224})
+    result = quantize_stage.check(
+        QuantizeSpec(group_size=128, on_misaligned="largest_divisor"), {**LLAMA, "intermediate_size": 224}
+    )
     assert result.config["quantization_config"]["group_size"] == 32
     assert len(result.warnings) == 1 and "using group_size 32" in result.warnings[0]
 
@@ -75,22 +89,28 @@ def test_spec_rejects_group_sizes_gptqmodel_does_not_have():
 
 
 def test_importing_the_stage_and_checking_needs_no_torch():
-    code = ("import sys; from compressor.stages import quantize as q; from compressor.stages.quantize.spec import GPTQSpec as QuantizeSpec; "
-            f"q.check(QuantizeSpec(), {LLAMA!r}); assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from compressor.stages import quantize as q; from compressor.stages.quantize.spec import GPTQSpec as QuantizeSpec; "
+        f"q.check(QuantizeSpec(), {LLAMA!r}); assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_validate_refuses_a_prune_target_the_group_size_does_not_divide(tmp_path):
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(textwrap.dedent("""\
+    pipeline.write_text(
+        textwrap.dedent("""\
         name: misaligned
         teacher: {model: "zoo:tiny-test"}
         data: {calib: {source: "zoo:tiny-test", samples: 8, seq_len: 64}}
         stages:
           - prune: {target: {intermediate_size: 320}, calibration: calib}
           - quantize: {bits: 4, group_size: 128, calibration: calib}
-        """))
-    result = subprocess.run([sys.executable, "-m", "compressor", "validate", str(pipeline)], capture_output=True, text=True)
+        """)
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "compressor", "validate", str(pipeline)], capture_output=True, text=True
+    )
     assert result.returncode == 2, result.stderr
     assert "stages.1.quantize" in result.stderr and "mlp.down_proj" in result.stderr
     assert "intermediate_size=256" in result.stderr and "Traceback" not in result.stderr
@@ -128,8 +148,9 @@ def run_quantize(model_dir, out, spec: QuantizeSpec, source: str, samples=64, se
     from compressor.runner import run_standalone
 
     data = {"calib": DataSource(source=source, samples=samples, seq_len=seq_len)}
-    return run_standalone("quantize", spec.model_copy(update={"calibration": "calib"}), str(model_dir), str(out),
-                          data=data, quiet=True)
+    return run_standalone(
+        "quantize", spec.model_copy(update={"calibration": "calib"}), str(model_dir), str(out), data=data, quiet=True
+    )
 
 
 def load_plain(path):
@@ -157,7 +178,9 @@ def heldout(teacher):
     from compressor.data import token_blocks
     from compressor.modeling import load_tokenizer
 
-    return token_blocks(DataSource(source="zoo:tiny-test", split="heldout", seq_len=128), load_tokenizer(teacher), None, 128)
+    return token_blocks(
+        DataSource(source="zoo:tiny-test", split="heldout", seq_len=128), load_tokenizer(teacher), None, 128
+    )
 
 
 def test_gptq_keeps_perplexity_within_5_percent_and_beats_round_to_nearest(teacher, quantized, heldout):
@@ -170,8 +193,10 @@ def test_gptq_keeps_perplexity_within_5_percent_and_beats_round_to_nearest(teach
     rtn_model = load_model(teacher).to(gptq_model.dtype)  # same dtype as the GPTQ model runs in: only rounding differs
     rtn_fake_quant(rtn_model, bits=4, group_size=128)
     rtn = perplexity(rtn_model, heldout)
-    print(f"\nheld-out perplexity: teacher {base:.3f}, GPTQ 4-bit g128 {gptq:.3f} "
-          f"({(gptq / base - 1) * 100:+.2f}%), RTN 4-bit g128 {rtn:.3f} ({(rtn / base - 1) * 100:+.2f}%)")
+    print(
+        f"\nheld-out perplexity: teacher {base:.3f}, GPTQ 4-bit g128 {gptq:.3f} "
+        f"({(gptq / base - 1) * 100:+.2f}%), RTN 4-bit g128 {rtn:.3f} ({(rtn / base - 1) * 100:+.2f}%)"
+    )
     assert gptq <= base * 1.05
     assert gptq < rtn
 
@@ -214,10 +239,28 @@ def test_lm_eval_cli_evaluates_the_quantized_checkpoint(quantized, tmp_path):
     out = quantized[0]  # OUT is the checkpoint
     lm_eval = Path(sys.executable).with_name("lm_eval")
     result = subprocess.run(
-        [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={out}", "--device", "cpu", "--tasks", "ref_ppl",
-         "--include_path", str(zoo.tasks_dir("tiny-test")), "--limit", "20", "--batch_size", "8",
-         "--output_path", str(tmp_path / "results")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        [
+            str(lm_eval),
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={out}",
+            "--device",
+            "cpu",
+            "--tasks",
+            "ref_ppl",
+            "--include_path",
+            str(zoo.tasks_dir("tiny-test")),
+            "--limit",
+            "20",
+            "--batch_size",
+            "8",
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]["ref_ppl"]
@@ -233,8 +276,15 @@ def misaligned_model(tmp_path_factory, tiny_teacher):
     from compressor.modeling import load_tokenizer
 
     path = tmp_path_factory.mktemp("misaligned")
-    config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=224, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=224,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     load_tokenizer(tiny_teacher).save_pretrained(path)
@@ -247,11 +297,14 @@ def test_misaligned_error_stops_before_anything_is_written(misaligned_model, tmp
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("mode, group_size, kernel", [("largest_divisor", 32, None), ("int8_kernel", 64, "gptq_torch_int8")])
+@pytest.mark.parametrize(
+    "mode, group_size, kernel", [("largest_divisor", 32, None), ("int8_kernel", 64, "gptq_torch_int8")]
+)
 def test_misaligned_quantizes_to_a_checkpoint_that_runs(misaligned_model, tmp_path, mode, group_size, kernel):
     out = tmp_path / "out"
-    manifest = run_quantize(misaligned_model, out, QuantizeSpec(group_size=64, on_misaligned=mode), "zoo:tiny-test",
-                            samples=16, seq_len=64)
+    manifest = run_quantize(
+        misaligned_model, out, QuantizeSpec(group_size=64, on_misaligned=mode), "zoo:tiny-test", samples=16, seq_len=64
+    )
     assert manifest.details["group_size"] == group_size and manifest.details["misaligned_layers"] == ["mlp.down_proj"]
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quant["group_size"] == group_size and quant.get("backend") == kernel
@@ -270,9 +323,29 @@ def test_cli_quantizes_and_reports(misaligned_model, tmp_path):
     calib.write_text("\n\n".join(f"Paragraph {i}: the interpreter compiles source to bytecode." for i in range(200)))
     out = tmp_path / "q"
     result = subprocess.run(
-        [sys.executable, "-m", "compressor", "quantize", "--model", str(misaligned_model), "--out", str(out),
-         "--bits", "8", "--group-size", "32", "--calibration", str(calib), "--samples", "8", "--seq-len", "32", "--quiet"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "compressor",
+            "quantize",
+            "--model",
+            str(misaligned_model),
+            "--out",
+            str(out),
+            "--bits",
+            "8",
+            "--group-size",
+            "32",
+            "--calibration",
+            str(calib),
+            "--samples",
+            "8",
+            "--seq-len",
+            "32",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "quantized with gptq to 8-bit, group size 32" in result.stdout
@@ -281,9 +354,22 @@ def test_cli_quantizes_and_reports(misaligned_model, tmp_path):
 
 def test_cli_rejects_bad_options_in_one_line(misaligned_model, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "compressor", "quantize", "--model", str(misaligned_model), "--out", str(tmp_path / "q"),
-         "--group-size", "64", "--calibration", "zoo:tiny-test"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "compressor",
+            "quantize",
+            "--model",
+            str(misaligned_model),
+            "--out",
+            str(tmp_path / "q"),
+            "--group-size",
+            "64",
+            "--calibration",
+            "zoo:tiny-test",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "mlp.down_proj" in result.stderr and not (tmp_path / "q").exists()

@@ -28,11 +28,19 @@ def test_check_refuses_or_shrinks_an_awq_group_that_does_not_divide_a_width():
     from compressor.stages import quantize as quantize_stage
 
     config = {**LLAMA, "intermediate_size": 320}  # down_proj reads 320 channels: 64 divides it, 128 does not
-    with pytest.raises(UserError, match=r"mlp\.down_proj.*in_features 320.*AWQ quantizes whole groups.*largest here: 64"):
+    with pytest.raises(
+        UserError, match=r"mlp\.down_proj.*in_features 320.*AWQ quantizes whole groups.*largest here: 64"
+    ):
         quantize_stage.check(AWQSpec(group_size=128), config)
     result = quantize_stage.check(AWQSpec(group_size=128, on_misaligned="largest_divisor"), config)
-    assert result.config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 64,
-                                                    "zero_point": True, "version": "gemm", "format": "gemm"}
+    assert result.config["quantization_config"] == {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 64,
+        "zero_point": True,
+        "version": "gemm",
+        "format": "gemm",
+    }
     assert "using group_size 64" in result.warnings[0]
 
 
@@ -61,7 +69,9 @@ def rtn_zero_point_fake_quant(model, bits: int, group_size: int) -> None:
 
 @torch.no_grad()
 def log_probs(model, blocks: torch.Tensor) -> list[torch.Tensor]:
-    return [torch.log_softmax(model(input_ids=blocks[i:i + 16]).logits.float(), -1) for i in range(0, len(blocks), 16)]
+    return [
+        torch.log_softmax(model(input_ids=blocks[i : i + 16]).logits.float(), -1) for i in range(0, len(blocks), 16)
+    ]
 
 
 def perplexity_and_kl(model, blocks: torch.Tensor, reference: list[torch.Tensor]) -> tuple[float, float]:
@@ -69,7 +79,7 @@ def perplexity_and_kl(model, blocks: torch.Tensor, reference: list[torch.Tensor]
     next-token distributions moved, which is what a quantizer should keep small."""
     nll, kl, tokens = 0.0, 0.0, 0
     for i, (ref, out) in enumerate(zip(reference, log_probs(model, blocks))):
-        batch = blocks[i * 16:(i + 1) * 16]
+        batch = blocks[i * 16 : (i + 1) * 16]
         nll -= out[:, :-1].gather(-1, batch[:, 1:, None]).sum().item()
         tokens += batch[:, 1:].numel()
         kl += (ref.exp() * (ref - out)).sum(-1).sum().item()
@@ -95,8 +105,12 @@ def test_awq_keeps_perplexity_within_5_percent_and_moves_less_than_round_to_near
         rtn = load_model(teacher).to(model.dtype)
         fake_quant(rtn, bits=4, group_size=GROUP_SIZE)
         rows[name] = perplexity_and_kl(rtn, blocks, reference)
-    print(f"\nheld-out ({EVAL_BLOCKS} x 128 tokens), 4-bit g{GROUP_SIZE}: float perplexity {base:.3f}; " + "; ".join(
-        f"{name} {p:.3f} ({(p / base - 1) * 100:+.2f}%), KL {k * 1e3:.3f}e-3" for name, (p, k) in rows.items()))
+    print(
+        f"\nheld-out ({EVAL_BLOCKS} x 128 tokens), 4-bit g{GROUP_SIZE}: float perplexity {base:.3f}; "
+        + "; ".join(
+            f"{name} {p:.3f} ({(p / base - 1) * 100:+.2f}%), KL {k * 1e3:.3f}e-3" for name, (p, k) in rows.items()
+        )
+    )
     assert ppl <= base * 1.05
     # Perplexity moves by hundredths of a percent at this size, less than the noise between calibrations; the KL
     # to the float model is what AWQ's search minimises, and it is where AWQ beats rounding (by ~15% here).
@@ -106,11 +120,22 @@ def test_awq_keeps_perplexity_within_5_percent_and_moves_less_than_round_to_near
 def test_awq_checkpoint_has_the_awq_gemm_layout_and_the_manifest_says_so(teacher, awq):
     out, manifest = awq
     saved = json.loads((out / "quantize_config.json").read_text())
-    assert (saved["quant_method"], saved["format"], saved["bits"], saved["group_size"]) == ("awq", "gemm", 4, GROUP_SIZE)
+    assert (saved["quant_method"], saved["format"], saved["bits"], saved["group_size"]) == (
+        "awq",
+        "gemm",
+        4,
+        GROUP_SIZE,
+    )
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (quant["quant_method"], quant["version"], quant["zero_point"]) == ("awq", "gemm", True)
     d = manifest.details
-    assert (d["method"], d["bits"], d["group_size"], d["zero_point"], d["format"]) == ("awq", 4, GROUP_SIZE, True, "gemm")
+    assert (d["method"], d["bits"], d["group_size"], d["zero_point"], d["format"]) == (
+        "awq",
+        4,
+        GROUP_SIZE,
+        True,
+        "gemm",
+    )
     assert d["linear_bytes_in"] / d["linear_bytes_out"] >= 3 and d["kernel_here"]
     assert "awq_loss_mean" in manifest.metrics
     # sizes and parameter counts the summary shows: AWQ packs 8 weights per int32 along the output dimension
@@ -124,10 +149,28 @@ def test_lm_eval_cli_evaluates_the_awq_checkpoint(awq, tmp_path):
     out = awq[0]
     lm_eval = Path(sys.executable).with_name("lm_eval")
     result = subprocess.run(
-        [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={out}", "--device", "cpu", "--tasks", "ref_ppl",
-         "--include_path", str(zoo.tasks_dir("tiny-test")), "--limit", "20", "--batch_size", "8",
-         "--output_path", str(tmp_path / "results")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        [
+            str(lm_eval),
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={out}",
+            "--device",
+            "cpu",
+            "--tasks",
+            "ref_ppl",
+            "--include_path",
+            str(zoo.tasks_dir("tiny-test")),
+            "--limit",
+            "20",
+            "--batch_size",
+            "8",
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]["ref_ppl"]
@@ -142,14 +185,27 @@ def run_with_quantize(tiny_runs, quantize: list[str], out: Path) -> tuple[Path, 
     from pipeline_runs import PIPELINE, compressor
 
     summary_path = out / "summary.json"
-    result = compressor("run", str(PIPELINE), f"storage={tiny_runs.storage}", *tiny_runs.overrides, *quantize,
-                        "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", "--summary-json", str(summary_path),
-                        timeout=900, env=tiny_runs.env)
+    result = compressor(
+        "run",
+        str(PIPELINE),
+        f"storage={tiny_runs.storage}",
+        *tiny_runs.overrides,
+        *quantize,
+        "--tracking-uri",
+        f"sqlite:///{out / 'mlflow.db'}",
+        "--summary-json",
+        str(summary_path),
+        timeout=900,
+        env=tiny_runs.env,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     assert "FAIL" not in result.stdout + result.stderr
     summary = json.loads(summary_path.read_text())
     assert [(s["name"], s["status"]) for s in summary["stages"]] == [
-        ("prune", "cached"), ("distill", "cached"), ("quantize", "ran")]
+        ("prune", "cached"),
+        ("distill", "cached"),
+        ("quantize", "ran"),
+    ]
     return tiny_runs.storage / "tiny", summary
 
 

@@ -55,16 +55,28 @@ def test_gguf_file_reads_back_with_the_models_shapes_types_and_vocabulary(teache
     config = json.loads((teacher / "config.json").read_text())
     reader = read(out)
     assert field(reader, "general.architecture") == "llama" and field(reader, "general.file_type") == 2  # Q4_0
-    for key, value in {"block_count": 4, "embedding_length": 128, "feed_forward_length": 384, "attention.head_count": 4,
-                       "attention.head_count_kv": 2, "attention.key_length": 32, "rope.dimension_count": 32}.items():
+    for key, value in {
+        "block_count": 4,
+        "embedding_length": 128,
+        "feed_forward_length": 384,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "attention.key_length": 32,
+        "rope.dimension_count": 32,
+    }.items():
         assert field(reader, f"llama.{key}") == value == config.get(key.split(".")[-1], value), key
     hf_shapes = checkpoint.tensor_shapes(teacher)
     written = {t.name: t for t in reader.tensors}
     assert list(written) == [name for name, _, _ in gguf_plan.llama_tensors(config)]
     for gguf_name, hf_name, _ in gguf_plan.llama_tensors(config):
-        assert [int(d) for d in reversed(written[gguf_name].shape)] == hf_shapes[hf_name], gguf_name  # ggml: ne[0] = columns
+        assert [int(d) for d in reversed(written[gguf_name].shape)] == hf_shapes[hf_name], (
+            gguf_name
+        )  # ggml: ne[0] = columns
     types = {name: t.tensor_type.name for name, t in written.items()}
-    assert types["blk.0.ffn_down.weight"] == types["token_embd.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert (
+        types["blk.0.ffn_down.weight"] == types["token_embd.weight"] == "Q4_0"
+        and types["blk.0.attn_norm.weight"] == "F32"
+    )
     assert types["output.weight"] == "Q8_0"  # llama.cpp's Q6_K for the output, which needs rows of 256: Q8_0 here
     assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
     assert len(field(reader, "tokenizer.ggml.tokens")) == config["vocab_size"]
@@ -92,8 +104,10 @@ def test_gguf_through_transformers_is_worse_than_float_and_as_good_as_rounding_t
     rtn = load_model(teacher)
     rtn_fake_quant(rtn, bits=4, group_size=32)
     rounded = perplexity(rtn, blocks)
-    print(f"\nheld-out perplexity: float {base:.3f}, GGUF Q4_0 through transformers {gguf:.3f} "
-          f"({(gguf / base - 1) * 100:+.2f}%), round-to-nearest 4-bit g32 (decoder linears) {rounded:.3f}")
+    print(
+        f"\nheld-out perplexity: float {base:.3f}, GGUF Q4_0 through transformers {gguf:.3f} "
+        f"({(gguf / base - 1) * 100:+.2f}%), round-to-nearest 4-bit g32 (decoder linears) {rounded:.3f}"
+    )
     # Q4_0 is round-to-nearest on blocks of 32 with 16 levels: it cannot do much better than torch's rounding with
     # the same blocks, and a broken file does far worse. The 1% covers what Q4_0 quantizes beyond the decoder
     # linears (embeddings in Q4_0, the output in Q8_0).
@@ -130,7 +144,9 @@ def _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
         return 0.0, -lo
     sum_w, sum_x = sum(weights), sum(w * v for w, v in zip(weights, x))
     scale = (hi - lo) / nmax
-    best = sum(w * (scale * max(0, min(nmax, _nearest_int((v - lo) / scale))) + lo - v) ** 2 for w, v in zip(weights, x))
+    best = sum(
+        w * (scale * max(0, min(nmax, _nearest_int((v - lo) / scale))) + lo - v) ** 2 for w, v in zip(weights, x)
+    )
     for step in range(nstep + 1):
         iscale = (rmin + rdelta * step + nmax) / (hi - lo)  # `lo` is the best fit's min so far, as in ggml
         q = [max(0, min(nmax, _nearest_int(iscale * (v - lo)))) for v in x]
@@ -152,7 +168,7 @@ def _q4_k_reference(block):
     """ggml's quantize_row_q4_K_ref for one super-block of 256, returned decoded."""
     scales, mins = [], []
     for j in range(8):
-        sub = block[32 * j:32 * j + 32]
+        sub = block[32 * j : 32 * j + 32]
         av_x = math.sqrt(sum(v * v for v in sub) / 32)
         scale, the_min = _make_qkx2_quants(sub, [av_x + abs(v) for v in sub], 15, -1.0, 0.1, 20)
         scales.append(scale)
@@ -164,7 +180,9 @@ def _q4_k_reference(block):
     for j in range(8):
         dj = d * min(63, _nearest_int(inv_scale * scales[j]))
         mj = dmin * min(63, _nearest_int(inv_min * mins[j]))
-        out += [dj * max(0, min(15, _nearest_int((v + mj) / dj))) - mj if dj else -mj for v in block[32 * j:32 * j + 32]]
+        out += [
+            dj * max(0, min(15, _nearest_int((v + mj) / dj))) - mj if dj else -mj for v in block[32 * j : 32 * j + 32]
+        ]
     return out
 
 
@@ -188,8 +206,16 @@ def aligned_model(tmp_path_factory, tiny_teacher):
     from compressor.modeling import load_tokenizer
 
     path = tmp_path_factory.mktemp("aligned")
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     load_tokenizer(tiny_teacher).save_pretrained(path)
@@ -212,7 +238,9 @@ def test_q4_k_m_mixes_types_like_llama_quantize_and_loads_close_to_float(aligned
     # encoders on Gaussian weights: about 8% relative error for Q4_K, 2% for Q6_K, measured in the test above).
     model, float_model = load_gguf(out), load_model(aligned_model)
     bound = {"Q4_K": 0.1, "Q6_K": 0.03}
-    hf_to_gguf = {hf: name for name, hf, _ in gguf_plan.llama_tensors(json.loads((aligned_model / "config.json").read_text()))}
+    hf_to_gguf = {
+        hf: name for name, hf, _ in gguf_plan.llama_tensors(json.loads((aligned_model / "config.json").read_text()))
+    }
     for name, param in float_model.named_parameters():
         if param.dim() == 2:
             error = ((model.get_parameter(name).float() - param).norm() / param.norm()).item()
@@ -221,7 +249,9 @@ def test_q4_k_m_mixes_types_like_llama_quantize_and_loads_close_to_float(aligned
 
 def test_k_quant_rows_that_blocks_do_not_divide_are_refused_or_fall_back(teacher, tmp_path):
     """The test teacher is 128 wide: no row holds a 256-weight K block."""
-    with pytest.raises(UserError, match=r"Q4_K_M stores rows in blocks of 256 weights.*mlp\.down_proj.*in_features 384"):
+    with pytest.raises(
+        UserError, match=r"Q4_K_M stores rows in blocks of 256 weights.*mlp\.down_proj.*in_features 384"
+    ):
         export(teacher, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "fallback"
@@ -239,10 +269,17 @@ def test_llama3_rope_scaling_is_written_as_the_factors_transformers_applies():
 
     from compressor.stages.quantize.gguf import add_hparams
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    config = LlamaConfig(hidden_size=512, num_attention_heads=4, head_dim=128, max_position_embeddings=131072,
-                         rope_parameters=rope)
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(
+        hidden_size=512, num_attention_heads=4, head_dim=128, max_position_embeddings=131072, rope_parameters=rope
+    )
     factors = add_hparams(GGUFWriter(None, "llama"), config.to_dict())
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
@@ -269,7 +306,9 @@ def test_tiny_chain_with_gguf_passes_its_gates_and_the_file_has_the_pruned_shape
 
     from compressor.manifest import Manifest
 
-    pipeline_dir, summary = run_with_quantize(tiny_runs, ["stages.2.quantize={method: gguf, quant_type: Q4_0}"], tmp_path)
+    pipeline_dir, summary = run_with_quantize(
+        tiny_runs, ["stages.2.quantize={method: gguf, quant_type: Q4_0}"], tmp_path
+    )
     stages = {s["name"]: s for s in summary["stages"]}
     stage_dir = pipeline_dir / f"quantize-{stages['quantize']['key'][:12]}"
     assert Manifest.read(stage_dir).details["method"] == "gguf"

@@ -41,9 +41,11 @@ def test_unknown_recipe_is_a_user_error():
 
 
 def test_api_does_not_import_torch():
-    code = ("import sys; from compressor import zoo, evaluation; import compressor.commands.zoo, compressor.commands.evaluate\n"
-            "zoo.model_config('tiny'); zoo.model_key('tiny'); zoo.param_count('tiny')\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    code = (
+        "import sys; from compressor import zoo, evaluation; import compressor.commands.zoo, compressor.commands.evaluate\n"
+        "zoo.model_config('tiny'); zoo.model_key('tiny'); zoo.param_count('tiny')\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "NO-TORCH"
 
@@ -51,8 +53,13 @@ def test_api_does_not_import_torch():
 def test_keys_are_deterministic_across_processes_and_follow_the_recipe(monkeypatch):
     code = "from compressor import zoo; print(zoo.model_key('tiny'), zoo.corpus_key('tiny'))"
     outputs = [
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.split()
         for seed in ("1", "2")
     ]
     assert outputs[0] == outputs[1] == [zoo.model_key("tiny"), zoo.corpus_key("tiny")]
@@ -93,12 +100,17 @@ def test_built_config_is_the_predicted_one_with_gqa(tiny_teacher):
 def test_tokenizer_reloads_as_a_plain_fast_tokenizer(tiny_teacher):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    assert json.loads((tiny_teacher / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (
+        json.loads((tiny_teacher / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    )
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     assert isinstance(tok, PreTrainedTokenizerFast) and len(tok) == zoo.RECIPES["tiny-test"].vocab_size
     config = zoo.model_config("tiny-test")
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
-        config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
+        config["bos_token_id"],
+        config["eos_token_id"],
+        config["pad_token_id"],
+    )
     text = "Return the *key* of a dict — naïve café, 3.14 ≠ π."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text  # byte-level BPE: lossless, no unknown token
@@ -141,8 +153,13 @@ def test_task_yamls_point_at_existing_absolute_data(tiny_corpus):
 
 
 def test_next_sentence_items_are_deterministic_minimal_pairs():
-    docs = [[f"Paragraph {d} opens with a fairly long first sentence about the topic number {d}. "
-             f"Then a second sentence of document {d} follows it here."] for d in range(8)]
+    docs = [
+        [
+            f"Paragraph {d} opens with a fairly long first sentence about the topic number {d}. "
+            f"Then a second sentence of document {d} follows it here."
+        ]
+        for d in range(8)
+    ]
     items = eval_tasks.next_sentence_items(docs)
     assert items == eval_tasks.next_sentence_items(docs) and len(items) == 8
     for d, item in enumerate(sorted(items, key=lambda i: i["context"])):

@@ -46,7 +46,9 @@ def flops(spec: DistillSpec, given: EstimateInput) -> float:
 
     budget, seq_len = tokens(spec, given.pipeline)
     teacher = given.teacher_config or estimate.teacher_config(given.pipeline.teacher) or given.in_config
-    per_token = estimate.forward_flops_per_token(teacher, seq_len) + 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
+    per_token = estimate.forward_flops_per_token(teacher, seq_len) + 3 * estimate.forward_flops_per_token(
+        given.in_config, seq_len
+    )
     return budget * per_token
 
 
@@ -69,11 +71,25 @@ def plan_notes(plan, stage) -> list[str]:
 
 def result_line(manifest) -> str:
     metrics, d = manifest.metrics, manifest.details
-    return (f"distilled {d['steps']} steps ({d['tokens']:,} tokens) on {d['workers']} worker(s): loss "
-            f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('mean_tokens_per_s', 0):.0f} tokens/s")
+    return (
+        f"distilled {d['steps']} steps ({d['tokens']:,} tokens) on {d['workers']} worker(s): loss "
+        f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('mean_tokens_per_s', 0):.0f} tokens/s"
+    )
 
 
-KIND = register(StageKind(
-    name="distill", spec=DistillSpec, summary="Knowledge distillation from the teacher, in Ray Train with DeepSpeed ZeRO.",
-    check=check, run=run, flops=flops, runs_as="driver", key_extra=key_extra, describe_resources=describe_resources,
-    plan_notes=plan_notes, needs_teacher=True, result_line=result_line))
+KIND = register(
+    StageKind(
+        name="distill",
+        spec=DistillSpec,
+        summary="Knowledge distillation from the teacher, in Ray Train with DeepSpeed ZeRO.",
+        check=check,
+        run=run,
+        flops=flops,
+        runs_as="driver",
+        key_extra=key_extra,
+        describe_resources=describe_resources,
+        plan_notes=plan_notes,
+        needs_teacher=True,
+        result_line=result_line,
+    )
+)

@@ -36,8 +36,9 @@ def describe(spec: DistillSpec) -> str:
     return f"{spec.workers} workers ({bundle} each, {spec.placement_strategy})"
 
 
-def wait_for_workers(spec: DistillSpec, ctx: StageContext, poll_s: float = POLL_S,
-                     progress_every_s: float = PROGRESS_EVERY_S) -> None:
+def wait_for_workers(
+    spec: DistillSpec, ctx: StageContext, poll_s: float = POLL_S, progress_every_s: float = PROGRESS_EVERY_S
+) -> None:
     """Return once the cluster's nodes can hold the worker group; raise UserError if they cannot (at once with
     wait_for_resources_s = 0, else after that many seconds)."""
     problems = check_cluster(spec, alive_nodes())
@@ -56,8 +57,10 @@ def wait_for_workers(spec: DistillSpec, ctx: StageContext, poll_s: float = POLL_
         ctx.info(f"distill: could not ask the autoscaler for the workers ({exc}); waiting for nodes to join anyway")
     # A request outlives this process: withdraw it however the wait ends, or an autoscaler keeps the nodes up.
     try:
-        ctx.info(f"distill: waiting up to {timeout:g} s for the cluster to hold {describe(spec)}, requested from "
-                 f"the autoscaler: {'; '.join(problems)}")
+        ctx.info(
+            f"distill: waiting up to {timeout:g} s for the cluster to hold {describe(spec)}, requested from "
+            f"the autoscaler: {'; '.join(problems)}"
+        )
         start = last_line = time.monotonic()
         while problems:
             now = time.monotonic()
@@ -70,8 +73,10 @@ def wait_for_workers(spec: DistillSpec, ctx: StageContext, poll_s: float = POLL_
                     "or lower distill.workers / gpus_per_worker / cpus_per_worker."
                 )
             if now - last_line >= progress_every_s:
-                ctx.info(f"distill: still waiting for the workers' nodes ({now - start:.0f}/{timeout:g} s): "
-                         f"{'; '.join(problems)}")
+                ctx.info(
+                    f"distill: still waiting for the workers' nodes ({now - start:.0f}/{timeout:g} s): "
+                    f"{'; '.join(problems)}"
+                )
                 last_line = now
             time.sleep(min(poll_s, max(0.0, timeout - (now - start))))
             problems = check_cluster(spec, alive_nodes())
@@ -80,5 +85,7 @@ def wait_for_workers(spec: DistillSpec, ctx: StageContext, poll_s: float = POLL_
         try:
             request_workers([])
         except Exception as exc:  # noqa: BLE001
-            ctx.info(f"distill: could not withdraw the autoscaler request ({exc}); "
-                     "run `ray.autoscaler.sdk.request_resources(bundles=[])` on the cluster")
+            ctx.info(
+                f"distill: could not withdraw the autoscaler request ({exc}); "
+                "run `ray.autoscaler.sdk.request_resources(bundles=[])` on the cluster"
+            )

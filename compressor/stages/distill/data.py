@@ -54,7 +54,9 @@ class RunData:
         return min(self.sequences, self.needed) * self.seq_len
 
 
-def run_data(directory: str, index: ShardIndex, steps: int, global_batch: int, max_epochs: float, source: str) -> RunData:
+def run_data(
+    directory: str, index: ShardIndex, steps: int, global_batch: int, max_epochs: float, source: str
+) -> RunData:
     """The run's share of the shards, or a UserError when the source is too small for the budget at `max_epochs`."""
     needed, available, seq_len = steps * global_batch, index.sequences, index.seq_len
     if available == 0:
@@ -72,7 +74,9 @@ def run_data(directory: str, index: ShardIndex, steps: int, global_batch: int, m
     return data
 
 
-def prepare_task(ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str, queue=None) -> tuple[str, ShardIndex]:
+def prepare_task(
+    ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str, queue=None
+) -> tuple[str, ShardIndex]:
     """Body of the Ray task that writes (or extends) the shards, on whichever node it runs; reports progress to `queue`."""
     import time
 
@@ -92,8 +96,9 @@ def prepare_task(ds: DataSource, teacher, seq_len: int, sequences: int, data_roo
     return prepare(ds, materialize(teacher).path, seq_len, sequences, data_root, progress)
 
 
-def prepare_in_ray(ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str,
-                   show: Callable) -> tuple[str, ShardIndex]:
+def prepare_in_ray(
+    ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str, show: Callable
+) -> tuple[str, ShardIndex]:
     """Run `prepare_task` as a Ray task (1 CPU; the tokenizer uses every core of its node), preferably on this node,
     where a local data path and the tokenizer are; `show(iterable, total)` displays its progress."""
     import ray
@@ -165,13 +170,16 @@ class BatchPlan:
 class WorkerData:
     """One worker's batches: its ids of each step (BatchPlan), read from the shards, the next step prefetched."""
 
-    def __init__(self, directory: str, sequences: int, plan: BatchPlan, rank: int, steps: int,
-                 trace_dir: Optional[str] = None):
+    def __init__(
+        self, directory: str, sequences: int, plan: BatchPlan, rank: int, steps: int, trace_dir: Optional[str] = None
+    ):
         from compressor.shards import ShardReader
 
         self.reader = ShardReader(directory)
         if len(self.reader) < sequences:
-            raise UserError(f"token shards {directory} hold {len(self.reader):,} sequences, the run needs {sequences:,}")
+            raise UserError(
+                f"token shards {directory} hold {len(self.reader):,} sequences, the run needs {sequences:,}"
+            )
         self.plan, self.rank, self.steps = plan, rank, steps
         trace_dir = trace_dir or os.environ.get(TRACE_ENV)
         self.trace = Path(trace_dir) / f"rank{rank}.jsonl" if trace_dir else None
@@ -194,7 +202,9 @@ class WorkerData:
         if self.trace is not None:
             self.trace.parent.mkdir(parents=True, exist_ok=True)
             with self.trace.open("a") as fh:
-                fh.write(json.dumps({"step": step + 1, "rank": self.rank, "pid": os.getpid(), "ids": ids.tolist()}) + "\n")
+                fh.write(
+                    json.dumps({"step": step + 1, "rank": self.rank, "pid": os.getpid(), "ids": ids.tolist()}) + "\n"
+                )
         tokens = torch.from_numpy(tokens.astype(np.int64))
         return list(tokens.split(self.plan.micro_batch))
 

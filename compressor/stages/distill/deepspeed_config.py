@@ -21,8 +21,9 @@ def effective_zero_stage(requested: int, world_size: int) -> int:
     return 2 if requested == 3 and world_size == 1 else requested
 
 
-def student_config(spec: DistillSpec, world_size: int, micro_batch: int, grad_accum: int, bf16: bool,
-                   on_gpu: bool) -> dict:
+def student_config(
+    spec: DistillSpec, world_size: int, micro_batch: int, grad_accum: int, bf16: bool, on_gpu: bool
+) -> dict:
     """The student's engine: the global batch as micro-batches x accumulation x workers, clipping, ZeRO, bf16."""
     stage = effective_zero_stage(spec.deepspeed.zero_stage, world_size)
     zero: dict = {"stage": stage}

@@ -71,14 +71,22 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         wait_for_workers(spec, ctx)  # a cluster that cannot place the workers is refused before any tokenizing
     if not ready:
         ctx.info(f"distill: tokenizing {source.source} into token shards at {shards}")
-        shards, index = prepare_in_ray(source, teacher, seq_len, needed, ctx.shards_root,
-                                       lambda items, total: ctx.progress(items, total, desc="tokenize"))
+        shards, index = prepare_in_ray(
+            source,
+            teacher,
+            seq_len,
+            needed,
+            ctx.shards_root,
+            lambda items, total: ctx.progress(items, total, desc="tokenize"),
+        )
     if spec.wait_for_resources_s:
         # Ask the autoscaler for the GPU nodes only now: they would sit idle (and billed) while the data is tokenized.
         wait_for_workers(spec, ctx)
     data = run_data(shards, index, steps, spec.global_batch, spec.max_epochs, source.source)
-    ctx.info(f"distill: {steps} steps x {spec.global_batch} sequences x {seq_len} tokens on {spec.workers} worker(s), "
-             f"{data.sequences:,} distinct sequences of {source.source} ({data.epochs:.2f} epochs)")
+    ctx.info(
+        f"distill: {steps} steps x {spec.global_batch} sequences x {seq_len} tokens on {spec.workers} worker(s), "
+        f"{data.sequences:,} distinct sequences of {source.source} ({data.epochs:.2f} epochs)"
+    )
 
     from ray.util.queue import Queue
 
@@ -87,11 +95,22 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     progress = Queue(actor_options={"num_cpus": 0})
     stop_flag = ray.remote(num_cpus=0)(interrupt.StopFlag).remote()  # Ctrl-C / SIGTERM: workers stop after a step
     job = DistillJob(
-        spec=spec, student_path=model.path, teacher_path=teacher.path, data=data.directory, sequences=data.sequences,
-        seq_len=seq_len, steps=steps, micro_batch=layout.micro_batch, grad_accum=layout.grad_accum, seed=ctx.seed,
+        spec=spec,
+        student_path=model.path,
+        teacher_path=teacher.path,
+        data=data.directory,
+        sequences=data.sequences,
+        seq_len=seq_len,
+        steps=steps,
+        micro_batch=layout.micro_batch,
+        grad_accum=layout.grad_accum,
+        seed=ctx.seed,
         # The shard directory's name is the data's content key (source files, tokenizer, seq_len).
         fingerprint=fingerprint(spec, model, teacher, shards.rstrip("/").rsplit("/", 1)[-1], seq_len, ctx.seed),
-        sink=ctx.sink, progress=progress, trace_dir=os.environ.get(TRACE_ENV), stop=stop_flag,
+        sink=ctx.sink,
+        progress=progress,
+        trace_dir=os.environ.get(TRACE_ENV),
+        stop=stop_flag,
     )
     try:
         with interrupt.graceful_stop("distill") as request:
@@ -103,26 +122,42 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         ray.kill(stop_flag)
     if request.is_set():
         step = int((result.metrics or {}).get("step", 0))
-        raise interrupt.stopped(request, f"after step {step} of {steps}, with a checkpoint of that step in "
-                                         f"{run_storage_uri(ctx)}")
+        raise interrupt.stopped(
+            request, f"after step {step} of {steps}, with a checkpoint of that step in {run_storage_uri(ctx)}"
+        )
     # Only the exported student travels to this node, not the DeepSpeed shards (3x the model with optimizer state).
     # Those stay in storage until the pipeline has published the model (manifest `scratch`, see runner.drop_scratch):
     # a failed gate or evaluation after days of training must never cost the training.
     import pyarrow.fs
 
-    pyarrow.fs.copy_files(f"{result.checkpoint.path}/{EXPORT_DIR}", str(ctx.model_dir),
-                          source_filesystem=result.checkpoint.filesystem)
+    pyarrow.fs.copy_files(
+        f"{result.checkpoint.path}/{EXPORT_DIR}", str(ctx.model_dir), source_filesystem=result.checkpoint.filesystem
+    )
     final = result.metrics or {}
     metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
     metrics.update(distinct_tokens=float(data.distinct_tokens), epochs=data.epochs)
-    ctx.log_metrics({"tokens": float(steps * spec.global_batch * seq_len), "distinct_tokens": float(data.distinct_tokens),
-                     "epochs": data.epochs})  # per-step metrics came from rank 0; these describe the whole run
-    details = {"steps": steps, "tokens": steps * spec.global_batch * seq_len, "seq_len": seq_len,
-               "distinct_tokens": data.distinct_tokens, "epochs": data.epochs, "data": data.directory,
-               "workers": spec.workers, "worker_nodes": final.get("worker_nodes"),
-               "zero_stage": effective_zero_stage(spec.deepspeed.zero_stage, spec.workers),
-               "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum, "teacher": teacher.path,
-               "scratch": [run_storage_uri(ctx)]}
+    ctx.log_metrics(
+        {
+            "tokens": float(steps * spec.global_batch * seq_len),
+            "distinct_tokens": float(data.distinct_tokens),
+            "epochs": data.epochs,
+        }
+    )  # per-step metrics came from rank 0; these describe the whole run
+    details = {
+        "steps": steps,
+        "tokens": steps * spec.global_batch * seq_len,
+        "seq_len": seq_len,
+        "distinct_tokens": data.distinct_tokens,
+        "epochs": data.epochs,
+        "data": data.directory,
+        "workers": spec.workers,
+        "worker_nodes": final.get("worker_nodes"),
+        "zero_stage": effective_zero_stage(spec.deepspeed.zero_stage, spec.workers),
+        "micro_batch": layout.micro_batch,
+        "grad_accum": layout.grad_accum,
+        "teacher": teacher.path,
+        "scratch": [run_storage_uri(ctx)],
+    }
     return StageResult(metrics=metrics, details=details)
 
 
@@ -158,8 +193,12 @@ def trainer_for(spec: DistillSpec, job: DistillJob, ctx: StageContext):
         train_func,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=spec.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=spec.placement_strategy,
+        ),
         run_config=RunConfig(
             # A stable name: a re-run of the same stage finds this run's checkpoints and resumes from them.
             name=ctx.run_name,
@@ -200,8 +239,10 @@ def fit(trainer, progress, steps: int, ctx: StageContext, on_tick=lambda: None):
             if step <= done:  # replayed after a restart from a checkpoint
                 continue
             if step % max(1, -(-steps // 4)) == 0 or step == steps:  # a loss line each quarter; the bar does the rest
-                ctx.info(f"distill step {step}/{steps}: loss {metrics['loss']:.4f} (kd {metrics['kd_loss']:.4f}, "
-                         f"ce {metrics['ce_loss']:.4f}), {metrics['tokens_per_s']:.0f} tokens/s")
+                ctx.info(
+                    f"distill step {step}/{steps}: loss {metrics['loss']:.4f} (kd {metrics['kd_loss']:.4f}, "
+                    f"ce {metrics['ce_loss']:.4f}), {metrics['tokens_per_s']:.0f} tokens/s"
+                )
             yield from range(step - done)
             done = step
 

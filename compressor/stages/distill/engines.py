@@ -87,8 +87,9 @@ class Engines:
         return self.student.module.student
 
 
-def build_engines(spec: DistillSpec, student_path: str, teacher_path: str, world_size: int, micro_batch: int,
-                  grad_accum: int) -> Engines:
+def build_engines(
+    spec: DistillSpec, student_path: str, teacher_path: str, world_size: int, micro_batch: int, grad_accum: int
+) -> Engines:
     """Load both models and wrap them in DeepSpeed engines (torch.distributed must already be initialised or
     RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)."""
     prepare_deepspeed_env()

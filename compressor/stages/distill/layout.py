@@ -70,7 +70,9 @@ def check_student(spec: DistillSpec, config: dict) -> None:
     layers = config.get("num_hidden_layers")
     for s, _ in spec.loss.hidden_mse:
         if layers is not None and not 0 <= s < layers:
-            raise UserError(f"distill.loss.hidden_mse: student layer {s} does not exist (the student has {layers} layers)")
+            raise UserError(
+                f"distill.loss.hidden_mse: student layer {s} does not exist (the student has {layers} layers)"
+            )
 
 
 def check_pair(spec: DistillSpec, student: dict, teacher: dict, teacher_name: str) -> None:
@@ -86,7 +88,9 @@ def check_pair(spec: DistillSpec, student: dict, teacher: dict, teacher_name: st
     layers = teacher.get("num_hidden_layers")
     for _, t in spec.loss.hidden_mse:
         if layers is not None and not 0 <= t < layers:
-            raise UserError(f"distill.loss.hidden_mse: teacher layer {t} does not exist (the teacher has {layers} layers)")
+            raise UserError(
+                f"distill.loss.hidden_mse: teacher layer {t} does not exist (the teacher has {layers} layers)"
+            )
     if spec.loss.hidden_mse and student.get("hidden_size") != teacher.get("hidden_size"):
         raise UserError(
             f"distill.loss.hidden_mse: the student's hidden_size ({student.get('hidden_size')}) differs from the "
@@ -116,20 +120,25 @@ def check_cluster(spec: DistillSpec, nodes: list[dict]) -> list[str]:
     for resource, per_worker in bundle.items():
         total = sum(node.get(resource, 0.0) for node in nodes)
         if total < per_worker * workers:
-            problems.append(f"{workers} workers x {per_worker:g} {resource} need {per_worker * workers:g} {resource}, "
-                            f"the cluster has {total:g}")
+            problems.append(
+                f"{workers} workers x {per_worker:g} {resource} need {per_worker * workers:g} {resource}, "
+                f"the cluster has {total:g}"
+            )
         elif not any(node.get(resource, 0.0) >= per_worker for node in nodes):
             problems.append(f"no single node has the {per_worker:g} {resource} one worker needs")
     fits = [workers_fitting(node, bundle) for node in nodes]
     if spec.placement_strategy == "STRICT_SPREAD":
         hosts = sum(1 for n in fits if n >= 1)
         if hosts < workers:
-            problems.append(f"STRICT_SPREAD puts each of the {workers} workers on its own node, and {hosts} of the "
-                            f"cluster's {len(nodes)} nodes can hold one")
+            problems.append(
+                f"STRICT_SPREAD puts each of the {workers} workers on its own node, and {hosts} of the "
+                f"cluster's {len(nodes)} nodes can hold one"
+            )
     elif spec.placement_strategy == "STRICT_PACK":
         if max(fits, default=0) < workers:
-            problems.append(f"STRICT_PACK puts all {workers} workers on one node, and the largest holds "
-                            f"{max(fits, default=0)}")
+            problems.append(
+                f"STRICT_PACK puts all {workers} workers on one node, and the largest holds {max(fits, default=0)}"
+            )
     elif not problems and sum(fits) < workers:  # enough in total, but split across nodes in pieces too small
         problems.append(f"the nodes hold {sum(fits)} of the {workers} workers once split into whole workers")
     return problems

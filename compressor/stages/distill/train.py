@@ -107,11 +107,20 @@ def train_steps(engines: Engines, job: DistillJob, data: WorkerData, step: int, 
         # checkpoint is a collective) at no extra collective per step.
         loss, kd, ce, hidden, stop = mean_over_workers(
             [result.loss, result.kd_loss, result.ce_loss, result.hidden_mse, stop_requested(job, rank)],
-            engines.device, world)
+            engines.device,
+            world,
+        )
         seconds = time.perf_counter() - start
         step, trained, seconds_total = step + 1, trained + 1, seconds_total + seconds
-        metrics = {"loss": loss, "kd_loss": kd, "ce_loss": ce, "lr": lr, "tokens_per_s": tokens_per_step / seconds,
-                   "step_time": seconds, "step": step}
+        metrics = {
+            "loss": loss,
+            "kd_loss": kd,
+            "ce_loss": ce,
+            "lr": lr,
+            "tokens_per_s": tokens_per_step / seconds,
+            "step_time": seconds,
+            "step": step,
+        }
         if job.spec.loss.hidden_mse:
             metrics["hidden_mse"] = hidden
         if result.grad_norm is not None:
@@ -163,8 +172,11 @@ def save_and_report(engines: Engines, job: DistillJob, step: int, metrics: dict,
         engines.student.save_checkpoint(tmp, tag=f"step{step}", client_state=state)
         if export:
             export_student(engines, job, Path(tmp) / EXPORT_DIR, rank)
-        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_step{step:08d}")
+        ray.train.report(
+            {**metrics, "step": step},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_step{step:08d}",
+        )
 
 
 def resume(engines: Engines, job: DistillJob) -> int:
@@ -199,11 +211,13 @@ def export_student(engines: Engines, job: DistillJob, out_dir: Path, rank: int) 
         model = AutoModelForCausalLM.from_config(trained.config, dtype=next(iter(state.values())).dtype)
         prefix = "student."
         missing, unexpected = model.load_state_dict(
-            {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=False
         )
         may_miss = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - may_miss:
-            raise RuntimeError(f"consolidated state does not fit the student: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(
+                f"consolidated state does not fit the student: missing {missing}, unexpected {unexpected}"
+            )
     else:
         if rank != 0:
             return

@@ -37,13 +37,25 @@ def flops(spec: EvaluateSpec, given: EstimateInput) -> float:
     from compressor.estimate import eval_flops
 
     wanted = set(spec.tasks) if spec.tasks else None
-    return eval_flops(given.in_config, [t for t in given.pipeline.evaluation.tasks if wanted is None or t.name in wanted])
+    return eval_flops(
+        given.in_config, [t for t in given.pipeline.evaluation.tasks if wanted is None or t.name in wanted]
+    )
 
 
 def key_extra(spec: EvaluateSpec, plan: PlanContext) -> dict:
     return {"tasks": [t.model_dump(mode="json") for t in plan.pipeline.evaluation.tasks]}
 
 
-KIND = register(StageKind(
-    name="evaluate", spec=EvaluateSpec, summary="Score the previous stage's model on the pipeline's lm-eval tasks.",
-    check=check, run=run, flops=flops, produces_model=False, key_extra=key_extra, standalone=False))
+KIND = register(
+    StageKind(
+        name="evaluate",
+        spec=EvaluateSpec,
+        summary="Score the previous stage's model on the pipeline's lm-eval tasks.",
+        check=check,
+        run=run,
+        flops=flops,
+        produces_model=False,
+        key_extra=key_extra,
+        standalone=False,
+    )
+)

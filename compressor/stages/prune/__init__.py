@@ -18,7 +18,9 @@ def check(spec: PruneSpec, config: dict) -> CheckResult:
     from compressor.stages.prune import shapes
 
     if not config:  # a hub id not fetched yet: the same check runs again when the stage starts
-        return CheckResult(config={}, warnings=["prune: input config.json not available; the target is checked at run time"])
+        return CheckResult(
+            config={}, warnings=["prune: input config.json not available; the target is checked at run time"]
+        )
     shapes.architecture(config)
     if spec.searching:  # a budget: the shape is chosen at run time; later stages are planned on the largest candidate
         from compressor.stages.prune import budget
@@ -50,8 +52,11 @@ def flops(spec: PruneSpec, given: EstimateInput) -> float:
     samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES)
     passes = 1
     target = spec.target
-    ranked = budget.ranks_layers(spec, given.in_config) if spec.searching else \
-        any(getattr(target, n) is not None for n in ("num_layers", "keep_layers", "drop_layers"))
+    ranked = (
+        budget.ranks_layers(spec, given.in_config)
+        if spec.searching
+        else any(getattr(target, n) is not None for n in ("num_layers", "keep_layers", "drop_layers"))
+    )
     if spec.depth_metric == "loss" and ranked:
         passes += estimate.shape(given.in_config)["layers"]
     calibration = passes * samples * seq_len * estimate.forward_flops_per_token(given.in_config, seq_len)
@@ -64,7 +69,7 @@ def planned_spec(spec: PruneSpec, plan: PlanContext) -> PruneSpec:
     """Warn about widths a later stage's quantization group size will not divide (the first later stage with one)."""
     if spec.quantize_group_size is not None:
         return spec
-    later = (getattr(entry.spec, "group_size", None) for entry in plan.pipeline.stages[plan.index + 1:])
+    later = (getattr(entry.spec, "group_size", None) for entry in plan.pipeline.stages[plan.index + 1 :])
     group = next((g for g in later if g is not None), None)
     return spec.model_copy(update={"quantize_group_size": group}) if group and group > 0 else spec
 
@@ -81,11 +86,17 @@ def key_extra(spec: PruneSpec, plan: PlanContext) -> dict:
     for field in ("data", "heldout"):
         name = getattr(settings, field)
         if name is not None and name not in data:
-            raise UserError(f"stages.{plan.index}.prune.search.{field}: unknown data source {name!r} (known: "
-                            f"{', '.join(sorted(data)) or 'none defined'})")
+            raise UserError(
+                f"stages.{plan.index}.prune.search.{field}: unknown data source {name!r} (known: "
+                f"{', '.join(sorted(data)) or 'none defined'})"
+            )
     names = {budget.search_source(spec, data)[0], settings.heldout} - {None}
-    return {"search": {"teacher": plan.teacher_key,
-                       "data": {n: data[n].model_dump(mode="json") for n in sorted(names) if n in data}}}
+    return {
+        "search": {
+            "teacher": plan.teacher_key,
+            "data": {n: data[n].model_dump(mode="json") for n in sorted(names) if n in data},
+        }
+    }
 
 
 def describe_resources(spec: PruneSpec, resources) -> str:
@@ -109,20 +120,28 @@ def plan_notes(plan, stage) -> list[str]:
     space, settings = budget.cached_space(spec, stage.in_config), spec.search_settings()
     cost = budget.search_flops(spec, stage.in_config, plan.spec, plan.teacher_config)
     distilled = min(settings.top_k, len(space.candidates)) if settings.steps > 0 and settings.top_k > 1 else 0
-    how = (f"the best {distilled} distilled {settings.steps} steps each, the winner by held-out loss" if distilled
-           else "the best by pruned loss (no short distillation)")
-    lines = [f"{stage.name} search: {len(space.candidates)} candidate shapes (of {space.total} within "
-             f"{space.budget.describe()}), scored by their pruned loss; {how}"]
-    later = [s for s in plan.stages[plan.stages.index(stage) + 1:] if s.kind == "distill" and s.in_config]
+    how = (
+        f"the best {distilled} distilled {settings.steps} steps each, the winner by held-out loss"
+        if distilled
+        else "the best by pruned loss (no short distillation)"
+    )
+    lines = [
+        f"{stage.name} search: {len(space.candidates)} candidate shapes (of {space.total} within "
+        f"{space.budget.describe()}), scored by their pruned loss; {how}"
+    ]
+    later = [s for s in plan.stages[plan.stages.index(stage) + 1 :] if s.kind == "distill" and s.in_config]
     main = ""
     if later:
         flops = estimate.stage_flops("distill", later[0].entry.spec, later[0].in_config, later[0].out_config, plan.spec)
         main = f"; the {later[0].name} stage after it: {flops:.2e} (the search is {cost['total'] / flops:.0%} of it)"
-    lines.append(f"{stage.name} search cost: {cost['total']:.2e} FLOPs ({cost['scoring']:.2e} scoring, "
-                 f"{cost['short_distills']:.2e} short distillations){main}")
+    lines.append(
+        f"{stage.name} search cost: {cost['total']:.2e} FLOPs ({cost['scoring']:.2e} scoring, "
+        f"{cost['short_distills']:.2e} short distillations){main}"
+    )
     lines.append(f"{stage.name} shapes it will try:")
-    lines += [f"  {c.label()}: {c.params:,} parameters ({c.non_embedding_params:,} non-embedding)"
-              for c in space.candidates]
+    lines += [
+        f"  {c.label()}: {c.params:,} parameters ({c.non_embedding_params:,} non-embedding)" for c in space.candidates
+    ]
     return lines
 
 
@@ -132,7 +151,18 @@ def result_line(manifest) -> str:
     return f"pruned {d['params_before']:,} -> {d['params_after']:,} parameters ({d['target_shape']}{searched})"
 
 
-KIND = register(StageKind(
-    name="prune", spec=PruneSpec, summary="Minitron structured pruning of width (heads, neurons, channels) and depth.",
-    check=check, run=run, flops=flops, key_extra=key_extra, planned_spec=planned_spec,
-    describe_resources=describe_resources, plan_notes=plan_notes, result_line=result_line))
+KIND = register(
+    StageKind(
+        name="prune",
+        spec=PruneSpec,
+        summary="Minitron structured pruning of width (heads, neurons, channels) and depth.",
+        check=check,
+        run=run,
+        flops=flops,
+        key_extra=key_extra,
+        planned_spec=planned_spec,
+        describe_resources=describe_resources,
+        plan_notes=plan_notes,
+        result_line=result_line,
+    )
+)

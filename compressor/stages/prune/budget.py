@@ -54,8 +54,10 @@ class Budget:
 
     def describe(self) -> str:
         what = "parameters" if self.measure == "params" else "non-embedding parameters"
-        return (f"{self.value:,.0f} {what} ({self.value / self.source:.0%} of the source's {self.source:,}) "
-                f"+/- {self.tolerance * 100:g}%, i.e. {math.ceil(self.lo):,}..{math.floor(self.hi):,}")
+        return (
+            f"{self.value:,.0f} {what} ({self.value / self.source:.0%} of the source's {self.source:,}) "
+            f"+/- {self.tolerance * 100:g}%, i.e. {math.ceil(self.lo):,}..{math.floor(self.hi):,}"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,10 @@ class Candidate:
 
     def label(self) -> str:
         s = self.shape
-        return (f"hidden {s.hidden_size}, mlp {s.intermediate_size}, heads {s.num_attention_heads}/"
-                f"{s.num_key_value_heads} kv, layers {s.num_layers}")
+        return (
+            f"hidden {s.hidden_size}, mlp {s.intermediate_size}, heads {s.num_attention_heads}/"
+            f"{s.num_key_value_heads} kv, layers {s.num_layers}"
+        )
 
     def as_dict(self) -> dict:
         return {"shape": self.shape.as_dict(), "params": self.params, "non_embedding_params": self.non_embedding_params}
@@ -89,8 +93,10 @@ def budget_of(spec: PruneSpec, config: dict) -> Budget:
         return Budget(params * source, "non_embedding_params", tolerance, source)
     source = estimate.param_count(config)
     if params > source:
-        raise UserError(f"prune.target.params: {params:,.0f} is more than the source's {source:,} parameters; "
-                        "pruning only removes (a fraction <= 1 counts the source's non-embedding parameters)")
+        raise UserError(
+            f"prune.target.params: {params:,.0f} is more than the source's {source:,} parameters; "
+            "pruning only removes (a fraction <= 1 counts the source's non-embedding parameters)"
+        )
     return Budget(params, "params", tolerance, source)
 
 
@@ -106,8 +112,10 @@ def _allowed(spec: PruneSpec, field: str, source: int, default: list[int]) -> li
     lo, hi = value
     inside = [v for v in default if lo <= v <= hi]
     if not inside:
-        raise UserError(f"prune.target.{field}: no allowed value in [{lo}, {hi}] (the source has {source}; widths "
-                        f"must be multiples of align={spec.align} or the source's own)")
+        raise UserError(
+            f"prune.target.{field}: no allowed value in [{lo}, {hi}] (the source has {source}; widths "
+            f"must be multiples of align={spec.align} or the source's own)"
+        )
     return inside
 
 
@@ -115,8 +123,10 @@ def _widths(spec: PruneSpec, name: str, source: int) -> list[int]:
     """Multiples of `align` up to the source's width, and the source's own (kept whole, aligned or not)."""
     value = spec.target.fixed(name)
     if value is not None and value != source and value % spec.align:
-        raise UserError(f"prune.target.{name}: {value} is not a multiple of align={spec.align}; round it "
-                        f"(e.g. {max(spec.align, value // spec.align * spec.align)}) or set prune.align")
+        raise UserError(
+            f"prune.target.{name}: {value} is not a multiple of align={spec.align}; round it "
+            f"(e.g. {max(spec.align, value // spec.align * spec.align)}) or set prune.align"
+        )
     return _allowed(spec, name, source, sorted({*range(spec.align, source + 1, spec.align), source}))
 
 
@@ -125,7 +135,7 @@ def _nearest_width(budget: Budget, count, widths: list[int]) -> Optional[int]:
     one misses the tolerance."""
     base, slope = count(0), count(1) - count(0)
     i = bisect.bisect_left(widths, (budget.value - base) / slope if slope else 0)
-    best = min(widths[max(0, i - 1): i + 1], key=lambda w: abs(count(w) - budget.value))
+    best = min(widths[max(0, i - 1) : i + 1], key=lambda w: abs(count(w) - budget.value))
     return best if budget.meets(count(best)) else None
 
 
@@ -158,18 +168,28 @@ def search_space(spec: PruneSpec, config: dict) -> Space:
     budget = budget_of(spec, config)
     explicit = spec.target.keep_layers is not None or spec.target.drop_layers is not None
     kept_layers = shapes.kept_layers_rule(spec, src.num_layers) if explicit else None
-    depths = [len(kept_layers)] if explicit else _allowed(spec, "num_layers", src.num_layers,
-                                                          list(range(1, src.num_layers + 1)))
+    depths = (
+        [len(kept_layers)]
+        if explicit
+        else _allowed(spec, "num_layers", src.num_layers, list(range(1, src.num_layers + 1)))
+    )
     hiddens = _widths(spec, "hidden_size", src.hidden_size)
     mlp_widths = _widths(spec, "intermediate_size", src.intermediate_size)
-    kvs = _allowed(spec, "num_key_value_heads", src.num_key_value_heads,
-                   list(range(1, src.num_key_value_heads + 1)) if spec.target.num_key_value_heads is not None
-                   else [src.num_key_value_heads])
+    kvs = _allowed(
+        spec,
+        "num_key_value_heads",
+        src.num_key_value_heads,
+        list(range(1, src.num_key_value_heads + 1))
+        if spec.target.num_key_value_heads is not None
+        else [src.num_key_value_heads],
+    )
     heads = _allowed(spec, "num_attention_heads", src.num_attention_heads, list(range(1, src.num_attention_heads + 1)))
     combinations = len(hiddens) * len(kvs) * len(heads) * len(depths)
     if combinations > MAX_COMBINATIONS:
-        raise UserError(f"prune.target: {combinations:,} shapes to enumerate (more than {MAX_COMBINATIONS:,}); fix "
-                        "or bound some dimensions (e.g. num_layers, or a [lo, hi] hidden_size range) or raise align")
+        raise UserError(
+            f"prune.target: {combinations:,} shapes to enumerate (more than {MAX_COMBINATIONS:,}); fix "
+            "or bound some dimensions (e.g. num_layers, or a [lo, hi] hidden_size range) or raise align"
+        )
 
     found: list[Candidate] = []
     smallest = largest = None  # (count, shape) over every valid shape, to explain an empty result
@@ -188,11 +208,21 @@ def search_space(spec: PruneSpec, config: dict) -> Space:
                     width = _nearest_width(budget, mlp.count, mlp_widths)
                     if width is not None:
                         cfg = mlp.config(width)
-                        found.append(Candidate(mlp.shape(width), estimate.param_count(cfg), non_embedding_params(cfg), cfg))
+                        found.append(
+                            Candidate(mlp.shape(width), estimate.param_count(cfg), non_embedding_params(cfg), cfg)
+                        )
     if not found:
         raise UserError(_no_shape(spec, budget, smallest, largest))
-    found.sort(key=lambda c: (c.shape.num_layers, c.shape.hidden_size, c.shape.num_attention_heads,
-                              c.shape.num_key_value_heads, c.shape.intermediate_size), reverse=True)
+    found.sort(
+        key=lambda c: (
+            c.shape.num_layers,
+            c.shape.hidden_size,
+            c.shape.num_attention_heads,
+            c.shape.num_key_value_heads,
+            c.shape.intermediate_size,
+        ),
+        reverse=True,
+    )
     return Space(budget, spread(found, spec.search_settings().max_candidates), len(found), kept_layers)
 
 
@@ -206,22 +236,38 @@ def spread(items: list, n: int) -> list:
 
 
 def _no_shape(spec: PruneSpec, budget: Budget, smallest, largest) -> str:
-    fixed = [f"{name} {getattr(spec.target, name)}" for name in ("hidden_size", "intermediate_size",
-             "num_attention_heads", "num_key_value_heads", "num_layers", "keep_layers", "drop_layers")
-             if getattr(spec.target, name) is not None]
+    fixed = [
+        f"{name} {getattr(spec.target, name)}"
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_layers",
+            "keep_layers",
+            "drop_layers",
+        )
+        if getattr(spec.target, name) is not None
+    ]
     given = f" with {', '.join(fixed)}" if fixed else ""
     if smallest is None:
-        return (f"prune.target: no shape{given} is valid at all (query heads must be a multiple of the KV heads, at "
-                f"most the source's heads per KV group, and divide hidden_size); loosen those constraints")
+        return (
+            f"prune.target: no shape{given} is valid at all (query heads must be a multiple of the KV heads, at "
+            f"most the source's heads per KV group, and divide hidden_size); loosen those constraints"
+        )
+
     def show(point) -> str:
         return f"{point[0]:,} ({Candidate(point[1], 0, 0, {}).label()})"
+
     if budget.hi < smallest[0]:
         why = f"the smallest aligned shape{given} has {show(smallest)}: the budget is too small for it"
     elif budget.lo > largest[0]:
         why = f"the largest shape{given} has only {show(largest)}: the budget is too large for it"
     else:
-        why = (f"the shapes{given} range from {show(smallest)} to {show(largest)}, but none lands in the band at "
-               f"multiples of align={spec.align}; raise search.tolerance or loosen the constraints")
+        why = (
+            f"the shapes{given} range from {show(smallest)} to {show(largest)}, but none lands in the band at "
+            f"multiples of align={spec.align}; raise search.tolerance or loosen the constraints"
+        )
     return f"prune.target.params: no shape meets the budget of {budget.describe()}; {why}"
 
 
@@ -233,9 +279,11 @@ def check_group_size(space: Space, spec: PruneSpec) -> None:
         return
     odd = [c for c in space.candidates if shapes.group_size_warnings(c.shape, group)]
     if odd:
-        raise UserError(f"prune.align: {len(odd)} of the {len(space.candidates)} candidate shapes have widths the "
-                        f"later quantize group size {group} does not divide (e.g. {odd[0].label()}); set prune.align "
-                        f"to {math.lcm(group, spec.align)} so every shape the search may choose quantizes")
+        raise UserError(
+            f"prune.align: {len(odd)} of the {len(space.candidates)} candidate shapes have widths the "
+            f"later quantize group size {group} does not divide (e.g. {odd[0].label()}); set prune.align "
+            f"to {math.lcm(group, spec.align)} so every shape the search may choose quantizes"
+        )
 
 
 def cached_space(spec: PruneSpec, config: dict) -> Space:
@@ -278,15 +326,33 @@ def search_flops(spec: PruneSpec, config: dict, pipeline, teacher_config: Option
     def mean(fn) -> float:
         return sum(fn(c.config) for c in space.candidates) / len(space.candidates)
 
-    scoring = len(space.candidates) * min(settings.score_samples, samples) * seq_len * \
-        mean(lambda c: estimate.forward_flops_per_token(c, seq_len))
+    scoring = (
+        len(space.candidates)
+        * min(settings.score_samples, samples)
+        * seq_len
+        * mean(lambda c: estimate.forward_flops_per_token(c, seq_len))
+    )
     top = min(settings.top_k, len(space.candidates))
     distilled = top if settings.steps > 0 and top > 1 else 0
     teacher = teacher_config or config
     tokens = settings.steps * short.global_batch * distill_seq if short else 0
-    distills = distilled * tokens * (estimate.forward_flops_per_token(teacher, distill_seq)
-                                     + 3 * mean(lambda c: estimate.forward_flops_per_token(c, distill_seq)))
-    heldout_passes = 2 * distilled * settings.heldout_samples * heldout_seq * \
-        mean(lambda c: estimate.forward_flops_per_token(c, heldout_seq))
-    return {"scoring": scoring, "short_distills": distills + heldout_passes,
-            "total": scoring + distills + heldout_passes}
+    distills = (
+        distilled
+        * tokens
+        * (
+            estimate.forward_flops_per_token(teacher, distill_seq)
+            + 3 * mean(lambda c: estimate.forward_flops_per_token(c, distill_seq))
+        )
+    )
+    heldout_passes = (
+        2
+        * distilled
+        * settings.heldout_samples
+        * heldout_seq
+        * mean(lambda c: estimate.forward_flops_per_token(c, heldout_seq))
+    )
+    return {
+        "scoring": scoring,
+        "short_distills": distills + heldout_passes,
+        "total": scoring + distills + heldout_passes,
+    }

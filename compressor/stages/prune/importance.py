@@ -80,9 +80,15 @@ class _Collector:
 
     def __enter__(self) -> _Collector:
         for i, layer in enumerate(self.decoder.layers):
-            self._hook(layer.self_attn.o_proj, lambda m, a, acc=self.heads[i]: acc.add(self._head_norms(a[0])), pre=True)
+            self._hook(
+                layer.self_attn.o_proj, lambda m, a, acc=self.heads[i]: acc.add(self._head_norms(a[0])), pre=True
+            )
             self._hook(layer.mlp.down_proj, lambda m, a, acc=self.neurons[i]: acc.add(a[0].abs()), pre=True)
-            self._hook(layer, lambda m, a, kw, out, i=i: self._block(i, a[0] if a else kw["hidden_states"], out), with_kwargs=True)
+            self._hook(
+                layer,
+                lambda m, a, kw, out, i=i: self._block(i, a[0] if a else kw["hidden_states"], out),
+                with_kwargs=True,
+            )
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 self._watch_norm(norm)
         self._watch_norm(self.decoder.norm)
@@ -129,8 +135,14 @@ def _no_progress(items, **_):
 
 
 @torch.no_grad()
-def estimate(model, blocks: torch.Tensor, head_dim: int, batch_size: int = 8, aggregation: str = "l2_mean",
-             progress: Progress = _no_progress) -> Importance:
+def estimate(
+    model,
+    blocks: torch.Tensor,
+    head_dim: int,
+    batch_size: int = 8,
+    aggregation: str = "l2_mean",
+    progress: Progress = _no_progress,
+) -> Importance:
     """Activation importance of `model` (a *ForCausalLM) over [n, seq_len] calibration token blocks."""
     decoder, device = model.base_model, model.device
     batches = _batches(blocks, batch_size)
@@ -158,7 +170,9 @@ def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 @torch.no_grad()
-def loss_increase(model, blocks: torch.Tensor, batch_size: int = 8, progress: Progress = _no_progress) -> tuple[float, torch.Tensor]:
+def loss_increase(
+    model, blocks: torch.Tensor, batch_size: int = 8, progress: Progress = _no_progress
+) -> tuple[float, torch.Tensor]:
     """LM loss with each layer dropped in turn, minus the full model's loss (one pass per layer)."""
     base = lm_loss(model, blocks, batch_size)
     layers = model.base_model.layers

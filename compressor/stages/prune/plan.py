@@ -59,8 +59,9 @@ def layer_ranking(importance: Importance, depth_metric: str) -> torch.Tensor:
     return importance.block_importance
 
 
-def make_plan(importance: Importance, src: Shape, out: Shape, kept_layers: Optional[list[int]],
-              depth_metric: str = "bi") -> PrunePlan:
+def make_plan(
+    importance: Importance, src: Shape, out: Shape, kept_layers: Optional[list[int]], depth_metric: str = "bi"
+) -> PrunePlan:
     """kept_layers: explicit indices, or None to keep the out.num_layers most important ones."""
     if kept_layers is None:
         kept_layers = top(layer_ranking(importance, depth_metric), out.num_layers).tolist()

@@ -53,9 +53,15 @@ class Scored:
     distill_seconds: Optional[float] = None
 
     def row(self) -> dict:
-        return {"index": self.index, "label": self.candidate.label(), **self.candidate.as_dict(),
-                "pruned_loss": self.pruned_loss, "heldout_loss_before": self.heldout_before,
-                "heldout_loss_after": self.heldout_after, "distill_seconds": self.distill_seconds}
+        return {
+            "index": self.index,
+            "label": self.candidate.label(),
+            **self.candidate.as_dict(),
+            "pruned_loss": self.pruned_loss,
+            "heldout_loss_before": self.heldout_before,
+            "heldout_loss_after": self.heldout_after,
+            "distill_seconds": self.distill_seconds,
+        }
 
 
 @dataclass
@@ -67,33 +73,56 @@ class Outcome:
     scratch: list[str]  # candidate checkpoints and Ray Train runs, dropped once the stage is published
 
 
-def pruned_copy(model, importance: Importance, src: shapes.Shape, candidate: budgets.Candidate,
-                kept_layers: Optional[list[int]], depth_metric: str):
+def pruned_copy(
+    model,
+    importance: Importance,
+    src: shapes.Shape,
+    candidate: budgets.Candidate,
+    kept_layers: Optional[list[int]],
+    depth_metric: str,
+):
     """The source pruned to `candidate`, leaving the source untouched."""
     pruned = copy.deepcopy(model)
     apply_plan(pruned, make_plan(importance, src, candidate.shape, kept_layers, depth_metric))
     return pruned.eval()
 
 
-def choose_shape(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext, model, tokenizer, config: dict,
-                 blocks: torch.Tensor, importance: Importance) -> Outcome:
+def choose_shape(
+    spec: PruneSpec,
+    model_ref: ModelRef,
+    ctx: StageContext,
+    model,
+    tokenizer,
+    config: dict,
+    blocks: torch.Tensor,
+    importance: Importance,
+) -> Outcome:
     settings, src = spec.search_settings(), shapes.source_shape(config)
     space = budgets.cached_space(spec, config)
     start = time.perf_counter()
     ctx.info(f"prune search: {len(space.candidates)} of the {space.total} shapes meeting {space.budget.describe()}")
     score_blocks = blocks[: settings.score_samples]
     scored = []
-    for i, candidate in enumerate(ctx.progress(space.candidates, total=len(space.candidates), desc="prune: score shapes")):
+    for i, candidate in enumerate(
+        ctx.progress(space.candidates, total=len(space.candidates), desc="prune: score shapes")
+    ):
         pruned = pruned_copy(model, importance, src, candidate, space.kept_layers, spec.depth_metric)
         scored.append(Scored(i, candidate, lm_loss(pruned, score_blocks, spec.batch_size)))
         del pruned
     scoring_seconds = time.perf_counter() - start
     before = sorted(scored, key=lambda s: s.pruned_loss)
     for rank, s in enumerate(before):
-        s.sink = ctx.child_sink(f"candidate {s.index}: {s.candidate.label()}",
-                                {"index": s.index, **s.candidate.as_dict()})
-        s.sink.log_metrics({"pruned_loss": s.pruned_loss, "rank_before": rank,
-                            "params": s.candidate.params, "non_embedding_params": s.candidate.non_embedding_params})
+        s.sink = ctx.child_sink(
+            f"candidate {s.index}: {s.candidate.label()}", {"index": s.index, **s.candidate.as_dict()}
+        )
+        s.sink.log_metrics(
+            {
+                "pruned_loss": s.pruned_loss,
+                "rank_before": rank,
+                "params": s.candidate.params,
+                "non_embedding_params": s.candidate.non_embedding_params,
+            }
+        )
     top = before[: settings.top_k]
     distilling = settings.steps > 0 and len(top) > 1  # one candidate needs no distillation to win
     scratch: list[str] = []
@@ -116,25 +145,46 @@ def choose_shape(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext, model,
     chosen, seconds = after[0], time.perf_counter() - start
     ctx.info(f"prune search: chose {chosen.candidate.label()} ({chosen.candidate.params:,} parameters)")
     details = {
-        "budget": dataclasses.asdict(space.budget), "enumerated": space.total, "scored": len(scored),
-        "top_k": len(top), "steps": settings.steps if distilling else 0,
+        "budget": dataclasses.asdict(space.budget),
+        "enumerated": space.total,
+        "scored": len(scored),
+        "top_k": len(top),
+        "steps": settings.steps if distilling else 0,
         "candidates": [s.row() for s in scored],
-        "ranking_before": [s.index for s in before], "ranking_after": [s.index for s in after],
-        "chosen": chosen.index, "chosen_shape": chosen.candidate.shape.as_dict(),
-        "seconds": {"scoring": round(scoring_seconds, 3), "short_distills": round(distill_seconds, 3),
-                    "total": round(seconds, 3)},
+        "ranking_before": [s.index for s in before],
+        "ranking_after": [s.index for s in after],
+        "chosen": chosen.index,
+        "chosen_shape": chosen.candidate.shape.as_dict(),
+        "seconds": {
+            "scoring": round(scoring_seconds, 3),
+            "short_distills": round(distill_seconds, 3),
+            "total": round(seconds, 3),
+        },
     }
-    metrics = {"search_candidates": float(len(scored)), "search_distilled": float(len(top) if distilling else 0),
-               "search_seconds": round(seconds, 3), "search_distill_seconds": round(distill_seconds, 3),
-               "search_chosen_pruned_loss": chosen.pruned_loss}
+    metrics = {
+        "search_candidates": float(len(scored)),
+        "search_distilled": float(len(top) if distilling else 0),
+        "search_seconds": round(seconds, 3),
+        "search_distill_seconds": round(distill_seconds, 3),
+        "search_chosen_pruned_loss": chosen.pruned_loss,
+    }
     if chosen.heldout_after is not None:
         metrics["search_chosen_heldout_loss"] = chosen.heldout_after
     return Outcome(chosen.candidate.shape, space.kept_layers, details, metrics, scratch)
 
 
 # ----------------------------------------------------------------------------- short distillations
-def short_distills(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext, model, tokenizer, config: dict,
-                   importance: Importance, space: budgets.Space, top: list[Scored]) -> list[str]:
+def short_distills(
+    spec: PruneSpec,
+    model_ref: ModelRef,
+    ctx: StageContext,
+    model,
+    tokenizer,
+    config: dict,
+    importance: Importance,
+    space: budgets.Space,
+    top: list[Scored],
+) -> list[str]:
     """Distill each of `top` briefly and set its held-out losses; returns the scratch URIs it left."""
     from compressor.modeling import load_model, save_checkpoint
 
@@ -145,8 +195,11 @@ def short_distills(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext, mode
     heldout = heldout_blocks(spec, ctx, tokenizer, config, data)
     base = ctx.run_name or f"prune-{digest(model_ref.key, key_fields(spec), ctx.seed)[:12]}"
     # Beside the stage's work dir when there is no storage (a test): never inside it, which becomes the stage output.
-    root = storage.join(ctx.storage_path, f"{base}-search") if ctx.storage_path else \
-        str(Path(ctx.work_dir).resolve().parent / f"{Path(ctx.work_dir).name}-search")
+    root = (
+        storage.join(ctx.storage_path, f"{base}-search")
+        if ctx.storage_path
+        else str(Path(ctx.work_dir).resolve().parent / f"{Path(ctx.work_dir).name}-search")
+    )
     scratch, jobs = [root], []
     for s in top:
         pruned = pruned_copy(model, importance, src, s.candidate, space.kept_layers, spec.depth_metric)
@@ -156,14 +209,28 @@ def short_distills(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext, mode
         work = storage.scratch_dir(uri, f"candidate-{s.index}")
         save_checkpoint(pruned, tokenizer, work / "model")
         del pruned
-        Manifest(stage=f"{base}-candidate-{s.index}", kind="prune", key=key, model_uri="model",
-                 input_key=model_ref.key, num_params=s.candidate.params).write(work)
+        Manifest(
+            stage=f"{base}-candidate-{s.index}",
+            kind="prune",
+            key=key,
+            model_uri="model",
+            input_key=model_ref.key,
+            num_params=s.candidate.params,
+        ).write(work)
         storage.publish_dir(work, uri)
         candidate_ctx = dataclasses.replace(
-            ctx, work_dir=Path(ctx.work_dir) / "search" / f"candidate-{s.index}", teacher=teacher,
-            shared_teacher=teacher, run_name=f"{base}-candidate-{s.index}", sink=s.sink, quiet=True,
-            progress_queue=None)
-        jobs.append((distill_spec, ModelRef(path=storage.join(uri, "model"), key=f"prune-candidate:{key}"), candidate_ctx))
+            ctx,
+            work_dir=Path(ctx.work_dir) / "search" / f"candidate-{s.index}",
+            teacher=teacher,
+            shared_teacher=teacher,
+            run_name=f"{base}-candidate-{s.index}",
+            sink=s.sink,
+            quiet=True,
+            progress_queue=None,
+        )
+        jobs.append(
+            (distill_spec, ModelRef(path=storage.join(uri, "model"), key=f"prune-candidate:{key}"), candidate_ctx)
+        )
     prepare_data(distill_spec, ctx.teacher or teacher, ctx)  # once, before the runs sharing the shards start together
     ctx.info(f"prune search: distilling the best {len(top)} shapes for {distill_spec.steps} steps each")
 
@@ -176,8 +243,10 @@ def short_distills(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext, mode
             del distilled
             shutil.rmtree(jobs[i][2].work_dir, ignore_errors=True)  # the distilled copy served its purpose
             scratch += result["scratch"]
-            ctx.info(f"prune search: {s.candidate.label()}: held-out loss {s.heldout_before:.4f} pruned, "
-                     f"{s.heldout_after:.4f} after {distill_spec.steps} steps ({result['seconds']:.0f} s)")
+            ctx.info(
+                f"prune search: {s.candidate.label()}: held-out loss {s.heldout_before:.4f} pruned, "
+                f"{s.heldout_after:.4f} after {distill_spec.steps} steps ({result['seconds']:.0f} s)"
+            )
     finally:  # the stage's work dir is its output: no candidate may stay in it
         runs.close()
         shutil.rmtree(Path(ctx.work_dir) / "search", ignore_errors=True)
@@ -223,8 +292,9 @@ def prepare_data(distill_spec, teacher: ModelRef, ctx: StageContext) -> None:
 
     source = normalized(ctx.data_source(distill_spec.data))
     seq_len = distill_spec.seq_len or source.seq_len
-    prepare_task(source, teacher, seq_len, budget_steps(distill_spec, seq_len) * distill_spec.global_batch,
-                 ctx.shards_root)
+    prepare_task(
+        source, teacher, seq_len, budget_steps(distill_spec, seq_len) * distill_spec.global_batch, ctx.shards_root
+    )
 
 
 def _distill_task(spec, student: ModelRef, ctx: StageContext) -> dict:
@@ -233,8 +303,12 @@ def _distill_task(spec, student: ModelRef, ctx: StageContext) -> dict:
 
     start = time.perf_counter()
     result = distill(spec, student, ctx)
-    return {"model_dir": str(ctx.model_dir), "seconds": time.perf_counter() - start, "metrics": result.metrics,
-            "scratch": list(result.details.get("scratch") or [])}
+    return {
+        "model_dir": str(ctx.model_dir),
+        "seconds": time.perf_counter() - start,
+        "metrics": result.metrics,
+        "scratch": list(result.details.get("scratch") or []),
+    }
 
 
 def runs_at_once(spec, wanted: int) -> int:
@@ -255,10 +329,12 @@ def runs_at_once(spec, wanted: int) -> int:
             if spec.wait_for_resources_s > 0:  # an autoscaling cluster: the run's own wait asks for the nodes
                 return 1
             held = f" besides the {own.get(resource, 0):g} this stage holds" if resource == "GPU" else ""
-            raise UserError(f"prune.search.distill: a short distillation needs {need:g} {resource} ({spec.workers} "
-                            f"workers), but the Ray cluster has {have:g}{held}; lower search.distill.workers / "
-                            "gpus_per_worker or the prune stage's resources, or (autoscaling clusters) set "
-                            "search.distill.wait_for_resources_s")
+            raise UserError(
+                f"prune.search.distill: a short distillation needs {need:g} {resource} ({spec.workers} "
+                f"workers), but the Ray cluster has {have:g}{held}; lower search.distill.workers / "
+                "gpus_per_worker or the prune stage's resources, or (autoscaling clusters) set "
+                "search.distill.wait_for_resources_s"
+            )
         fits = min(fits, int(have // need))
     return max(1, fits)
 

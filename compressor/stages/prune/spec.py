@@ -18,18 +18,22 @@ class PruneTarget(Strict):
     searched); head_dim never changes."""
 
     params: Optional[float] = Field(
-        None, gt=0, description="A budget instead of a shape: absolute parameters (> 1, e.g. 4.5e9, counted like "
+        None,
+        gt=0,
+        description="A budget instead of a shape: absolute parameters (> 1, e.g. 4.5e9, counted like "
         "`plan` does, embeddings included) or a fraction (<= 1) of the source's non-embedding parameters. The "
         "shape is then searched (see `search`); the other fields constrain it: an int fixes a dimension, a "
-        "[lo, hi] range bounds it.")
+        "[lo, hi] range bounds it.",
+    )
     hidden_size: Dimension = Field(None, description="Embedding channels to keep (Minitron width); > 0.")
     intermediate_size: Dimension = Field(None, description="MLP neurons to keep in every layer; > 0.")
     num_attention_heads: Dimension = Field(
         None, description="Query heads to keep in every layer, ranked within their KV group; > 0."
     )
     num_key_value_heads: Dimension = Field(
-        None, description="KV heads to keep; fewer than the source drops whole KV groups (with their query heads). "
-        "With `params` and no value given, the source's KV heads are kept (as ModelOpt does)."
+        None,
+        description="KV heads to keep; fewer than the source drops whole KV groups (with their query heads). "
+        "With `params` and no value given, the source's KV heads are kept (as ModelOpt does).",
     )
     num_layers: Dimension = Field(None, description="Keep this many layers, dropping the least important; > 0.")
     keep_layers: Optional[list[int]] = Field(None, description="Explicit layer indices to keep (0-based).")
@@ -60,8 +64,10 @@ class PruneTarget(Strict):
             raise ValueError(f"give only one of num_layers, keep_layers, drop_layers (got {', '.join(given)})")
         ranged = [n for n in RANGED if isinstance(getattr(self, n), tuple)]
         if ranged and self.params is None:
-            raise ValueError(f"{ranged[0]}: a [lo, hi] range bounds a search, which needs a budget: set `params` "
-                             "too, or give one value")
+            raise ValueError(
+                f"{ranged[0]}: a [lo, hi] range bounds a search, which needs a budget: set `params` "
+                "too, or give one value"
+            )
         return self
 
     def fixed(self, name: str) -> Optional[int]:
@@ -79,28 +85,40 @@ class SearchSpec(Strict):
     pruned from the source, not the short-distilled copy: the distill stage that follows trains it."""
 
     tolerance: float = Field(
-        0.05, gt=0, lt=1, description="A shape meets the budget when its parameter count is within budget x "
-        "(1 +/- tolerance).")
+        0.05,
+        gt=0,
+        lt=1,
+        description="A shape meets the budget when its parameter count is within budget x (1 +/- tolerance).",
+    )
     max_candidates: int = Field(
-        24, gt=0, description="Shapes scored by their pruned loss: all that meet the budget, or an even spread of "
-        "this many.")
+        24,
+        gt=0,
+        description="Shapes scored by their pruned loss: all that meet the budget, or an even spread of this many.",
+    )
     top_k: int = Field(4, gt=0, description="Best-scoring shapes that get a short distillation.")
     steps: int = Field(
-        50, ge=0, description="Distillation steps per short-distilled shape (0: pick by the pruned loss alone).")
+        50, ge=0, description="Distillation steps per short-distilled shape (0: pick by the pruned loss alone)."
+    )
     score_samples: int = Field(
-        64, gt=0, description="Calibration sequences each shape's pruned loss is measured on (the first of the set).")
+        64, gt=0, description="Calibration sequences each shape's pruned loss is measured on (the first of the set)."
+    )
     data: Optional[str] = Field(
-        None, description="Data source (under `data:`) of the short distillations; default: the calibration one.")
+        None, description="Data source (under `data:`) of the short distillations; default: the calibration one."
+    )
     heldout: Optional[str] = Field(
-        None, description="Data source of the held-out loss that picks the winner; default: the `data` source's "
+        None,
+        description="Data source of the held-out loss that picks the winner; default: the `data` source's "
         "held-out split for `zoo:` sources, else the calibration source with another seed (the short "
-        "distillations never train on it, unless it is also `data`).")
+        "distillations never train on it, unless it is also `data`).",
+    )
     heldout_samples: int = Field(64, gt=0, description="Held-out sequences the winner is picked on.")
     distill: dict[str, Any] = Field(
-        default_factory=dict, description="DistillSpec fields of the short distillations (lr, global_batch, "
+        default_factory=dict,
+        description="DistillSpec fields of the short distillations (lr, global_batch, "
         "micro_batch, seq_len, loss, deepspeed, workers, gpus_per_worker, ...; not data, steps or tokens); "
         "default: the distill stage's defaults. Use the settings of the pipeline's distill stage, so the short "
-        "runs predict the long one.")
+        "runs predict the long one.",
+    )
 
     @field_validator("distill")
     @classmethod
@@ -111,8 +129,10 @@ class SearchSpec(Strict):
 
         taken = [k for k in ("data", "steps", "tokens", "teacher") if k in value]
         if taken:
-            raise ValueError(f"{taken[0]}: set by the search itself (search.data, search.steps; the teacher is the "
-                             "pipeline's); leave it out of search.distill")
+            raise ValueError(
+                f"{taken[0]}: set by the search itself (search.data, search.steps; the teacher is the "
+                "pipeline's); leave it out of search.distill"
+            )
         try:
             DistillSpec(data="search", steps=1, **value)
         except ValidationError as exc:
@@ -146,12 +166,16 @@ class PruneSpec(Strict):
         "from the same pass) or the LM-loss increase when the layer is dropped (one more pass per layer).",
     )
     aggregation: Literal["l2_mean", "mean_mean", "l2_l2", "mean_l2"] = Field(
-        "l2_mean", description="<batch>_<sequence> reduction of activations; Minitron's best is L2 over batch, mean over sequence."
+        "l2_mean",
+        description="<batch>_<sequence> reduction of activations; Minitron's best is L2 over batch, mean over sequence.",
     )
     align: int = Field(32, gt=0, description="A pruned hidden_size / intermediate_size must be a multiple of this.")
-    quantize_group_size: Optional[int] = Field(None, description="Warn when widths will not divide by it (set from a later quantize stage).")
+    quantize_group_size: Optional[int] = Field(
+        None, description="Warn when widths will not divide by it (set from a later quantize stage)."
+    )
     search: Optional[SearchSpec] = Field(
-        None, description="How a budget (`target.params`) is searched; default: the SearchSpec defaults.")
+        None, description="How a budget (`target.params`) is searched; default: the SearchSpec defaults."
+    )
 
     @model_serializer(mode="wrap")
     def _omit_no_search(self, handler):
@@ -164,7 +188,9 @@ class PruneSpec(Strict):
     @model_validator(mode="after")
     def _search_needs_budget(self):
         if self.search is not None and self.target.params is None:
-            raise ValueError("search: set target.params (a budget) to search; a fixed target shape has nothing to search")
+            raise ValueError(
+                "search: set target.params (a budget) to search; a fixed target shape has nothing to search"
+            )
         return self
 
     @property

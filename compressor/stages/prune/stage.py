@@ -21,13 +21,22 @@ DEFAULT_SAMPLES = 1024  # the Minitron paper's calibration set size
 
 
 def non_embedding_params(model) -> int:
-    embeddings = {id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    embeddings = {
+        id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()
+    }
     return count_params(model) - sum(embeddings.values())  # a tied lm_head is one Parameter, counted once
 
 
 def calibration_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict) -> torch.Tensor:
-    return ctx.calibration_blocks(spec.calibration, tokenizer, spec.samples, spec.seq_len,
-                                  config.get("max_position_embeddings"), DEFAULT_SAMPLES, "prune")
+    return ctx.calibration_blocks(
+        spec.calibration,
+        tokenizer,
+        spec.samples,
+        spec.seq_len,
+        config.get("max_position_embeddings"),
+        DEFAULT_SAMPLES,
+        "prune",
+    )
 
 
 def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResult:
@@ -54,8 +63,11 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
     if ranks_layers and spec.depth_metric == "loss":
         importance.base_loss, importance.loss_increase = loss_increase(model, blocks, spec.batch_size, ctx.progress)
     importance_seconds = time.perf_counter() - start
-    found = search.choose_shape(spec, model_ref, ctx, model, tokenizer, config, blocks, importance) \
-        if spec.searching else None
+    found = (
+        search.choose_shape(spec, model_ref, ctx, model, tokenizer, config, blocks, importance)
+        if spec.searching
+        else None
+    )
     if found is not None:
         out, kept = found.shape, found.kept_layers
         ctx.save_json_artifact("search.json", found.details)
@@ -66,13 +78,16 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
     surgery_seconds = time.perf_counter() - start
     save_checkpoint(model, tokenizer, ctx.model_dir)
 
-    ctx.save_json_artifact("importance.json", {
-        "aggregation": spec.aggregation,
-        "depth_metric": spec.depth_metric,
-        "calibration": {"samples": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])},
-        "scores": importance.to_json(),
-        "plan": plan.summary(),
-    })
+    ctx.save_json_artifact(
+        "importance.json",
+        {
+            "aggregation": spec.aggregation,
+            "depth_metric": spec.depth_metric,
+            "calibration": {"samples": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])},
+            "scores": importance.to_json(),
+            "plan": plan.summary(),
+        },
+    )
     metrics = {
         "params_before": params_before,
         "params_after": count_params(model),
@@ -85,12 +100,15 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
     }
     ctx.log_metrics(metrics)
     ctx.info(f"prune: {params_before:,} -> {metrics['params_after']:,} parameters, layers kept {plan.layers}")
-    return StageResult(metrics=metrics, details={
-        "source_shape": src.as_dict(),
-        "target_shape": out.as_dict(),
-        "kept_layers": plan.layers,
-        "params_before": params_before,
-        "params_after": metrics["params_after"],
-        "warnings": warnings,
-        **({"search": found.details, "scratch": found.scratch} if found else {}),
-    })
+    return StageResult(
+        metrics=metrics,
+        details={
+            "source_shape": src.as_dict(),
+            "target_shape": out.as_dict(),
+            "kept_layers": plan.layers,
+            "params_before": params_before,
+            "params_after": metrics["params_after"],
+            "warnings": warnings,
+            **({"search": found.details, "scratch": found.scratch} if found else {}),
+        },
+    )

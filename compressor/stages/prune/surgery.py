@@ -103,4 +103,3 @@ def apply_plan(model, plan: PrunePlan) -> None:
         _take(decoder.norm.weight, 0, plan.hidden)
     _update_config(model.config, plan)
     _verify_shapes(model)
-

@@ -19,7 +19,9 @@ def check(spec: QuantizeSpec, config: dict) -> CheckResult:
 
     resolution = alignment.resolve(spec, config)
     if not config:  # a hub id not fetched yet: the same decision is taken again when the stage starts
-        return CheckResult(config={}, warnings=["quantize: input config.json not available; alignment is checked at run time"])
+        return CheckResult(
+            config={}, warnings=["quantize: input config.json not available; alignment is checked at run time"]
+        )
     return CheckResult(config=alignment.output_config(config, spec, resolution), warnings=resolution.warnings)
 
 
@@ -42,11 +44,21 @@ def result_line(manifest) -> str:
     d = manifest.details
     if d.get("method") == "gguf":
         return f"quantized to GGUF {d.get('quant_type', '?')} ({d.get('bits_per_weight', '?')} bits per weight)"
-    return (f"quantized with {d.get('method', 'gptq')} to {d.get('bits', '?')}-bit, group size {d.get('group_size', '-')}: "
-            f"linear weights {d.get('linear_bytes_in') or '?'} -> {d.get('linear_bytes_out', '?')} bytes "
-            f"({d.get('linear_compression') or '?'}x), kernel here {d.get('kernel_here', '-')}")
+    return (
+        f"quantized with {d.get('method', 'gptq')} to {d.get('bits', '?')}-bit, group size {d.get('group_size', '-')}: "
+        f"linear weights {d.get('linear_bytes_in') or '?'} -> {d.get('linear_bytes_out', '?')} bytes "
+        f"({d.get('linear_compression') or '?'}x), kernel here {d.get('kernel_here', '-')}"
+    )
 
 
-KIND = register(StageKind(
-    name="quantize", spec=QuantizeSpec, summary="Weight quantization through GPTQModel (GPTQ, AWQ) or to a GGUF file.",
-    check=check, run=run, flops=flops, result_line=result_line))
+KIND = register(
+    StageKind(
+        name="quantize",
+        spec=QuantizeSpec,
+        summary="Weight quantization through GPTQModel (GPTQ, AWQ) or to a GGUF file.",
+        check=check,
+        run=run,
+        flops=flops,
+        result_line=result_line,
+    )
+)

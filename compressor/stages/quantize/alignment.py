@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from compressor.errors import UserError
+from compressor.shapes import Shape
 from compressor.stages.quantize import gguf_plan
 from compressor.stages.quantize.spec import QuantizeSpec
 
@@ -44,18 +45,12 @@ class Resolution:
 
 
 def linear_layers(config: dict) -> Optional[list[Linear]]:
-    """The decoder's linear layers (Llama-family names); None when config.json lacks the fields."""
-    hidden, inter, heads = config.get("hidden_size"), config.get("intermediate_size"), config.get("num_attention_heads")
-    if not all(isinstance(v, int) and v > 0 for v in (hidden, inter, heads)):
+    """The decoder's linear layers (compressor.shapes); None when config.json lacks the fields."""
+    try:
+        shape = Shape.from_config(config)
+    except (UserError, TypeError, ValueError, ZeroDivisionError):
         return None
-    head_dim = config.get("head_dim") or hidden // heads
-    attn_out = heads * head_dim
-    return [
-        *(Linear(f"self_attn.{p}", hidden, "hidden_size") for p in ("q_proj", "k_proj", "v_proj")),
-        Linear("self_attn.o_proj", attn_out, f"num_attention_heads*head_dim = {heads}*{head_dim}"),
-        *(Linear(f"mlp.{p}", hidden, "hidden_size") for p in ("gate_proj", "up_proj")),
-        Linear("mlp.down_proj", inter, "intermediate_size"),
-    ]
+    return [Linear(name, in_features, source) for name, in_features, _, source in shape.linears()]
 
 
 def misaligned(layers: list[Linear], group_size: int) -> list[Linear]:
@@ -98,17 +93,25 @@ def resolve(spec: QuantizeSpec, config: dict) -> Resolution:
     layers = linear_layers(config) if config else None
     pinned = getattr(spec, "backend", None) if getattr(spec, "backend", None) not in (None, "auto") else None
     if layers is None:
-        note = [] if not config else [
-            "quantize: config.json has no hidden_size/intermediate_size/num_attention_heads; group-size alignment "
-            "is not checked before quantizing"
-        ]
+        note = (
+            []
+            if not config
+            else [
+                "quantize: config.json has no hidden_size/intermediate_size/num_attention_heads; group-size alignment "
+                "is not checked before quantizing"
+            ]
+        )
         return Resolution(spec.group_size, pinned, warnings=note)
     bad = misaligned(layers, spec.group_size)
     if not bad:
-        note = [] if spec.method != "gptq" or spec.group_size != 16 or pinned else [
-            "quantize: group_size 16: GPTQModel's CPU int4 kernel refuses it at run time; on CPU load the output "
-            "with backend gptq_torch or gptq_torch_int8 (GPU kernels accept it)"
-        ]
+        note = (
+            []
+            if spec.method != "gptq" or spec.group_size != 16 or pinned
+            else [
+                "quantize: group_size 16: GPTQModel's CPU int4 kernel refuses it at run time; on CPU load the output "
+                "with backend gptq_torch or gptq_torch_int8 (GPU kernels accept it)"
+            ]
+        )
         return Resolution(spec.group_size, pinned, warnings=note)
     g = spec.group_size
     listing = "; ".join(describe(lin, config.get("num_hidden_layers")) for lin in bad)
@@ -129,19 +132,29 @@ def resolve(spec: QuantizeSpec, config: dict) -> Resolution:
         )
     if spec.on_misaligned == "largest_divisor":
         per = "per-channel (-1)" if fit == -1 else str(fit)
-        return Resolution(fit, pinned, bad, [
-            f"quantize: group_size {g} does not divide {listing}; using group_size {per} for every layer "
-            f"(on_misaligned=largest_divisor)"
-        ])
+        return Resolution(
+            fit,
+            pinned,
+            bad,
+            [
+                f"quantize: group_size {g} does not divide {listing}; using group_size {per} for every layer "
+                f"(on_misaligned=largest_divisor)"
+            ],
+        )
     if g > INT8_MAX_GROUP:
         raise UserError(
             f"quantize.on_misaligned: int8_kernel needs group_size <= {INT8_MAX_GROUP} ({INT8_BACKEND} supports no "
             f"larger groups), but group_size is {g} and does not divide {listing}."
         )
-    return Resolution(g, pinned or INT8_BACKEND, bad, [
-        f"quantize: group_size {g} does not divide {listing}; keeping {g} and pinning the {INT8_BACKEND} kernel "
-        f"(on_misaligned=int8_kernel). It runs on CPU only; vLLM and the GPU int4 kernels cannot load this checkpoint."
-    ])
+    return Resolution(
+        g,
+        pinned or INT8_BACKEND,
+        bad,
+        [
+            f"quantize: group_size {g} does not divide {listing}; keeping {g} and pinning the {INT8_BACKEND} kernel "
+            f"(on_misaligned=int8_kernel). It runs on CPU only; vLLM and the GPU int4 kernels cannot load this checkpoint."
+        ],
+    )
 
 
 def rope_settings(config: dict) -> dict:
@@ -160,22 +173,30 @@ def resolve_gguf(spec: QuantizeSpec, config: dict) -> Resolution:
         return Resolution(None, None)
     model_type = config.get("model_type")
     if model_type not in gguf_plan.ARCHITECTURES:
-        raise UserError(f"quantize.method: gguf writes llama.cpp's `llama` architecture (model_type "
-                        f"{' or '.join(gguf_plan.ARCHITECTURES)}); this model's model_type is {model_type!r}. "
-                        "Use method gptq or awq for it.")
+        raise UserError(
+            f"quantize.method: gguf writes llama.cpp's `llama` architecture (model_type "
+            f"{' or '.join(gguf_plan.ARCHITECTURES)}); this model's model_type is {model_type!r}. "
+            "Use method gptq or awq for it."
+        )
     if config.get("quantization_config"):
-        raise UserError(f"quantize.method: gguf encodes float weights; the input is already quantized "
-                        f"({config['quantization_config'].get('quant_method', '?')}). Put the gguf stage after a "
-                        "stage that outputs a float model (prune, distill), or quantize the teacher itself.")
+        raise UserError(
+            f"quantize.method: gguf encodes float weights; the input is already quantized "
+            f"({config['quantization_config'].get('quant_method', '?')}). Put the gguf stage after a "
+            "stage that outputs a float model (prune, distill), or quantize the teacher itself."
+        )
     biased = [k for k in ("attention_bias", "mlp_bias") if config.get(k)]
     rope = rope_settings(config)
     if biased or rope["rope_type"] not in ROPE_TYPES:
         what = f"{' and '.join(biased)} true" if biased else f"rope type {rope['rope_type']!r}"
-        raise UserError(f"quantize.method: the GGUF writer covers Llama models without biases and with rope type "
-                        f"{', '.join(ROPE_TYPES)}; this model has {what}. Use method gptq or awq for it.")
+        raise UserError(
+            f"quantize.method: the GGUF writer covers Llama models without biases and with rope type "
+            f"{', '.join(ROPE_TYPES)}; this model has {what}. Use method gptq or awq for it."
+        )
     if gguf_plan.shapes(config) is None:
-        raise UserError("quantize.method: gguf needs hidden_size, intermediate_size, num_attention_heads, "
-                        "num_hidden_layers and vocab_size in the input's config.json")
+        raise UserError(
+            "quantize.method: gguf needs hidden_size, intermediate_size, num_attention_heads, "
+            "num_hidden_layers and vocab_size in the input's config.json"
+        )
     tensors = gguf_plan.plan(config, spec.quant_type)
     block = gguf_plan.BLOCK[gguf_plan.BASE[spec.quant_type]]
     bad_tensors = gguf_plan.misaligned(tensors, spec.quant_type)
@@ -186,7 +207,9 @@ def resolve_gguf(spec: QuantizeSpec, config: dict) -> Resolution:
     base = gguf_plan.BASE[spec.quant_type]
     if spec.on_misaligned == "error":
         # a width below one block cannot be pruned into shape: suggest targets only for the wider layers
-        targets = ", ".join(dict.fromkeys(prune_suggestion(config, lin, block) for lin in bad if lin.in_features > block))
+        targets = ", ".join(
+            dict.fromkeys(prune_suggestion(config, lin, block) for lin in bad if lin.in_features > block)
+        )
         prune = f"Prune to {targets}, or choose" if targets else "Choose"
         other = " (Q4_0 / Q8_0: blocks of 32)" if block > 32 else ""
         raise UserError(
@@ -196,10 +219,16 @@ def resolve_gguf(spec: QuantizeSpec, config: dict) -> Resolution:
             f"{gguf_plan.FALLBACK.get(base, 'F16')} for those tensors)."
         )
     fallen = sorted({f"{t.wanted} -> {t.ggml_type}" for t in bad_tensors})
-    return Resolution(block, None, bad, [
-        f"quantize: {spec.quant_type}: {block} does not divide {listing}; {len(bad_tensors)} tensors fall back "
-        f"({', '.join(fallen)}) as llama-quantize does (on_misaligned=fallback)"
-    ], tensors=tensors)
+    return Resolution(
+        block,
+        None,
+        bad,
+        [
+            f"quantize: {spec.quant_type}: {block} does not divide {listing}; {len(bad_tensors)} tensors fall back "
+            f"({', '.join(fallen)}) as llama-quantize does (on_misaligned=fallback)"
+        ],
+        tensors=tensors,
+    )
 
 
 def output_config(config: dict, spec: QuantizeSpec, resolution: Resolution) -> dict:
@@ -207,12 +236,22 @@ def output_config(config: dict, spec: QuantizeSpec, resolution: Resolution) -> d
     if spec.method == "gguf":
         return {**config, "quantization_config": gguf_plan.quantization_config(spec.quant_type, resolution.tensors)}
     if spec.method == "awq":
-        quant = {"quant_method": "awq", "bits": spec.bits, "group_size": resolution.group_size,
-                 "zero_point": spec.zero_point, "version": "gemm", "format": "gemm"}
+        quant = {
+            "quant_method": "awq",
+            "bits": spec.bits,
+            "group_size": resolution.group_size,
+            "zero_point": spec.zero_point,
+            "version": "gemm",
+            "format": "gemm",
+        }
         return {**config, "quantization_config": quant}
     quant = {
-        "quant_method": "gptq", "bits": spec.bits, "group_size": resolution.group_size,
-        "desc_act": spec.desc_act, "sym": spec.sym, "checkpoint_format": "gptq",
+        "quant_method": "gptq",
+        "bits": spec.bits,
+        "group_size": resolution.group_size,
+        "desc_act": spec.desc_act,
+        "sym": spec.sym,
+        "checkpoint_format": "gptq",
     }
     if resolution.backend:
         quant["backend"] = resolution.backend

@@ -23,10 +23,11 @@ import numpy as np
 
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
+from compressor.models import read_config
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
 from compressor.stages.quantize import alignment, gguf_plan
-from compressor.stages.quantize.gptq import read_config, source_dir
+from compressor.stages.quantize.gptq import source_dir
 from compressor.stages.quantize.spec import GGUFSpec
 
 # gguf.LlamaFileType: what `general.file_type` says the file is (llama.cpp prints it as the model's type).
@@ -34,8 +35,10 @@ FILE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q
 # llama.cpp's names for byte-level BPE pre-tokenizers (tokenizer.ggml.pre), told apart by tokenizer.json's
 # pre_tokenizer steps as llama.cpp's own regexes define them (src/llama-vocab.cpp).
 GPT2_STEP = {"type": "ByteLevel", "use_regex": True}
-CL100K_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CL100K_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZERS = {
     "gpt-2": [GPT2_STEP],
     "smollm": [{"type": "Digits", "individual_digits": True}, GPT2_STEP],
@@ -46,7 +49,7 @@ PRE_TOKENIZERS = {
 def quantize(spec: GGUFSpec, model: ModelRef, ctx: StageContext) -> StageResult:
     from compressor.modeling import load_tokenizer, save_tokenizer
 
-    config = read_config(model)
+    config = read_config(model, fetch=True)
     resolution = alignment.resolve(spec, config)
     for warning in resolution.warnings:
         ctx.info(f"warning: {warning}")
@@ -71,26 +74,44 @@ def quantize(spec: GGUFSpec, model: ModelRef, ctx: StageContext) -> StageResult:
     linear_in = sum(_linear_bytes_in(src).values())
     linear_out = sum(_nbytes(t) for t in tensors if _is_linear(t))
     details = {
-        "method": "gguf", "quant_type": spec.quant_type, "format": "gguf", "file": path.name,
+        "method": "gguf",
+        "quant_type": spec.quant_type,
+        "format": "gguf",
+        "file": path.name,
         "bits": gguf_plan.NOMINAL_BITS[spec.quant_type],
         "bits_per_weight": round(gguf_plan.bits_per_weight(tensors), 3),
-        "tensor_types": types, "on_misaligned": spec.on_misaligned,
-        "fallback_tensors": [t.gguf_name for t in tensors if t.fell_back], "tokenizer_pre": pre,
-        "linear_bytes_in": linear_in or None, "linear_bytes_out": linear_out,
-        "bytes_out": path.stat().st_size, "gguf_version": metadata.version("gguf"),
+        "tensor_types": types,
+        "on_misaligned": spec.on_misaligned,
+        "fallback_tensors": [t.gguf_name for t in tensors if t.fell_back],
+        "tokenizer_pre": pre,
+        "linear_bytes_in": linear_in or None,
+        "linear_bytes_out": linear_out,
+        "bytes_out": path.stat().st_size,
+        "gguf_version": metadata.version("gguf"),
         "linear_compression": round(linear_in / linear_out, 3) if linear_in else None,
     }
     metrics = {"bits_per_weight": details["bits_per_weight"], "bytes_out": float(details["bytes_out"])}
     if details["linear_compression"]:
         metrics["linear_compression"] = details["linear_compression"]
     ctx.log_metrics(metrics)
-    ctx.info(f"quantize: gguf {spec.quant_type} ({details['bits_per_weight']} bits per weight), {path.name}: "
-             f"{details['bytes_out']} bytes, tensor types {types}")
+    ctx.info(
+        f"quantize: gguf {spec.quant_type} ({details['bits_per_weight']} bits per weight), {path.name}: "
+        f"{details['bytes_out']} bytes, tensor types {types}"
+    )
     return StageResult(metrics=metrics, details=details)
 
 
-def write(path: Path, config: dict, quant_type: str, tensors: list[gguf_plan.Tensor], weights: Weights,
-          tokenizer, pre: str, name: str, ctx: StageContext) -> None:
+def write(
+    path: Path,
+    config: dict,
+    quant_type: str,
+    tensors: list[gguf_plan.Tensor],
+    weights: Weights,
+    tokenizer,
+    pre: str,
+    name: str,
+    ctx: StageContext,
+) -> None:
     """Header, metadata and tensor table first, then each tensor's bytes as it is encoded."""
     import gguf
 
@@ -101,11 +122,17 @@ def write(path: Path, config: dict, quant_type: str, tensors: list[gguf_plan.Ten
     rope_freqs = add_hparams(writer, config)
     add_vocab(writer, tokenizer, pre, config["vocab_size"])
     if rope_freqs is not None:
-        writer.add_tensor_info("rope_freqs.weight", rope_freqs.shape, np.float32, rope_freqs.nbytes,
-                               raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.add_tensor_info(
+            "rope_freqs.weight",
+            rope_freqs.shape,
+            np.float32,
+            rope_freqs.nbytes,
+            raw_dtype=gguf.GGMLQuantizationType.F32,
+        )
     for t in tensors:
-        writer.add_tensor_info(t.gguf_name, t.shape, np.float32, _nbytes(t),
-                               raw_dtype=gguf.GGMLQuantizationType[t.ggml_type])
+        writer.add_tensor_info(
+            t.gguf_name, t.shape, np.float32, _nbytes(t), raw_dtype=gguf.GGMLQuantizationType[t.ggml_type]
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -115,8 +142,10 @@ def write(path: Path, config: dict, quant_type: str, tensors: list[gguf_plan.Ten
     for t in ctx.progress(tensors, total=len(tensors), desc="GGUF tensors"):
         weight = weights.get(t.hf_name)
         if tuple(weight.shape) != t.shape:
-            raise UserError(f"quantize (gguf): tensor {t.hf_name} has shape {tuple(weight.shape)}, but config.json "
-                            f"implies {t.shape}")
+            raise UserError(
+                f"quantize (gguf): tensor {t.hf_name} has shape {tuple(weight.shape)}, but config.json "
+                f"implies {t.shape}"
+            )
         if t.hf_name.endswith("q_proj.weight"):
             weight = rotary_permute(weight, heads)
         elif t.hf_name.endswith("k_proj.weight"):
@@ -213,8 +242,11 @@ def pre_tokenizer(tokenizer) -> str:
     model, pre = spec.get("model", {}).get("type"), spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     for name, expected in PRE_TOKENIZERS.items():
-        if model == "BPE" and len(steps) == len(expected) and all(
-                all(step.get(k) == v for k, v in want.items()) for step, want in zip(steps, expected)):
+        if (
+            model == "BPE"
+            and len(steps) == len(expected)
+            and all(all(step.get(k) == v for k, v in want.items()) for step, want in zip(steps, expected))
+        ):
             return name
     kinds = " + ".join(str(s.get("type")) for s in steps) or "none"
     raise UserError(
@@ -249,8 +281,12 @@ def add_vocab(writer, tokenizer, pre: str, vocab_size: int) -> None:
     writer.add_token_types(types)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     # "a b" per merge; a space inside a part is written as U+0120 + 256, as gguf.SpecialVocab does
-    writer.add_token_merges([pair if isinstance(pair, str) else " ".join(p.replace(" ", chr(ord(" ") + 256)) for p in pair)
-                             for pair in spec["model"]["merges"]])
+    writer.add_token_merges(
+        [
+            pair if isinstance(pair, str) else " ".join(p.replace(" ", chr(ord(" ") + 256)) for p in pair)
+            for pair in spec["model"]["merges"]
+        ]
+    )
     for role in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{role}_token_id", None)
         if token_id is not None:

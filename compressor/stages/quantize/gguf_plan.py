@@ -20,12 +20,28 @@ from dataclasses import dataclass
 from typing import Optional
 
 BLOCK = {"F32": 1, "F16": 1, "Q4_0": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-BASE = {"Q4_0": "Q4_0", "Q8_0": "Q8_0", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
-        "Q6_K": "Q6_K"}
+BASE = {
+    "Q4_0": "Q4_0",
+    "Q8_0": "Q8_0",
+    "Q4_K_S": "Q4_K",
+    "Q4_K_M": "Q4_K",
+    "Q5_K_S": "Q5_K",
+    "Q5_K_M": "Q5_K",
+    "Q6_K": "Q6_K",
+}
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # same block of 32 for every legacy type
 # Bits per weight of each type (block bytes * 8 / block weights), for sizes and the summary's bit width.
-BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "Q4_0": 4.5, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5,
-                   "Q5_K": 5.5, "Q6_K": 6.5625}
+BITS_PER_WEIGHT = {
+    "F32": 32.0,
+    "F16": 16.0,
+    "Q4_0": 4.5,
+    "Q5_0": 5.5,
+    "Q5_1": 6.0,
+    "Q8_0": 8.5,
+    "Q4_K": 4.5,
+    "Q5_K": 5.5,
+    "Q6_K": 6.5625,
+}
 NOMINAL_BITS = {"Q4_0": 4, "Q8_0": 8, "Q4_K_S": 4, "Q4_K_M": 4, "Q5_K_S": 5, "Q5_K_M": 5, "Q6_K": 6}
 ARCHITECTURES = ("llama", "mistral")  # what llama.cpp's `llama` architecture (and this writer) covers
 
@@ -64,8 +80,16 @@ def shapes(config: dict) -> Optional[dict]:
         return None
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    return {"hidden": hidden, "inter": inter, "heads": heads, "kv": kv, "head_dim": head_dim, "layers": layers,
-            "vocab": vocab, "tied": bool(config.get("tie_word_embeddings", False))}
+    return {
+        "hidden": hidden,
+        "inter": inter,
+        "heads": heads,
+        "kv": kv,
+        "head_dim": head_dim,
+        "layers": layers,
+        "vocab": vocab,
+        "tied": bool(config.get("tie_word_embeddings", False)),
+    }
 
 
 def llama_tensors(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -73,9 +97,14 @@ def llama_tensors(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     s = shapes(config)
     h, q, kv = s["hidden"], s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
     layer_shapes = {
-        "input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q), "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (s["inter"], h), "mlp.up_proj.weight": (s["inter"], h),
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (s["inter"], h),
+        "mlp.up_proj.weight": (s["inter"], h),
         "mlp.down_proj.weight": (h, s["inter"]),
     }
     out = [("token_embd.weight", "model.embed_tokens.weight", (s["vocab"], h))]
@@ -95,8 +124,13 @@ def quantization_config(quant_type: str, tensors: list[Tensor]) -> dict:
     """config.json's `quantization_config` of a GGUF stage output: which file holds the weights (transformers loads
     it with `gguf_file=`), its type, the nominal bits and the parameter count (the file is not safetensors, so
     compressor.checkpoint reads the count here)."""
-    return {"quant_method": "gguf", "gguf_file": file_name(quant_type), "quant_type": quant_type,
-            "bits": NOMINAL_BITS[quant_type], "num_params": sum(_count(t.shape) for t in tensors)}
+    return {
+        "quant_method": "gguf",
+        "gguf_file": file_name(quant_type),
+        "quant_type": quant_type,
+        "bits": NOMINAL_BITS[quant_type],
+        "num_params": sum(_count(t.shape) for t in tensors),
+    }
 
 
 def use_more_bits(layer: int, layers: int) -> bool:

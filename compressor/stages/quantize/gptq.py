@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from compressor.manifest import ModelRef
+from compressor.models import read_config
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
 from compressor.stages.quantize import alignment, footprint
@@ -38,18 +39,6 @@ def prepare_environment() -> None:
         os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
 
 
-def read_config(model: ModelRef) -> dict:
-    local = Path(model.path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    from transformers import AutoConfig
-
-    from compressor import remote_code
-
-    return AutoConfig.from_pretrained(model.path, revision=model.revision,
-                                      trust_remote_code=remote_code.enabled()).to_dict()
-
-
 def source_dir(model: ModelRef) -> Optional[Path]:
     """The input checkpoint on local disk (a hub model is in the HF cache once GPTQModel has loaded it)."""
     if Path(model.path).is_dir():
@@ -64,8 +53,15 @@ def source_dir(model: ModelRef) -> Optional[Path]:
 
 def calibration(spec: GPTQSpec | AWQSpec, ctx: StageContext, tokenizer, config: dict) -> list[dict]:
     """[{input_ids, attention_mask}] rows of seq_len tokens from the pipeline data source."""
-    blocks = ctx.calibration_blocks(spec.calibration, tokenizer, spec.samples, spec.seq_len,
-                                    config.get("max_position_embeddings"), DEFAULT_SAMPLES, "quantize")
+    blocks = ctx.calibration_blocks(
+        spec.calibration,
+        tokenizer,
+        spec.samples,
+        spec.seq_len,
+        config.get("max_position_embeddings"),
+        DEFAULT_SAMPLES,
+        "quantize",
+    )
     return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in blocks.tolist()]
 
 
@@ -74,10 +70,17 @@ def quantize_config(spec: GPTQSpec | AWQSpec, group_size: int, offload_dir: Opti
 
     kwargs = {"offload_to_disk_path": str(offload_dir)} if offload_dir else {}
     if spec.method == "awq":
-        return QuantizeConfig(quant_method="awq", format="gemm", bits=spec.bits, group_size=group_size,
-                              sym=not spec.zero_point, **kwargs)
-    return QuantizeConfig(bits=spec.bits, group_size=group_size, desc_act=spec.desc_act, sym=spec.sym,
-                          damp_percent=spec.damp_percent, **kwargs)
+        return QuantizeConfig(
+            quant_method="awq", format="gemm", bits=spec.bits, group_size=group_size, sym=not spec.zero_point, **kwargs
+        )
+    return QuantizeConfig(
+        bits=spec.bits,
+        group_size=group_size,
+        desc_act=spec.desc_act,
+        sym=spec.sym,
+        damp_percent=spec.damp_percent,
+        **kwargs,
+    )
 
 
 def load_dtype(spec: GPTQSpec | AWQSpec):
@@ -95,9 +98,15 @@ def kernel_here(spec: GPTQSpec | AWQSpec, resolution: alignment.Resolution) -> s
     awq = spec.method == "awq"
     try:
         cls = hf_select_quant_linear_v2(
-            bits=spec.bits, group_size=resolution.group_size, desc_act=False if awq else spec.desc_act,
-            sym=not spec.zero_point if awq else spec.sym, format="gemm" if awq else "gptq", quant_method=spec.method,
-            pack=False, device_map=device, backend=resolution.backend or "auto",
+            bits=spec.bits,
+            group_size=resolution.group_size,
+            desc_act=False if awq else spec.desc_act,
+            sym=not spec.zero_point if awq else spec.sym,
+            format="gemm" if awq else "gptq",
+            quant_method=spec.method,
+            pack=False,
+            device_map=device,
+            backend=resolution.backend or "auto",
         )
     except (ValueError, NotImplementedError) as exc:  # e.g. a pinned GPU kernel, quantized on CPU for GPU serving
         return f"none on {device} ({exc})"
@@ -152,8 +161,14 @@ def gptqmodel_output(log_path: Path):
             os.chdir(cwd)
 
 
-def run_gptqmodel(spec: GPTQSpec | AWQSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict],
-                  num_layers: Optional[int], ctx: StageContext) -> tuple[str, str]:
+def run_gptqmodel(
+    spec: GPTQSpec | AWQSpec,
+    model: ModelRef,
+    resolution: alignment.Resolution,
+    rows: list[dict],
+    num_layers: Optional[int],
+    ctx: StageContext,
+) -> tuple[str, str]:
     """GPTQModel load -> quantize -> save into ctx.model_dir; returns (kernel here, dtype of the saved model)."""
     work = Path(ctx.work_dir)
     offload = work / "offload"  # GPTQModel parks finished layers on disk to bound memory
@@ -163,11 +178,18 @@ def run_gptqmodel(spec: GPTQSpec | AWQSpec, model: ModelRef, resolution: alignme
         from compressor import remote_code
 
         extra = {"revision": model.revision} if model.revision else {}
-        qmodel = GPTQModel.load(model.path, quantize_config(spec, resolution.group_size, offload),
-                                dtype=load_dtype(spec), trust_remote_code=remote_code.enabled(), **extra)
+        qmodel = GPTQModel.load(
+            model.path,
+            quantize_config(spec, resolution.group_size, offload),
+            dtype=load_dtype(spec),
+            trust_remote_code=remote_code.enabled(),
+            **extra,
+        )
         ticks = ctx.progress(range(num_layers or 0), total=num_layers, desc=f"{spec.method.upper()} layers")
         next(ticks, None)  # draws 0/N; each quantized layer advances it (a layer is reported twice: done, finalized)
-        qmodel.layer_callback = lambda layer_idx, submodule_finalized: None if submodule_finalized else next(ticks, None)
+        qmodel.layer_callback = lambda layer_idx, submodule_finalized: (
+            None if submodule_finalized else next(ticks, None)
+        )
         packer = {"backend": AWQ_PACK_BACKEND} if spec.method == "awq" else {}
         qmodel.quantize(rows, batch_size=spec.batch_size, **packer)
         for _ in ticks:  # close the bar
@@ -182,7 +204,7 @@ def quantize(spec: GPTQSpec | AWQSpec, model: ModelRef, ctx: StageContext) -> St
     prepare_environment()
     from compressor.modeling import load_tokenizer, save_tokenizer
 
-    config = read_config(model)
+    config = read_config(model, fetch=True)
     resolution = alignment.resolve(spec, config)
     for warning in resolution.warnings:
         ctx.info(f"warning: {warning}")
@@ -198,34 +220,57 @@ def quantize(spec: GPTQSpec | AWQSpec, model: ModelRef, ctx: StageContext) -> St
     ctx.log_artifact(work / "gptqmodel.log")
 
     details = describe(spec, model, resolution, rows, out, kernel, dtype)
-    metrics = {k: float(details[k]) for k in ("linear_compression", "compression", "linear_bytes_out", "bytes_out")
-               if details[k] is not None}
+    metrics = {
+        k: float(details[k])
+        for k in ("linear_compression", "compression", "linear_bytes_out", "bytes_out")
+        if details[k] is not None
+    }
     metrics["group_size_used"] = float(resolution.group_size)  # the spec (logged as params) has the requested one
     if losses:
         metrics.update({f"{spec.method}_loss_mean": sum(losses) / len(losses), f"{spec.method}_loss_max": max(losses)})
     ctx.log_metrics(metrics)
-    ctx.info(f"quantize: {spec.method} {spec.bits}-bit g{resolution.group_size}, linear weights "
-             f"{details['linear_bytes_in'] or '?'} -> {details['linear_bytes_out']} bytes ({details['linear_compression'] or '?'}x), kernel here: {kernel}")
+    ctx.info(
+        f"quantize: {spec.method} {spec.bits}-bit g{resolution.group_size}, linear weights "
+        f"{details['linear_bytes_in'] or '?'} -> {details['linear_bytes_out']} bytes ({details['linear_compression'] or '?'}x), kernel here: {kernel}"
+    )
     return StageResult(metrics=metrics, details=details)
 
 
-def describe(spec: GPTQSpec | AWQSpec, model: ModelRef, resolution: alignment.Resolution, rows: list[dict], out: Path,
-             kernel: str, dtype: str) -> dict:
+def describe(
+    spec: GPTQSpec | AWQSpec,
+    model: ModelRef,
+    resolution: alignment.Resolution,
+    rows: list[dict],
+    out: Path,
+    kernel: str,
+    dtype: str,
+) -> dict:
     """The manifest details: settings as applied, kernel, calibration, and bytes against the input."""
     src = source_dir(model)
     linear_in = footprint.linear_bytes(src) if src else None
     total_in = footprint.total_bytes(src) if src else None
     linear_out, total_out = footprint.linear_bytes(out), footprint.total_bytes(out)
-    settings = ({"zero_point": spec.zero_point, "format": "gemm"} if spec.method == "awq" else
-                {"desc_act": spec.desc_act, "sym": spec.sym, "damp_percent": spec.damp_percent, "format": "gptq"})
+    settings = (
+        {"zero_point": spec.zero_point, "format": "gemm"}
+        if spec.method == "awq"
+        else {"desc_act": spec.desc_act, "sym": spec.sym, "damp_percent": spec.damp_percent, "format": "gptq"}
+    )
     return {
-        "method": spec.method, "bits": spec.bits, "group_size": resolution.group_size,
-        "requested_group_size": spec.group_size, **settings, "dtype": dtype,
-        "backend": resolution.backend or "auto", "kernel_here": kernel,
-        "misaligned_layers": [lin.name for lin in resolution.misaligned], "on_misaligned": spec.on_misaligned,
+        "method": spec.method,
+        "bits": spec.bits,
+        "group_size": resolution.group_size,
+        "requested_group_size": spec.group_size,
+        **settings,
+        "dtype": dtype,
+        "backend": resolution.backend or "auto",
+        "kernel_here": kernel,
+        "misaligned_layers": [lin.name for lin in resolution.misaligned],
+        "on_misaligned": spec.on_misaligned,
         "calibration": {"samples": len(rows), "seq_len": len(rows[0]["input_ids"]) if rows else 0},
-        "linear_bytes_in": linear_in, "linear_bytes_out": linear_out,
-        "bytes_in": total_in, "bytes_out": total_out,
+        "linear_bytes_in": linear_in,
+        "linear_bytes_out": linear_out,
+        "bytes_in": total_in,
+        "bytes_out": total_out,
         "linear_compression": round(linear_in / linear_out, 3) if linear_in else None,
         "compression": round(total_in / total_out, 3) if total_in else None,
         "gptqmodel_version": metadata.version("gptqmodel"),

@@ -30,8 +30,8 @@ def encode(weight: torch.Tensor, qtype: str) -> np.ndarray:
     out = np.empty((rows, cols // QK_K * BYTES_PER_BLOCK[qtype]), dtype=np.uint8)
     step = max(1, CHUNK_ELEMENTS // cols)
     for start in range(0, rows, step):
-        blocks = weight[start:start + step].to(device).float().reshape(-1, QK_K)
-        out[start:start + step] = encoder(blocks).cpu().numpy().reshape(-1, out.shape[1])
+        blocks = weight[start : start + step].to(device).float().reshape(-1, QK_K)
+        out[start : start + step] = encoder(blocks).cpu().numpy().reshape(-1, out.shape[1])
     return out
 
 
@@ -63,8 +63,14 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
 
     def error(scale, minimum, sum_l, sum_l2, sum_xl):
         # sum of w * (scale * q + min - x)^2, expanded into the sums above: one pass over the weights per try
-        return (scale * scale * sum_l2 + 2 * scale * minimum * sum_l - 2 * scale * sum_xl
-                + minimum * minimum * sum_w - 2 * minimum * sum_x + sum_x2)
+        return (
+            scale * scale * sum_l2
+            + 2 * scale * minimum * sum_l
+            - 2 * scale * sum_xl
+            + minimum * minimum * sum_w
+            - 2 * minimum * sum_x
+            + sum_x2
+        )
 
     best_scale, best_min = torch.where(flat, torch.ones_like(hi), hi - lo) / nmax, lo
     best_error = error(best_scale, best_min, *sums(nmax, lo))
@@ -76,7 +82,9 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = this_min > 0  # a grid must reach zero: pin the min there and refit the scale alone
-        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
+        this_scale = torch.where(
+            positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale
+        )
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         now = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
         better = ok & (now < best_error)
@@ -147,7 +155,9 @@ def _make_qx_quants(x: torch.Tensor, nmax: int) -> torch.Tensor:
         return sumlx, q.mul_(q).mul_(w) @ ones
 
     sumlx, suml2 = fit(-nmax / peak)
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    scale = torch.where(
+        suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2)
+    )
     best = scale * sumlx
     for step in [*range(-9, 0), *range(1, 10)]:
         sumlx, suml2 = fit(-(nmax + 0.1 * step) / peak)
@@ -164,7 +174,9 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     pick = scales.abs().argmax(-1, keepdim=True)
     max_scale = torch.gather(scales, -1, pick).squeeze(-1)
     empty = max_scale.abs() < GROUP_MAX_EPS
-    iscale = torch.where(empty, torch.zeros_like(max_scale), -128 / torch.where(empty, torch.ones_like(max_scale), max_scale))
+    iscale = torch.where(
+        empty, torch.zeros_like(max_scale), -128 / torch.where(empty, torch.ones_like(max_scale), max_scale)
+    )
     d16 = torch.where(empty, torch.zeros_like(max_scale), 1 / torch.where(empty, torch.ones_like(iscale), iscale))
     d16 = d16.to(torch.float16)
     ls = torch.round(iscale[:, None] * scales).clamp(max=127).to(torch.int8)
