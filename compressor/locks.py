@@ -39,6 +39,7 @@ from typing import Optional
 
 from compressor import storage
 from compressor.errors import CompressorError
+from compressor.processes import same_process, started
 
 WAIT_ENV = "COMPRESSOR_LOCK_WAIT_S"  # seconds to wait for a stage another run holds; unset: as long as it takes
 STALE_ENV = "COMPRESSOR_LEASE_STALE_S"  # object-store leases: heartbeat silence after which a lease is taken over
@@ -61,17 +62,15 @@ class Owner:
     host: str
     since: float  # when the lease was taken (epoch seconds)
     command: str
-    created: float = 0.0  # the process's start time: a reused pid is not the holder
+    created: float = 0.0  # the process's start (compressor.processes.started): a reused pid is not the holder
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     beat: int = 0
 
     @classmethod
     def me(cls) -> Owner:
-        import psutil
-
         from compressor.interrupt import invoked_command
 
-        return cls(os.getpid(), socket.gethostname(), time.time(), invoked_command(), psutil.Process().create_time())
+        return cls(os.getpid(), socket.gethostname(), time.time(), invoked_command(), started(os.getpid()))
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
@@ -79,15 +78,7 @@ class Owner:
 
     def dead_here(self) -> bool:
         """True when the holder ran on this host and its process is gone (or the pid now belongs to another)."""
-        import psutil
-
-        if self.host != socket.gethostname():
-            return False
-        try:
-            process = psutil.Process(self.pid)
-            return process.status() == psutil.STATUS_ZOMBIE or abs(process.create_time() - self.created) > 1.0
-        except psutil.NoSuchProcess:
-            return True
+        return self.host == socket.gethostname() and not same_process(self.pid, self.created)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

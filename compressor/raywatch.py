@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from compressor.processes import same_process, started
+
 OWNER_ENV = "COMPRESSOR_RAY_OWNER"
 POLL_S = 0.5
 TREE_S = 2.0  # how often the watchdog notes the driver's process tree
@@ -36,20 +38,12 @@ _watching: set[str] = set()
 
 
 def identity(pid: int) -> str:
-    import psutil
-
-    return f"{pid}:{psutil.Process(pid).create_time():.2f}"
+    return f"{pid}:{started(pid):.2f}"
 
 
 def alive(owner: str) -> bool:
-    import psutil
-
-    pid, created = owner.split(":")
-    try:
-        process = psutil.Process(int(pid))
-        return process.status() != psutil.STATUS_ZOMBIE and f"{process.create_time():.2f}" == created
-    except psutil.NoSuchProcess:
-        return False
+    pid, start = owner.split(":")
+    return same_process(int(pid), float(start))
 
 
 def is_ray(cmdline: list[str]) -> bool:

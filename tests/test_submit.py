@@ -65,7 +65,7 @@ def head(hub_cache):
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
-        env=clean_env(**hub_cache["env"]),
+        env={**clean_env(), **hub_cache["env"]},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import HUB_REPO
 from mlflow.entities import LoggedModelStatus
 from pipeline_runs import REGISTERED_NAME, MlflowServer
 
@@ -83,7 +84,7 @@ def test_parent_run_carries_the_final_figures_settings_and_verdicts(server):
         assert params["distill.steps"] == "40" and params["quantize.bits"] == "4"
         assert params["distill.loss.kind"] == "forward_kl" and params["distill.gate.ref_next.acc.min_recovery"] == "0.8"
         assert tags["gate.distill"] == "passed" and tags["gate.quantize"] == "passed" and tags["gate.prune"] == "none"
-        assert tags["gate"] == "passed" and tags["teacher"] == "zoo:tiny-test"
+        assert tags["gate"] == "passed" and tags["teacher"] == f"{HUB_REPO}@main"
 
 
 @pytest.mark.slow

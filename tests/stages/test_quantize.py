@@ -233,37 +233,25 @@ def test_checkpoint_reloads_through_gptqmodel_and_transformers_and_generates(qua
         assert torch.isfinite(model(generated).logits).all()
 
 
-def test_lm_eval_cli_evaluates_the_quantized_checkpoint(quantized, tmp_path):
+def lm_eval_cli_ref_ppl(model_dir: Path, output: Path) -> dict:
+    """The `lm_eval` command on a checkpoint directory, as a user runs it: ref_ppl's scores."""
     from compressor import zoo
 
-    out = quantized[0]  # OUT is the checkpoint
     lm_eval = Path(sys.executable).with_name("lm_eval")
+    args = ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--device", "cpu", "--tasks", "ref_ppl"]
+    args += ["--include_path", str(zoo.tasks_dir("tiny-test")), "--limit", "20", "--batch_size", "8"]
     result = subprocess.run(
-        [
-            str(lm_eval),
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={out}",
-            "--device",
-            "cpu",
-            "--tasks",
-            "ref_ppl",
-            "--include_path",
-            str(zoo.tasks_dir("tiny-test")),
-            "--limit",
-            "20",
-            "--batch_size",
-            "8",
-            "--output_path",
-            str(tmp_path / "results"),
-        ],
+        [str(lm_eval), *args, "--output_path", str(output)],
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]["ref_ppl"]
+    return json.loads(next(output.rglob("results_*.json")).read_text())["results"]["ref_ppl"]
+
+
+def test_lm_eval_cli_evaluates_the_quantized_checkpoint(quantized, tmp_path):
+    scores = lm_eval_cli_ref_ppl(quantized[0], tmp_path / "results")  # OUT is the checkpoint
     assert 1 < scores["word_perplexity,none"] < 1e6
 
 

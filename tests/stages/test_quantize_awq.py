@@ -4,14 +4,11 @@ that transformers and the lm_eval CLI load; compared with round-to-nearest on th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_quantize import heldout, load_plain, rtn_fake_quant, run_quantize, teacher  # noqa: F401 (fixtures)
+from test_quantize import heldout, lm_eval_cli_ref_ppl, load_plain, rtn_fake_quant, run_quantize, teacher  # noqa: F401 (fixtures)
 
 from compressor import checkpoint
 from compressor.stages.quantize import footprint
@@ -144,36 +141,7 @@ def test_awq_checkpoint_has_the_awq_gemm_layout_and_the_manifest_says_so(teacher
 
 
 def test_lm_eval_cli_evaluates_the_awq_checkpoint(awq, tmp_path):
-    from compressor import zoo
-
-    out = awq[0]
-    lm_eval = Path(sys.executable).with_name("lm_eval")
-    result = subprocess.run(
-        [
-            str(lm_eval),
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={out}",
-            "--device",
-            "cpu",
-            "--tasks",
-            "ref_ppl",
-            "--include_path",
-            str(zoo.tasks_dir("tiny-test")),
-            "--limit",
-            "20",
-            "--batch_size",
-            "8",
-            "--output_path",
-            str(tmp_path / "results"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    scores = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]["ref_ppl"]
+    scores = lm_eval_cli_ref_ppl(awq[0], tmp_path / "results")
     assert 1 < scores["word_perplexity,none"] < 1e6
 
 
