@@ -137,7 +137,7 @@ def rss(text: Path, tokenizer_dir: str) -> dict:
 def distill_throughput(text: Path, tokenizer_dir: str, steps: int) -> dict:
     import numpy as np
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from distill import tiny_llamas  # benchmarks/ is on sys.path when a benchmark script runs
 
     from compressor import shards
     from compressor.config.schema import DataSource
@@ -156,22 +156,8 @@ def distill_throughput(text: Path, tokenizer_dir: str, steps: int) -> dict:
     spec = DistillSpec(data="bench", steps=steps, global_batch=micro * accum, micro_batch=micro, lr=1e-4)
     sequences = (2 * steps + 4) * micro * accum
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for name, mlp, seed in (("teacher", 768, 1), ("student", 384, 2)):
-            torch.manual_seed(seed)
-            config = LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=256,
-                intermediate_size=mlp,
-                num_hidden_layers=8,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                head_dim=32,
-                max_position_embeddings=512,
-            )
-            LlamaForCausalLM(config).save_pretrained(Path(tmp) / name)
-            paths.append(str(Path(tmp) / name))
-        engines = build_engines(spec, paths[1], paths[0], 1, micro, accum)
+        teacher, student = tiny_llamas(Path(tmp), vocab)  # benchmarks/distill.py: the same pair
+        engines = build_engines(spec, student, teacher, 1, micro, accum)
         directory, _ = shards.prepare(
             DataSource(source=str(text)), tokenizer_dir, seq, sequences, str(Path(tmp) / "data")
         )

@@ -33,7 +33,7 @@ VOCAB, HIDDEN, SEQ = 32000, 512, 2048  # the memory benchmark's shape
 
 
 # ----------------------------------------------------------------------------- throughput
-def tiny_llamas(root: Path) -> tuple[str, str]:
+def tiny_llamas(root: Path, vocab: int = 4096) -> tuple[str, str]:
     """A teacher of the zoo "tiny" shape and a half-MLP student, random weights (speed does not depend on them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +41,7 @@ def tiny_llamas(root: Path) -> tuple[str, str]:
     for name, mlp, seed in (("teacher", 768, 1), ("student", 384, 2)):
         torch.manual_seed(seed)
         config = LlamaConfig(
-            vocab_size=4096,
+            vocab_size=vocab,
             hidden_size=256,
             intermediate_size=mlp,
             num_hidden_layers=8,

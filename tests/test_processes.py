@@ -35,3 +35,13 @@ def test_a_stepped_wall_clock_does_not_make_a_live_owner_look_dead(monkeypatch):
     monkeypatch.setattr(linux, "boot_time", lambda: booted + 100.0)  # what a clock step does to psutil's figure
     assert psutil.Process().create_time() - before == pytest.approx(100.0, abs=0.1)
     assert raywatch.alive(owner) and not holder.dead_here()
+
+
+def test_without_proc_psutil_tells_a_live_process_from_a_gone_one(monkeypatch):
+    """macOS has no /proc: every process must not look gone there."""
+    monkeypatch.setattr(processes, "_PROC", False)
+    me = processes.started(os.getpid())
+    assert me is not None and processes.same_process(os.getpid(), me) and raywatch.alive(raywatch.identity(os.getpid()))
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert processes.started(child.pid) is None
