@@ -16,6 +16,7 @@ The corpus is generated here: the `tiny-test` reference corpus (CPython's docs),
 written to a temp file until it holds the tokens needed. The tokenizer is that model's (byte-level BPE, vocab 1024).
 
     python benchmarks/data.py [--repeats 2] [--steps 16] [--skip-rss]
+    python benchmarks/data.py --quick   # 1/100 of the tokens, 2 distill steps: checks that it runs
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 SEQ_LEN = 2048
+# --quick: the same three measurements on 1/50 to 1/100 of the tokens, one repeat, 2 steps.
+QUICK = dict(repeats=1, steps=2, seq_len=64, throughput_tokens=200_000, rss_tokens=[100_000, 1_000_000])
 
 
 def corpus_file(path: Path, tokens: int, tokenizer) -> Path:
@@ -114,7 +117,7 @@ def prepare_probe(text: str, tokenizer_dir: str, tokens: int) -> dict:
     }
 
 
-def rss(text: Path, tokenizer_dir: str) -> dict:
+def rss(text: Path, tokenizer_dir: str, sizes: list[int]) -> dict:
     def probe(tokens: int) -> dict:
         out = subprocess.run(
             [sys.executable, __file__, "--probe", str(text), "--tokenizer", tokenizer_dir, "--tokens", str(tokens)],
@@ -124,17 +127,17 @@ def rss(text: Path, tokenizer_dir: str) -> dict:
         ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    small, large = probe(10_000_000), probe(100_000_000)
+    small, large = (probe(tokens) for tokens in sizes)
     return {
-        "prepare_10M": small,
-        "prepare_100M": large,
+        "prepare_small": small,
+        "prepare_large": large,
         "rss_ratio": round(large["peak_rss_mib"] / small["peak_rss_mib"], 3),
         "rss_goal": "<= 1.2",
     }
 
 
 # ----------------------------------------------------------------------------- 3. distill throughput
-def distill_throughput(text: Path, tokenizer_dir: str, steps: int) -> dict:
+def distill_throughput(text: Path, tokenizer_dir: str, steps: int, seq: int = 256) -> dict:
     import numpy as np
     import torch
     from distill import tiny_llamas  # benchmarks/ is on sys.path when a benchmark script runs
@@ -152,7 +155,7 @@ def distill_throughput(text: Path, tokenizer_dir: str, steps: int) -> dict:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     vocab = len(load_tokenizer(tokenizer_dir))
-    micro, accum, seq = 4, 2, 256
+    micro, accum = 4, 2
     spec = DistillSpec(data="bench", steps=steps, global_batch=micro * accum, micro_batch=micro, lr=1e-4)
     sequences = (2 * steps + 4) * micro * accum
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,12 +202,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=16, help="Timed distill steps of each feed.")
+    parser.add_argument("--seq-len", type=int, default=256, help="Tokens per sequence of the distill steps.")
     parser.add_argument("--throughput-tokens", type=int, default=10_000_000)
     parser.add_argument("--skip-rss", action="store_true", help="Skip the 10M / 100M-token preparations.")
+    parser.add_argument("--rss-tokens", type=int, nargs=2, default=[10_000_000, 100_000_000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes, 1 repeat, 2 steps (the test suite).")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # as defaults, so that flags given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.probe:
         print(json.dumps(prepare_probe(args.probe, args.tokenizer, args.tokens)))
@@ -214,16 +223,17 @@ def main() -> None:
 
     tokenizer_dir = str(zoo.ensure_model("tiny-test"))
     with tempfile.TemporaryDirectory() as tmp:
-        need = args.throughput_tokens if args.skip_rss else 100_000_000
+        need = max(args.throughput_tokens, 0 if args.skip_rss else max(args.rss_tokens))
         text = corpus_file(Path(tmp) / "corpus.txt", int(need * 1.02), load_tokenizer(tokenizer_dir))
         report = {
             "corpus": f"{text.stat().st_size / 1e6:.0f} MB of text (tiny-test corpus, reshuffled copies)",
             "cpus": os.cpu_count(),
+            "quick": args.quick,
             "tokenize": tokenize_throughput(text, tokenizer_dir, args.throughput_tokens, args.repeats),
         }
         if not args.skip_rss:
-            report["memory"] = rss(text, tokenizer_dir)
-        report["distill"] = distill_throughput(text, tokenizer_dir, args.steps)
+            report["memory"] = rss(text, tokenizer_dir, args.rss_tokens)
+        report["distill"] = distill_throughput(text, tokenizer_dir, args.steps, args.seq_len)
     print(json.dumps(report, indent=2))
 
 

@@ -10,6 +10,7 @@
 GPU MFU is not measured: this machine has no GPU.
 
     python benchmarks/distill.py [--steps 16] [--zero 3]   # --zero: the student's deepspeed.zero_stage
+    python benchmarks/distill.py --quick   # 2 steps of 64 tokens, loss memory at vocab 4096 x seq 512: checks it runs
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# CPU only; set before transformers imports deepspeed, which would otherwise print its accelerator guess to stdout.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 VOCAB, HIDDEN, SEQ = 32000, 512, 2048  # the memory benchmark's shape
+QUICK = dict(steps=2, seq_len=64, vocab=4096, memory_seq=512)  # --quick: same measurements, tiny sizes
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -73,7 +78,7 @@ def plain_kd_step(student, teacher, optimizer, batches, clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def throughput(steps: int, zero: int) -> dict:
+def throughput(steps: int, zero: int, seq: int = 256) -> dict:
     from transformers import AutoModelForCausalLM
 
     from compressor.stages.distill.engines import build_engines, train_step
@@ -83,7 +88,7 @@ def throughput(steps: int, zero: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    micro, accum, seq = 4, 2, 256
+    micro, accum = 4, 2
     spec = DistillSpec(
         data="bench",
         steps=steps,
@@ -138,17 +143,17 @@ def throughput(steps: int, zero: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- memory
-def memory_probe(variant: str, chunk_tokens: int) -> dict:
+def memory_probe(variant: str, chunk_tokens: int, vocab: int = VOCAB, seq: int = SEQ) -> dict:
     """Runs in a fresh process: peak RSS growth of one forward + backward of the KD loss."""
     from compressor.stages.distill.loss import kd_loss
     from compressor.stages.distill.spec import KDLoss
 
     torch.manual_seed(0)
-    head_s, head_t = torch.nn.Linear(HIDDEN, VOCAB, bias=False), torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    head_s, head_t = torch.nn.Linear(HIDDEN, vocab, bias=False), torch.nn.Linear(HIDDEN, vocab, bias=False)
     head_t.requires_grad_(False)
-    h_s = torch.randn(SEQ, HIDDEN, requires_grad=True)
-    h_t = torch.randn(SEQ, HIDDEN)
-    targets = torch.randint(0, VOCAB, (SEQ,))
+    h_s = torch.randn(seq, HIDDEN, requires_grad=True)
+    h_t = torch.randn(seq, HIDDEN)
+    targets = torch.randint(0, vocab, (seq,))
     # Warm up the ops on a few tokens so that library and allocator set-up is not counted.
     kd_loss(h_s[:8], h_t[:8], targets[:8], head_s, head_t, KDLoss(chunk_tokens=4)).loss.backward()
     head_s.weight.grad = None
@@ -171,14 +176,15 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
 
 
-def memory(chunk_tokens: list[int]) -> dict:
+def memory(chunk_tokens: list[int], vocab: int = VOCAB, seq: int = SEQ) -> dict:
     # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so RSS would not fall when tensors
     # are freed; a low fixed threshold returns every large tensor to the OS on free and RSS tracks live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
     def probe(variant, chunk=0):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory-probe", variant, "--chunk", str(chunk)],
+            [sys.executable, __file__, "--memory-probe", variant, "--chunk", str(chunk), "--vocab", str(vocab)]
+            + ["--memory-seq", str(seq)],
             capture_output=True,
             text=True,
             check=True,
@@ -188,7 +194,7 @@ def memory(chunk_tokens: list[int]) -> dict:
 
     naive = probe("naive")
     result = {
-        "shape": f"vocab {VOCAB} x seq {SEQ}, hidden {HIDDEN}, fp32",
+        "shape": f"vocab {vocab} x seq {seq}, hidden {HIDDEN}, fp32",
         "naive_peak_mib": round(naive["peak_growth_mib"], 1),
     }
     for chunk in chunk_tokens:
@@ -205,18 +211,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="Timed steps of each loop.")
     parser.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=256, help="Tokens per sequence of the throughput batches.")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="Vocabulary of the memory benchmark.")
+    parser.add_argument("--memory-seq", type=int, default=SEQ, help="Tokens of the memory benchmark.")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes and 2 steps (the test suite runs this).")
     parser.add_argument("--memory-probe", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # as defaults, so that flags given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.chunk)))
+        print(json.dumps(memory_probe(args.memory_probe, args.chunk, args.vocab, args.memory_seq)))
         return
     from compressor.stages.distill.spec import KDLoss
 
+    # Chunks smaller than the sequence, or the chunked loss has nothing to save.
+    chunks = [c for c in (KDLoss().chunk_tokens, 256) if c < args.memory_seq] or [args.memory_seq // 4]
     report = {
-        "memory": memory([KDLoss().chunk_tokens, 256]),
-        "throughput": throughput(args.steps, args.zero),
+        "quick": args.quick,
+        "memory": memory(chunks, args.vocab, args.memory_seq),
+        "throughput": throughput(args.steps, args.zero, args.seq_len),
         "gpu_mfu": "not measured: no GPU on this machine",
     }
     print(json.dumps(report, indent=2))

@@ -1,6 +1,7 @@
 """Cost of the prune stage against a plain forward pass, and its peak memory against the model's size. Prints JSON.
 
     .venv/bin/python benchmarks/prune.py [--model DIR | --hidden 512 --layers 8 ...] [--samples 16 --seq-len 256]
+    .venv/bin/python benchmarks/prune.py --quick   # a 2-layer model, 4 samples, 1 repeat: checks that it runs
 
 Without --model, a random Llama (GQA) of the given shape is saved to a temp dir first. The measurement runs in a
 fresh subprocess, after a warm-up on a miniature model (transformers imports ~140 MB of modules on its first
@@ -24,6 +25,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed, which otherwise prints to stdout
+QUICK = dict(
+    hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, samples=4, seq_len=32, batch_size=4, repeats=1
+)
 
 
 def build_random_llama(
@@ -95,7 +99,9 @@ def measure(
 
     import torch
 
-    from compressor.modeling import load_model, read_config
+    from compressor.manifest import ModelRef
+    from compressor.modeling import load_model
+    from compressor.models import read_config
     from compressor.stages.prune import shapes
     from compressor.stages.prune.importance import estimate
     from compressor.stages.prune.plan import make_plan
@@ -103,7 +109,7 @@ def measure(
     from compressor.stages.prune.surgery import apply_plan
 
     torch.set_num_threads(threads)
-    config = read_config(model_dir)
+    config = read_config(ModelRef(path=model_dir, key="benchmark"))
     src = shapes.source_shape(config)
     target = {
         "hidden_size": max(align, round(src.hidden_size * 0.75 / align) * align),
@@ -180,8 +186,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="1 keeps timings steady on a shared machine")
     parser.add_argument("--align", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each pass; the fastest counts")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (the test suite runs this)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    if args.quick:  # as defaults, so that flags given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     if args.measure:
         print(
             json.dumps(
@@ -218,7 +228,7 @@ def main() -> None:
         result = json.loads(
             subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         )
-    print(json.dumps({"benchmark": "prune", **result}, indent=2))
+    print(json.dumps({"benchmark": "prune", "quick": args.quick, **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ reported too: they vary less than wall time on a shared machine. Peak RSS is eac
 CPU only (no GPU here).
 
     .venv/bin/python benchmarks/quantize.py [--model zoo:tiny | DIR] [--samples 128] [--seq-len 256] [--repeats 3]
+    .venv/bin/python benchmarks/quantize.py --quick   # test teacher (zoo:tiny-test), 8 x 64 tokens, 1 run, no warm-up
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     from compressor.config.schema import DataSource
-    from compressor.stages.quantize.spec import QuantizeSpec
+    from compressor.stages.quantize.spec import GPTQSpec
 
-    spec = QuantizeSpec(
+    spec = GPTQSpec(
         bits=args.bits, group_size=args.group_size, calibration="calib", samples=args.samples, seq_len=args.seq_len
     )
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -116,10 +117,14 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="test teacher, tiny calibration, 1 run, no warm-up")
     parser.add_argument("--worker", choices=["stage", "direct"], help=argparse.SUPPRESS)
     for hidden in ("--rows", "--out", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # as defaults, so that flags given explicitly still win
+        parser.set_defaults(model="zoo:tiny-test", samples=8, seq_len=64, repeats=1)
+        args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault(
         "GPTQMODEL_CPU_WORKERS", "2"
@@ -139,7 +144,8 @@ def main() -> None:
         workdir = Path(tmp)
         rows = workdir / "rows.json"
         rows.write_text(json.dumps(calibration_rows(args.model, args.calibration, args.samples, args.seq_len)))
-        run("direct", args, workdir, rows, -1)  # warm-up: file cache, GPTQModel's one-time kernel builds
+        if not args.quick:
+            run("direct", args, workdir, rows, -1)  # warm-up: file cache, GPTQModel's one-time kernel builds
         runs: dict[str, list[dict]] = {"direct": [], "stage": []}
         for i in range(args.repeats):
             for mode in ("direct", "stage"):
@@ -150,6 +156,7 @@ def main() -> None:
         json.dumps(
             {
                 "model": args.model,
+                "quick": args.quick,
                 "bits": args.bits,
                 "group_size": args.group_size,
                 "calibration": {"samples": args.samples, "seq_len": args.seq_len},

@@ -1,6 +1,7 @@
 """Prune to a budget (the shape search) against the hand-picked target on the reference teacher. Prints JSON.
 
     .venv/bin/python benchmarks/search.py [--budget 0.5] [--top-k 3] [--steps 20] [--storage DIR]
+    .venv/bin/python benchmarks/search.py --quick   # the test teacher, 1 shape x 1 step, 2 distill steps
 
 pipelines/tiny.yaml (teacher zoo:tiny, ~8M parameters) without its quantize stage and gates, run with `compressor run`
 three times into one storage (the teacher's scores and identical stages come from the cache):
@@ -26,11 +27,27 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPRESSOR = [sys.executable, "-m", "compressor"]
+# --quick: pipelines/tiny.yaml at the test teacher's size (zoo:tiny-test, tests/conftest.py), 2 distill steps and
+# one short evaluation task; with --top-k 1 --steps 1 the same three runs take about a minute rather than an hour.
+QUICK_OVERRIDES = [
+    "teacher.model=zoo:tiny-test",
+    "data.calib={source: 'zoo:tiny-test', samples: 8, seq_len: 64}",
+    "data.distill={source: 'zoo:tiny-test', seq_len: 64}",
+    "evaluation.tasks=[{name: ref_ppl, include: 'zoo:tiny-test', limit: 20}]",
+    "stages.prune.target={intermediate_size: 192, num_attention_heads: 2}",
+    "stages.distill.steps=2",
+    "stages.distill.checkpoint_every=2",
+    "stages.quantize.group_size=64",
+]
 
 
-def pipelines(budget: float, top_k: int, steps: int) -> tuple[dict, dict]:
-    """(the search pipeline, the hand-picked one) from pipelines/tiny.yaml."""
+def pipelines(budget: float, top_k: int, steps: int, overrides: list[str] = ()) -> tuple[dict, dict]:
+    """(the search pipeline, the hand-picked one) from pipelines/tiny.yaml with KEY=VALUE overrides."""
+    from compressor.config.load import apply_override
+
     tiny = yaml.safe_load((ROOT / "pipelines" / "tiny.yaml").read_text())
+    for override in overrides:
+        apply_override(tiny, override)
     prune, distill = (dict(tiny["stages"][i]) for i in (0, 1))
     distill.pop("gate", None)
     short = json.loads(
@@ -118,13 +135,17 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="short-distillation steps per candidate")
     parser.add_argument("--storage", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="test-size teacher, 1 shape x 1 step (the test suite)")
     args = parser.parse_args()
+    if args.quick:  # as defaults, so that flags given explicitly still win
+        parser.set_defaults(top_k=1, steps=1)
+        args = parser.parse_args()
     storage = args.storage or Path(tempfile.mkdtemp(prefix="compressor-search-bench-"))
     storage.mkdir(parents=True, exist_ok=True)
     from compressor import zoo
 
-    searched_spec, hand_spec = pipelines(args.budget, args.top_k, args.steps)
-    teacher = zoo.model_config("tiny")
+    searched_spec, hand_spec = pipelines(args.budget, args.top_k, args.steps, QUICK_OVERRIDES if args.quick else [])
+    teacher = zoo.model_config(hand_spec["teacher"]["model"].removeprefix("zoo:"))
     distill = hand_spec["stages"][1]["distill"]
     seq_len = hand_spec["data"][distill["data"]]["seq_len"]
 
@@ -149,6 +170,7 @@ def main() -> None:
         json.dumps(
             {
                 "teacher": hand_spec["teacher"]["model"],
+                "quick": args.quick,
                 "budget": search["budget"],
                 "candidates_enumerated": search["enumerated"],
                 "candidates_scored": search["scored"],

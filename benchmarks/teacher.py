@@ -7,7 +7,8 @@ perplexity is per token over the held-out paragraphs packed into seq_len blocks;
 the same tokens under add-one smoothed train token frequencies. MC accuracy is lm-eval `ref_next` over all
 items (4 choices, chance 0.25). Times depend on how busy the 2 shared cores are.
 
-    .venv/bin/python benchmarks/teacher.py [--name tiny] [--fresh] [--batch-size 32]
+    .venv/bin/python benchmarks/teacher.py [--name tiny] [--fresh] [--batch-size 32] [--limit N]
+    .venv/bin/python benchmarks/teacher.py --quick   # the test-size teacher (tiny-test), 50 items per task
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ def main() -> None:
     parser.add_argument("--name", default="tiny")
     parser.add_argument("--fresh", action="store_true", help="build in a temporary COMPRESSOR_HOME and time it")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny-test teacher, 50 items per task (the test suite)")
     args = parser.parse_args()
+    if args.quick:  # as defaults, so that flags given explicitly still win
+        parser.set_defaults(name="tiny-test", limit=50)
+        args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as home:
         if args.fresh:
@@ -37,7 +43,7 @@ def main() -> None:
         path = zoo.ensure_model(args.name)
         wall = time.perf_counter() - start
         info = zoo.build_info(args.name)
-        tasks = [TaskSpec(name=t, include=f"zoo:{args.name}") for t in zoo.TASK_NAMES]
+        tasks = [TaskSpec(name=t, include=f"zoo:{args.name}", limit=args.limit) for t in zoo.TASK_NAMES]
         start = time.perf_counter()
         scores = evaluate(path, tasks, batch_size=args.batch_size)
         eval_seconds = time.perf_counter() - start
@@ -46,6 +52,7 @@ def main() -> None:
             json.dumps(
                 {
                     "name": args.name,
+                    "quick": args.quick,
                     "params": info["params"],
                     "shape": {
                         "hidden": r.hidden_size,
@@ -65,6 +72,7 @@ def main() -> None:
                     "unigram_ppl": round(info["unigram_ppl"], 2),
                     "ref_next": {**{k: round(v, 4) for k, v in scores["ref_next"].items()}, "chance": 0.25},
                     "ref_ppl": {k: round(v, 4) for k, v in scores["ref_ppl"].items()},
+                    "eval_items_per_task": args.limit or "all",
                     "eval_seconds": round(eval_seconds, 1),
                     "load_average_1m": round(os.getloadavg()[0], 2),
                 },

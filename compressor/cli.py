@@ -1,8 +1,11 @@
-"""`compressor` command line. Errors become one paragraph and an exit code (0 ok, 1 gate failed, 2 bad input)."""
+"""`compressor` command line. Errors become one paragraph and an exit code (0 ok, 1 gate failed, 2 bad input, 3 a
+stage crashed or an unexpected error, whose traceback goes to a log file)."""
 
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import typer
 
@@ -12,6 +15,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import Abort, ClickException, NoArgsIsHelpError, UsageError
 
+from compressor import cli_help
 from compressor.commands import MODULES
 from compressor.errors import CompressorError
 
@@ -20,7 +24,12 @@ app = typer.Typer(
     help="Prune -> distill -> quantize LLMs, gated by lm-eval and tracked in MLflow.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion
+    rich_markup_mode=None,  # click's plain layout, through compressor.cli_help (rich's cut names at 80 columns)
+    cls=cli_help.Group,
+    callback=cli_help.root,  # --version
+    epilog=cli_help.EXAMPLES[""],
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
 )
 
 for _name in MODULES:
@@ -31,6 +40,7 @@ for _name in MODULES:
             raise
         continue
     _module.register(app)
+cli_help.install(app)
 
 
 def application() -> typer.Typer:
@@ -64,6 +74,46 @@ def usage_error(exc: ClickException) -> None:
     raise SystemExit(exc.exit_code)
 
 
+def crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected exception to a new timestamped file; returns where it is."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    from compressor.secrets import redact
+
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = redact(f"compressor {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc)))
+    cache = Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+    for directory in (cache / "logs", Path(tempfile.gettempdir())):  # a read-only home still gets a log
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_text(text)
+            return str(directory / name)
+        except OSError:
+            continue
+    typer.echo(text, err=True)  # nowhere to write it: the traceback itself, rather than nothing
+    return "the output above"
+
+
+def unexpected(exc: Exception) -> None:
+    """A bug or an environment problem nobody foresaw: one paragraph and the traceback in a file, exit 3."""
+    from compressor.secrets import redact
+    from compressor.storage import credentials_error
+
+    known = credentials_error(exc)  # missing cloud credentials, met outside a `storage.credentials` block
+    if known is not None:
+        fail(known)
+    message = " ".join(str(exc).split()) or "(no message)"
+    typer.secho(
+        f"error: unexpected {type(exc).__name__}: {redact(message)}; the traceback is in {crash_log(exc)}",
+        fg=typer.colors.RED,
+        err=True,
+    )
+    raise SystemExit(3)
+
+
 def main() -> None:
     try:
         code = application()(standalone_mode=False)  # click's errors come here, to be told in one paragraph
@@ -74,6 +124,8 @@ def main() -> None:
     except Abort:  # end of input at a prompt: as click does it (Ctrl-C is exit 130, from typer)
         typer.echo("Aborted!", err=True)
         raise SystemExit(1) from None
+    except Exception as exc:  # KeyboardInterrupt and SystemExit (exit 130, 75, ...) are not Exceptions: they pass
+        unexpected(exc)
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

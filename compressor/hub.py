@@ -115,23 +115,25 @@ def model_key(repo_id: str, commit: str, dtype: str) -> str:
     return f"hub:{repo_id}@{commit}:{dtype}"
 
 
-def _download(repo_id: str, commit: str) -> Path:
-    """The snapshot in the local HF cache (downloaded now unless cached); safetensors preferred over .bin."""
+def _download(repo_id: str, commit: str) -> tuple[Path, list[str]]:
+    """The snapshot in the local HF cache (downloaded now unless cached), safetensors preferred over .bin, and the
+    relative paths of the files fetched for it: the snapshot directory may hold more that the user fetched another
+    day (Llama's `original/*.pth`, 16 GB), which is never published."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
 
+    allow = WANTED
     try:
-        path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=WANTED, ignore_patterns=SKIPPED))
+        path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=allow, ignore_patterns=SKIPPED))
         if not any(path.glob("*.safetensors")):
-            path = Path(
-                snapshot_download(
-                    repo_id, revision=commit, allow_patterns=WANTED + WEIGHTS_FALLBACK, ignore_patterns=SKIPPED
-                )
-            )
+            allow = WANTED + WEIGHTS_FALLBACK
+            path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=allow, ignore_patterns=SKIPPED))
     except Exception as exc:  # noqa: BLE001
         raise _explain(exc, repo_id, commit) from None
     if not (path / "config.json").is_file():
         raise UserError(f"{_where(repo_id, commit)}: the snapshot has no config.json; is it a transformers model?")
-    return path
+    present = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink())
+    return path, list(filter_repo_objects(present, allow_patterns=allow, ignore_patterns=SKIPPED))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -152,7 +154,7 @@ def publish_snapshot(repo_id: str, revision: Optional[str], storage_uri: str, dt
     ref = ModelRef(path=storage.join(uri, "model"), key=model_key(repo_id, commit, dtype), revision=commit)
     if storage.read_manifest(uri) is not None:
         return ref
-    source = _download(repo_id, commit)
+    source, files = _download(repo_id, commit)
     manifest = Manifest(
         stage="teacher",
         kind="hub",
@@ -166,8 +168,8 @@ def publish_snapshot(repo_id: str, revision: Optional[str], storage_uri: str, dt
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         work = Path(uri).parent / f".tmp-{Path(uri).name}-{uuid.uuid4().hex[:8]}"
     try:
-        for file in sorted(p for p in source.rglob("*") if p.is_file() or p.is_symlink()):
-            _link_or_copy(file, work / "model" / file.relative_to(source))
+        for name in files:
+            _link_or_copy(source / name, work / "model" / name)
         manifest.write(work)
         storage.publish_dir(work, uri)
     finally:

@@ -76,5 +76,46 @@ def materialize(ref: ModelRef) -> ModelRef:
 
     if hub.is_hub_id(ref.path):
         commit = hub.resolve_commit(ref.path, ref.revision)
-        return ref.model_copy(update={"path": str(hub._download(ref.path, commit)), "revision": commit})
+        return ref.model_copy(update={"path": str(hub._download(ref.path, commit)[0]), "revision": commit})
     return ref
+
+
+# What a tokenizer is made of, beside `tokenizer*` files: enough for AutoTokenizer, and what shards key on.
+TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in TOKENIZER_FILES or name.endswith(".tiktoken")
+
+
+def tokenizer_dir(ref: ModelRef) -> str:
+    """A directory on this node holding the tokenizer of `ref`. A model on object storage brings only its tokenizer
+    files and config.json (kilobytes), not its weights: the distill driver needs the tokenizer to key and write the
+    token shards, and 16 GB of teacher through the driver's disk would be read for nothing."""
+    if not storage.is_remote(ref.path):
+        return materialize(ref).path
+    import hashlib
+    import shutil
+    import uuid
+
+    fs, path = storage.filesystem(ref.path)
+    try:
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        raise UserError(f"model {ref.path}: no such directory; has the stage that makes it been published?") from None
+    wanted = [n for n in names if is_tokenizer_file(n) or n == "config.json"]
+    target = storage.mirror_root() / "tokenizers" / hashlib.sha256(f"{ref.path}\0{ref.key}".encode()).hexdigest()[:24]
+    if target.is_dir():
+        return str(target)
+    work = target.parent / f".{target.name}-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    try:
+        for name in wanted:
+            fs.get_file(f"{path.rstrip('/')}/{name}", str(work / name))
+        try:
+            work.rename(target)  # all or nothing: a half-copied tokenizer is never taken for one
+        except OSError:  # another process of this node got there first: theirs is as good
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return str(target)

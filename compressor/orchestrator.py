@@ -1,13 +1,15 @@
 """The Ray driver: plan -> cache lookup -> stage tasks -> evaluation -> gate -> next stage.
 
 It knows nothing of model internals: stages are opaque functions reached through compressor.runner, and it
-moves only ModelRefs and manifests between them. A fully cached pipeline never starts Ray or MLflow."""
+moves only ModelRefs and manifests between them. A fully cached pipeline never starts Ray; it logs one parent
+run, tagged `cached`, with the figures of what it reused."""
 
 from __future__ import annotations
 
 import os
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -47,6 +49,7 @@ class RunSummary:
     parent_run_id: Optional[str]
     seconds: float
     stage_seconds: float = 0.0  # time inside stage and evaluation functions (for the overhead benchmark)
+    experiment_id: Optional[str] = None  # the MLflow experiment of the parent run (for the UI's address)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -64,8 +67,10 @@ class Orchestrator:
         address: Optional[str] = None,
         console: Optional[Console] = None,
         register: Optional[str] = None,
+        overrides: Sequence[str] = (),
     ):
         self.spec, self.pipeline_yaml, self.address = spec, pipeline_yaml, address
+        self.overrides = list(overrides)  # KEY=VALUE given on the command line: named in the run's description
         self.register = register  # registered model name for the final model (`run --register NAME`)
         self.console = console or Console(stderr=True)
         self.plan = make_plan(spec, storage)
@@ -76,6 +81,7 @@ class Orchestrator:
             or default_uri(self.plan.storage_root)
         )
         self.stage_seconds = 0.0
+        self.hub_teacher: Optional[ModelRef] = None  # the snapshot of a hub teacher, once published to the storage
         self.published: dict[str, str] = {}  # model key -> directory, for stages that ran in this run
 
     # ------------------------------------------------------------------ entry point
@@ -85,28 +91,13 @@ class Orchestrator:
         if not self.plan.remote:
             check_storage(self.plan.storage_root)
         self._publish_hub_teacher()
+        self._pin_hub_data()
         plan = self.plan
         if plan.fully_cached():
-            return self._cached_summary(start)
+            return self._record_cached(start)
         self._check_registry_tasks()
-        plan.storage_root.mkdir(parents=True, exist_ok=True)
-        from compressor.locks import open_tracker, stage_lease
-
-        # issue 14: open_tracker = Tracker, safe when several runs start on one sqlite store at once (compressor.locks)
-        self.tracker = open_tracker(
-            self.tracking_uri, self.spec.tracking.experiment or self.spec.name, plan.storage_root / "mlartifacts"
-        )
-        parent = self.tracker.start_pipeline(
-            self.spec.name,
-            self.pipeline_yaml,
-            {
-                "teacher": self.spec.teacher.model,
-                "teacher_key": plan.teacher.key,
-                "seed": self.spec.seed,
-                "storage": plan.storage_uri,
-                "stages": [s.name for s in plan.stages],
-            },
-        )
+        parent = self._start_parent_run()
+        from compressor.locks import stage_lease
         from compressor.raylocal import ensure_ray
 
         ensure_ray(self.address)
@@ -115,6 +106,7 @@ class Orchestrator:
         interrupt.reassert()  # issue 14: ray.init put its own SIGTERM handler (sys.exit) in place of `run`'s
         outcomes: list[StageOutcome] = []
         try:
+            self._build_reference_teacher()
             baseline = self._baseline()
             previous = baseline
             for stage in plan.stages:
@@ -137,11 +129,7 @@ class Orchestrator:
         summary = RunSummary(
             plan, outcomes, baseline, self.tracking_uri, parent, time.perf_counter() - start, self.stage_seconds
         )
-        log_pipeline_summary(self.tracker, parent, summary)
-        self._register(summary, parent)
-        self.tracker.log_json(parent, summary_dict(summary), "summary.json")
-        self.tracker.tag(parent, "gate", "passed" if all(o.status != "gate-warned" for o in outcomes) else "warned")
-        self.tracker.end(parent)
+        self._finish_parent_run(summary, parent)
         return summary
 
     def _publish_hub_teacher(self) -> None:
@@ -153,8 +141,25 @@ class Orchestrator:
         if not hub.is_hub_id(teacher.model):
             return
         self.console.print(f"[dim]teacher {teacher.model}: resolving revision {teacher.revision or 'main'}[/]")
-        snapshot = hub.publish_snapshot(teacher.model, teacher.revision, self.plan.storage_uri, teacher.dtype)
-        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=snapshot)
+        self.hub_teacher = hub.publish_snapshot(teacher.model, teacher.revision, self.plan.storage_uri, teacher.dtype)
+        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=self.hub_teacher)
+
+    def _pin_hub_data(self) -> None:
+        """An `hf:` data source is read at one commit, resolved now, once: the commit goes into the shard and stage
+        keys (an upstream change makes new shards and stages, never a mix of two versions) and MLflow's params."""
+        from compressor.data import pinned
+
+        unpinned = {n: ds for n, ds in self.spec.data.items() if ds.source.startswith("hf:")}
+        if not unpinned:
+            return
+        for name, ds in unpinned.items():
+            self.spec.data[name] = pinned(ds)
+            if self.spec.data[name].revision != ds.revision:
+                self.console.print(
+                    f"[dim]data {name}: {ds.source} at commit {self.spec.data[name].revision} "
+                    f"(set data.{name}.revision to it to pin it)[/]"
+                )
+        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=self.hub_teacher)
 
     # ------------------------------------------------------------------ stages
     def _run_stage(self, stage: PlannedStage, baseline: Optional[Scores], previous: Optional[Scores]) -> StageOutcome:
@@ -256,7 +261,7 @@ class Orchestrator:
         return StageContext(
             teacher=self.plan.teacher,
             shared_teacher=self.plan.teacher,
-            data=self.spec.data,
+            data={**self._datasets(), **self.spec.data},
             resources=stage.entry.resources,
             seed=self.spec.seed,
             storage_path=join(self.plan.storage_uri, "ray"),
@@ -267,6 +272,17 @@ class Orchestrator:
             tasks=self.spec.evaluation.tasks,
             eval_batch_size=self.spec.evaluation.batch_size,
         )
+
+    def _datasets(self) -> dict:
+        """The datasets of dataset stages (generate), by stage name, as data sources a later stage's `data` names:
+        the answers of its published parquet files (a later stage runs once the earlier one is published)."""
+        from compressor.config.schema import DataSource
+
+        return {
+            s.name: DataSource(source=join(s.uri, "data"), text_field="response")
+            for s in self.plan.stages
+            if stage_kinds.get(s.kind).produces_dataset
+        }
 
     def _execute(self, stage: PlannedStage, run_id: str, publish_to: str) -> Manifest:
         from compressor.runner import STAGE_LOG, execute_stage, failed_log_uri
@@ -346,6 +362,22 @@ class Orchestrator:
         return outcome["value"]
 
     # ------------------------------------------------------------------ evaluation
+    def _build_reference_teacher(self) -> None:
+        """On a fresh machine `make run` first trains the offline reference teacher (minutes): say so, with the
+        build's own progress, instead of letting the time pass for the teacher's evaluation."""
+        model = self.spec.teacher.model
+        if not model.startswith("zoo:"):
+            return
+        from compressor import zoo
+
+        name = model[len("zoo:") :]
+        if zoo.is_built(name):
+            return
+        self.console.print(
+            f"building the reference teacher {model}, once: a few minutes on 2 cores, then cached for every run"
+        )
+        zoo.ensure_model(name)
+
     def _baseline(self) -> Optional[Scores]:
         if self.spec.evaluation.baseline != "teacher" or not self.spec.evaluation.tasks:
             return None
@@ -427,13 +459,59 @@ class Orchestrator:
 
             check_registry_tasks([t.name for t in registry])
 
-    def _cached_summary(self, start: float) -> RunSummary:
+    def _start_parent_run(self, cached: bool = False) -> str:
+        from compressor.locks import open_tracker
+
+        self.plan.storage_root.mkdir(parents=True, exist_ok=True)
+        # issue 14: open_tracker = Tracker, safe when several runs start on one sqlite store at once (compressor.locks)
+        self.tracker = open_tracker(
+            self.tracking_uri, self.spec.tracking.experiment or self.spec.name, self.plan.storage_root / "mlartifacts"
+        )
+        from compressor.tracking import dataset_inputs
+
+        stages = [s.name for s in self.plan.stages]
+        changed = f"; overrides: {' '.join(self.overrides)}" if self.overrides else ""
+        parent = self.tracker.start_pipeline(
+            self.spec.name,
+            self.pipeline_yaml,
+            {
+                "teacher": self.spec.teacher.model,
+                "teacher_key": self.plan.teacher.key,
+                "seed": self.spec.seed,
+                "storage": self.plan.storage_uri,
+                "stages": stages,
+                "overrides": " ".join(self.overrides) or "-",
+            },
+            run_name=f"{self.spec.name} {time.strftime('%m-%d %H:%M:%S')}" + (" cached" if cached else ""),
+            description=f"compressor run of `{self.spec.name}` ({' -> '.join(stages)}), teacher "
+            f"{self.spec.teacher.model}{changed}" + ("; every stage came from the cache" if cached else ""),
+            datasets=dataset_inputs(self.spec),
+        )
+        self.tracker.tag(parent, "cached", str(cached).lower())
+        return parent
+
+    def _record_cached(self, start: float) -> RunSummary:
+        """A run that found every stage finished computes nothing and starts no Ray, but it is still a run: its parent
+        run (tagged `cached`) carries the final figures of the stages it reused, so it shows in `compressor runs`
+        and can be compared with the run that did the work, or a later one."""
         outcomes = []
         for stage in self.plan.stages:
             scores = self._cached_scores(stage.output) if stage.produces_model else stage.cached.details.get("scores")
             outcomes.append(StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores))
         baseline = self._cached_scores(self.plan.teacher) if self.spec.evaluation.baseline == "teacher" else None
-        return RunSummary(self.plan, outcomes, baseline, self.tracking_uri, None, time.perf_counter() - start)
+        parent = self._start_parent_run(cached=True)
+        summary = RunSummary(self.plan, outcomes, baseline, self.tracking_uri, parent, time.perf_counter() - start)
+        self._finish_parent_run(summary, parent)
+        return summary
+
+    def _finish_parent_run(self, summary: RunSummary, parent: str) -> None:
+        log_pipeline_summary(self.tracker, parent, summary)
+        self._register(summary, parent)
+        self.tracker.log_json(parent, summary_dict(summary), "summary.json")
+        summary.experiment_id = self.tracker.experiment_id
+        warned = any(o.status == "gate-warned" for o in summary.outcomes)
+        self.tracker.tag(parent, "gate", "warned" if warned else "passed")
+        self.tracker.end(parent)
 
     def _register(self, summary: RunSummary, parent: str) -> None:
         """`run --register NAME`: the final model becomes a new version of registered model NAME in MLflow,

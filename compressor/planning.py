@@ -12,7 +12,7 @@ from typing import Optional
 from compressor import cache as cache_mod
 from compressor import stages as stage_kinds
 from compressor import storage as storage_mod
-from compressor.cache import stage_key
+from compressor.cache import key_fields, stage_key
 from compressor.config.schema import PipelineSpec, StageEntry, TaskSpec, TeacherSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
@@ -216,26 +216,29 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Option
     teacher, teacher_config = resolve_teacher(spec.teacher, storage_uri, teacher)
     current, config = teacher, teacher_config
     planned: list[PlannedStage] = []
+    datasets: dict[str, str] = {}  # name -> key of the stages so far that made a dataset (a later `data` names one)
     for i, entry in enumerate(spec.stages):
         kind = stage_kinds.get(entry.kind)
         around = PlanContext(spec, i, teacher.key)
         stage_spec = kind.planned_spec(entry.spec, around)
+        named = (getattr(stage_spec, "calibration", None), getattr(stage_spec, "data", None))
         extra = {
             "seed": spec.seed,
             **kind.key_extra(entry.spec, around),
-            "data": {
-                n: ds.model_dump(mode="json")
-                for n, ds in spec.data.items()
-                if n in (getattr(stage_spec, "calibration", None), getattr(stage_spec, "data", None))
-            },
+            "data": {n: key_fields(ds) for n, ds in spec.data.items() if n in named},
         }
+        extra["data"].update({n: {"stage": datasets[n]} for n in named if n in datasets and n not in spec.data})
         try:
             checked = kind.check(stage_spec, config) if config else None
         except UserError as exc:
             raise UserError(f"stages.{i}.{entry.kind}: {exc}") from None
-        key = stage_key(entry.kind, entry.spec, current.key, extra)
+        # A dataset stage reads the teacher (in its key_extra), not the model the stages before it made.
+        input_key = "" if kind.produces_dataset else current.key
+        key = stage_key(entry.kind, entry.spec, input_key, extra, kind.output_version)
         output = ModelRef(path="", key=f"stage:{key}") if kind.produces_model else current
         name = entry.name or entry.kind
+        if kind.produces_dataset:
+            datasets[name] = key
         dir_name = f"{name}-{key[:12]}"
         uri = storage_mod.join(storage_uri, spec.name, dir_name)
         cached = _published(uri, key)
@@ -254,6 +257,17 @@ def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Option
             checked.warnings if checked else [],
             uri,
         )
+        # An hf: source without `revision` follows its branch: each run reads the head of its day (the commit is
+        # printed and keys the token shards), so two runs of one pipeline may not read the same data.
+        stage.warnings = [
+            *stage.warnings,
+            *(
+                f"data.{n}: {ds.source} is not pinned; runs read whatever its default branch holds then. Set "
+                f"data.{n}.revision to a commit (a run prints the one it read)"
+                for n, ds in spec.data.items()
+                if n in extra["data"] and ds.source.startswith("hf:") and ds.revision is None
+            ),
+        ]
         if cached is None:
             stage.held = next(
                 (

@@ -196,6 +196,9 @@ def _check_data_file(file: Path, text_field: str) -> None:
                     f"{file}:{n}: no field {text_field!r} (set `text_field` on the data source, "
                     "--text-field on the command line)"
                 )
+            from compressor.data import as_text
+
+            as_text(row[text_field], f"{file}:{n}", text_field)  # chat turns are not text
 
 
 def _check_token_count(source, tokenizer_dir: Path, need: int) -> None:
@@ -271,6 +274,7 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
     from compressor.planning import check_storage, make_plan
 
     plan = plan or make_plan(spec, storage)
+    check_offline_teacher(spec.teacher, published=plan.teacher.path != spec.teacher.model)
     if storage_mod.is_remote(plan.storage_uri):
         _check_filesystem_driver(plan.storage_uri)
     else:
@@ -285,9 +289,43 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
             if s.produces_model and not s.cached and s.out_config
         )
         check_space(plan.storage_root, need, f"storage {plan.storage_uri}")
+    prompt_sources = {getattr(s.entry.spec, "prompts", None) for s in plan.stages}  # generate stages read rows
     for name, source in spec.data.items():
-        check_data(source, f"data.{name}.source")
+        if name in prompt_sources:
+            check_prompts(source, f"data.{name}.source")
+        else:
+            check_data(source, f"data.{name}.source")
     check_gate_metrics(spec, path)
+
+
+def check_prompts(source, flag: str) -> None:
+    """A generate stage's prompts: the first batch is read and validated (the stage validates every row before it
+    sends one)."""
+    from compressor.data import normalized
+    from compressor.stages.generate.prompts import scan
+
+    try:
+        next(scan(normalized(source), 64))
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def check_offline_teacher(teacher, published: bool = False) -> None:
+    """With HF_HUB_OFFLINE set, a hub teacher must be in the local Hugging Face cache, weights included (`run`
+    resolves and fetches it from there), unless its snapshot is already published on the storage."""
+    from compressor import hub
+
+    if not hub.offline() or not hub.is_hub_id(teacher.model):
+        return
+    commit = hub.resolve_commit(teacher.model, teacher.revision)  # offline: the cache's config.json, else UserError
+    if published:
+        return
+    snapshot = Path(hub._cache_dir(), f"models--{teacher.model.replace('/', '--')}", "snapshots", commit)
+    if not any(snapshot.glob("*.safetensors")) and not any(snapshot.glob("*.bin")):
+        raise UserError(
+            f"teacher.model {teacher.model!r}: the local Hugging Face cache ({hub._cache_dir()}) has its config "
+            "but not its weights, and HF_HUB_OFFLINE=1 forbids downloading them; run once with network access"
+        )
 
 
 def _check_filesystem_driver(uri: str) -> None:

@@ -116,6 +116,7 @@ def execute_stage(
     `publish_to` (a path or storage URI) from here, then drop the scratch dir. Returns the manifest."""
     stage_kind = stage_kinds.get(kind)
     ctx.work_dir = storage.scratch_dir(publish_to, f"{name}-{key[:12]}")
+    ctx.publish_uri = publish_to
     # In pipeline runs (a progress queue to the driver) libraries' output goes to <stage dir>/stage.log, published
     # with the stage and kept as failed_log_uri(publish_to) when it fails.
     log_file = Path(ctx.work_dir) / STAGE_LOG if ctx.progress_queue is not None else None
@@ -147,6 +148,8 @@ def _execute_stage(
     seconds = time.perf_counter() - start
     model_dir = Path(ctx.work_dir) / "model"
     has_model = (model_dir / "config.json").is_file()
+    data_dir = Path(ctx.work_dir) / "data"  # a dataset stage's output (StageKind.produces_dataset)
+    has_data = not has_model and stage_kind.produces_dataset and data_dir.is_dir()
     manifest = Manifest(
         stage=name,
         kind=stage_kind.name,
@@ -161,6 +164,9 @@ def _execute_stage(
         compressor_version=__version__,
         files=storage.file_sizes(model_dir) if has_model else {},  # issue 14: checked before the stage is reused
     )
+    if has_data:  # an extra manifest field: a model stage's manifest.json stays byte for byte as it was
+        manifest.dataset_uri = "data"
+        manifest.files = storage.file_sizes(data_dir)
     ctx.log_metrics(
         {"seconds": seconds, **({"num_params": manifest.num_params, "bytes": manifest.bytes} if has_model else {})}
     )
@@ -206,7 +212,7 @@ def run_standalone(
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        manifest = execute_stage(kind, kind, spec, model, ctx, stage_key(kind, spec, model.key), str(staging))
+        manifest = execute_stage(kind, kind, spec, model, ctx, stage_key(kind, spec, model.key, output_version=stage_kinds.get(kind).output_version), str(staging))
         drop_scratch(manifest)
         if (staging / "model" / "config.json").is_file():  # the checkpoint becomes OUT; the stage's files join it
             for item in staging.iterdir():

@@ -18,7 +18,14 @@ source ends, and the index records which (`exhausted`), with the stream position
 it, and the `offset` of the next unwritten token inside the next document). A later, larger request extends the same
 shards from that position, with exactly the sequences an uninterrupted writer would have produced; an interrupted
 writer resumes from its last complete shard the same way. Sequence ids never change once written, so a running
-distillation is not disturbed by another pipeline extending its shards.
+distillation is not disturbed by another pipeline extending its shards. For an `hf:` source the index also keeps the
+`datasets` stream `state` at the start of the batch holding that position: extending loads it and reads less than
+one batch again, instead of every row before the position (`compressor.data.document_batches`).
+
+**Fit, early.** When the first shard closes, the writer extrapolates the source's size (`estimated_tokens`: tokens
+per document x the dataset's row count, or tokens per byte x its files' bytes) into the index, and hands it to the
+caller's `check`, which refuses a budget the whole source clearly cannot give (distill: `check_fit`) after one shard
+rather than after hours of tokenizing; a later writer checks the recorded estimate before reading anything.
 
 **Why the tokenizer's own batched call, not Ray Data or `datasets.map(num_proc=...)`.** A fast tokenizer's
 `encode_batch` runs in Rust, parallel across the node's cores (Rayon), on text that never leaves the process; it is
@@ -50,13 +57,13 @@ from compressor import storage
 from compressor.cache import digest
 from compressor.config.schema import DataSource
 from compressor.errors import UserError
+from compressor.models import is_tokenizer_file
 
 FORMAT = 1
 INDEX = "index.json"
 SHARD_BYTES = 256 << 20
 DOCUMENT_BATCH = 512  # documents per batched tokenizer call
 OPEN_MAPS = 32  # memory maps a reader keeps open (one file descriptor each)
-TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
 
 
 def data_root_for(storage_uri: str) -> str:
@@ -78,6 +85,9 @@ class ShardIndex:
     documents: int = 0  # documents read before the stream position
     offset: int = 0  # tokens of document `documents` already written
     exhausted: bool = False  # the source ended: no more sequences will ever come
+    revision: Optional[str] = None  # hf: sources: the commit read (also in the key)
+    state: Optional[dict] = None  # hf: {"documents": n <= documents, "hf": datasets' stream state after n documents}
+    estimated_tokens: Optional[int] = None  # the whole source, extrapolated from the first shard (None: unknown)
     format: int = FORMAT
 
     @property
@@ -99,7 +109,7 @@ def tokenizer_digest(directory: str) -> str:
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
     except FileNotFoundError:
         raise UserError(f"tokenizer {directory}: no such directory") from None
-    wanted = [n for n in names if n.startswith("tokenizer") or n in TOKENIZER_FILES or n.endswith(".tiktoken")]
+    wanted = [n for n in names if is_tokenizer_file(n)]
     if not wanted:
         raise UserError(f"tokenizer {directory}: no tokenizer files there (tokenizer.json, tokenizer.model, ...)")
     sha = hashlib.sha256()
@@ -137,20 +147,26 @@ def prepare(
     data_root: str,
     progress: Optional[Callable[[int], None]] = None,
     shard_bytes: int = SHARD_BYTES,
+    check: Optional[Callable[[int], None]] = None,
 ) -> tuple[str, ShardIndex]:
     """(shard directory, index) holding at least `sequences` sequences of `ds`, or all the source has: reuses
-    the shards there, extends them, or writes them. `progress(n)` is called with the sequences written so far."""
+    the shards there, extends them, or writes them. `progress(n)` is called with the sequences written so far;
+    `check(estimated source tokens)` may raise to stop a budget the source cannot fit (see the module doc)."""
     tokenizer_key = tokenizer_digest(tokenizer_dir)
     directory = shard_dir(data_root, ds, tokenizer_key, seq_len)
     index = read_index(directory)
     if index is not None and (index.exhausted or index.sequences >= sequences):
         return directory, index
+    if index is not None and index.estimated_tokens and check is not None:
+        check(index.estimated_tokens)  # known from an earlier writer: refused before waiting for the lock
     from compressor.locks import holding
 
     # issue 14: one writer at a time. Two pipelines on the same data would otherwise both write an index, and the
     # last one (maybe the shorter) would win under a run that needs more. The second then finds the first's shards.
     with holding(directory, f"token shards {directory}"):
-        return _prepare_alone(ds, tokenizer_dir, tokenizer_key, directory, seq_len, sequences, progress, shard_bytes)
+        return _prepare_alone(
+            ds, tokenizer_dir, tokenizer_key, directory, seq_len, sequences, progress, shard_bytes, check
+        )
 
 
 def _prepare_alone(
@@ -162,6 +178,7 @@ def _prepare_alone(
     sequences: int,
     progress: Optional[Callable[[int], None]],
     shard_bytes: int,
+    check: Optional[Callable[[int], None]] = None,
 ) -> tuple[str, ShardIndex]:
     from compressor.modeling import load_tokenizer
 
@@ -180,8 +197,9 @@ def _prepare_alone(
             vocab_size=len(tokenizer),
             eos=tokenizer.eos_token_id,
             tokenizer=tokenizer_key,
+            revision=ds.revision if ds.source.startswith("hf:") else None,
         )
-    _Writer(directory, index, shard_bytes).extend(ds, tokenizer, sequences, progress)
+    _Writer(directory, index, shard_bytes).extend(ds, tokenizer, sequences, progress, check)
     return directory, index
 
 
@@ -196,17 +214,36 @@ class _Writer:
         self.capacity = max(1, shard_bytes // (index.seq_len * self.dtype.itemsize))  # sequences per shard
         self.writer_id = uuid.uuid4().hex[:8]
         self.file, self.name, self.in_shard = None, "", 0
+        self.state: Optional[dict] = index.state  # the stream's state at or before the current batch's start
+        self.sample = [0, 0, 0]  # documents, their tokens and text bytes read: the estimate's sample
+        self.estimate: Optional[Callable[[], Optional[int]]] = None
 
-    def extend(self, ds: DataSource, tokenizer, wanted: int, progress: Optional[Callable[[int], None]]) -> None:
-        from compressor.data import batched, documents, encode_batch, join_documents, prefetched
+    def extend(
+        self,
+        ds: DataSource,
+        tokenizer,
+        wanted: int,
+        progress: Optional[Callable[[int], None]],
+        check: Optional[Callable[[int], None]] = None,
+    ) -> None:
+        from compressor.data import document_batches, encode_batch, estimated_tokens, join_documents, prefetched
 
         index, seq_len = self.index, self.index.seq_len
+        if index.estimated_tokens and check is not None:
+            check(index.estimated_tokens)  # from an earlier writer: before reading anything
+            check = None
+        if index.estimated_tokens is None:
+            self.estimate = lambda: estimated_tokens(ds, *self.sample)
         docs_before, first_offset = index.documents, index.offset
         carry = np.empty(0, dtype=self.dtype)
-        for batch in prefetched(batched(documents(ds, skip=index.documents), DOCUMENT_BATCH)):
+        for batch, after in prefetched(document_batches(ds, DOCUMENT_BATCH, index.documents, index.state)):
             token_lists = encode_batch(tokenizer, batch)
             token_lists[0] = token_lists[0][first_offset:]  # resuming inside a document
             tokens, lengths = join_documents(token_lists, index.eos, self.dtype)
+            if self.estimate is not None:  # until the first shard closes
+                self.sample[0] += len(batch)
+                self.sample[1] += len(tokens)
+                self.sample[2] += sum(len(t.encode("utf-8")) for t in batch)
             ends = np.cumsum(lengths)
             stream = np.concatenate([carry, tokens])
 
@@ -220,11 +257,15 @@ class _Writer:
 
             take = min(len(stream) // seq_len, wanted - index.sequences)
             self._write(stream[: take * seq_len].reshape(take, seq_len), position)
+            if index.estimated_tokens and check is not None:
+                check(index.estimated_tokens)  # the first shard is written (and kept); is the source big enough?
+                check = None
             if index.sequences >= wanted:
                 self._close(position(take * seq_len))
                 return
             carry = stream[take * seq_len :]
             docs_before, first_offset = docs_before + len(batch), 0
+            self.state = after  # at `docs_before` now: a close inside the next batch resumes from here
             if progress is not None:
                 progress(index.sequences)
         index.exhausted = True  # the tail, shorter than one sequence, is dropped
@@ -250,7 +291,10 @@ class _Writer:
             self.file.close()
             self.index.shards.append({"file": self.name, "sequences": self.in_shard})
             self.file, self.in_shard = None, 0
-        self.index.documents, self.index.offset = at
+            if self.estimate is not None:  # once, at the first shard this writer completes
+                self.index.estimated_tokens, self.estimate = self.estimate(), None
+        # `state` is at or before `at` (the start of the batch `at` falls in): resuming reads that batch again.
+        self.index.documents, self.index.offset, self.index.state = (*at, self.state)
         storage.write_text(storage.join(self.directory, INDEX), self.index.to_json())
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,6 +47,42 @@ def filesystem(uri: str) -> tuple[Any, str]:
         extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
         hint = f"; install it with `pip install 'compressor[{extra}]'`" if extra else ""
         raise UserError(f"storage {uri}: no filesystem for {protocol}:// ({exc}){hint}") from None
+
+
+# Raised on the first request, not when the filesystem is made: botocore's and google-auth's "no credentials".
+CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+GOOGLE_CREDENTIAL_ERRORS = {"DefaultCredentialsError", "RefreshError"}
+
+
+def credentials_error(exc: BaseException, uri: Optional[str] = None) -> Optional[UserError]:
+    """A UserError naming what to set when `exc` (or what caused it) says cloud credentials are missing, else None."""
+    while exc is not None:
+        names = {c.__name__ for c in type(exc).__mro__}
+        where = f"storage {uri}" if uri else "storage"
+        if names & CREDENTIAL_ERRORS:
+            return UserError(
+                f"{where}: no AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE (a profile of ~/.aws/credentials), on this machine and every node"
+            )
+        if names & GOOGLE_CREDENTIAL_ERRORS:
+            return UserError(
+                f"{where}: no Google Cloud credentials ({exc}); set GOOGLE_APPLICATION_CREDENTIALS to a "
+                "service-account key file, or run `gcloud auth application-default login`"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def credentials(uri: str) -> Iterator[None]:
+    """Missing credentials for `uri` inside the block become a UserError (exit 2) instead of a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        error = credentials_error(exc, uri)
+        if error is None:
+            raise
+        raise error from None
 
 
 def mirror_root() -> Path:
@@ -92,9 +130,13 @@ def missing_files(stage_uri: str, manifest: Manifest) -> list[str]:
     """Files of the stage's model that the manifest lists (`files`: path inside model_uri -> bytes) and that are absent
     or of another size. A manifest written before `files` existed is checked for its model's config.json only. One
     listing (one LIST request on object stores); no file is read."""
-    if manifest.model_uri not in ("model", "."):  # a stage that made no model of its own (it names its input)
+    dataset = getattr(manifest, "dataset_uri", None)  # a dataset stage's files (generate): listed relative to it
+    if dataset:
+        fs, root = filesystem(join(stage_uri, dataset))
+    elif manifest.model_uri not in ("model", "."):  # a stage that made no model of its own (it names its input)
         return []
-    fs, root = filesystem(join(stage_uri, manifest.model_uri) if manifest.model_uri != "." else stage_uri)
+    else:
+        fs, root = filesystem(join(stage_uri, manifest.model_uri) if manifest.model_uri != "." else stage_uri)
     root = fs._strip_protocol(root).rstrip("/")
     if not manifest.files:
         return [] if fs.exists(f"{root}/config.json") else ["config.json"]

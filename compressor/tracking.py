@@ -124,12 +124,25 @@ class Tracker:
         self.parent_id: Optional[str] = None
         self.logged_models: dict[str, str] = {}  # stage name -> MLflow logged model id (set by log_pipeline_summary)
 
-    def start_pipeline(self, name: str, pipeline_yaml: str, params: dict[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"compressor.pipeline": name})
+    def start_pipeline(
+        self,
+        name: str,
+        pipeline_yaml: str,
+        params: dict[str, Any],
+        run_name: Optional[str] = None,
+        description: str = "",
+        datasets: Optional[list] = None,
+    ) -> str:
+        """The parent run. `run_name` tells runs of one pipeline apart in the UI's list and chart legends (MLflow
+        would otherwise show every one as the pipeline's name); `description` is the run page's description."""
+        tags = {"compressor.pipeline": name, **({"mlflow.note.content": redact(description)} if description else {})}
+        run = self.client.create_run(self.experiment_id, run_name=run_name or name, tags=tags)
         self.parent_id = run.info.run_id
         sink = self.sink(self.parent_id)
         sink.log_params(params)
         self.client.log_text(self.parent_id, redact(pipeline_yaml), "pipeline.yaml")
+        if datasets:
+            self.client.log_inputs(self.parent_id, datasets=datasets)
         return self.parent_id
 
     def start_stage(self, name: str, kind: str, key: str, params: dict[str, Any], cached: bool = False) -> str:
@@ -248,6 +261,39 @@ def teacher_record(summary) -> dict:
         "bytes_measured": measured,
         "scores": summary.baseline,
     }
+
+
+def dataset_inputs(spec) -> list:
+    """The pipeline's data sources as MLflow dataset inputs, for the runs list's Dataset column: a pointer (where the
+    data is, its name in the pipeline, a digest of its settings), never the data itself."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from compressor.cache import digest, key_fields
+
+    inputs = []
+    for name, ds in spec.data.items():
+        if ds.source.startswith("hf:"):
+            from compressor.data import parse_hf
+
+            repo, config, split = parse_hf(ds.source)
+            source = HuggingFaceDatasetSource(
+                repo, config_name=config, split=split, revision=getattr(ds, "revision", None)
+            )
+        elif ds.source.startswith("zoo:"):
+            source = CodeDatasetSource({"compressor.source": ds.source, "split": ds.split})
+        else:
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local path
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(redact(ds.source))
+        dataset = MetaDataset(source, name=name, digest=digest(key_fields(ds))[:8])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", name)]))
+    return inputs
 
 
 def pipeline_settings(spec) -> dict[str, str]:

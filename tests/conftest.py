@@ -91,6 +91,25 @@ def offline_hub(hub_cache, monkeypatch) -> dict:
     return hub_cache
 
 
+class ServedBytes(dict):
+    """Body bytes the S3 server sent for each object key (GET requests), counted by a WSGI layer around moto."""
+
+    def __init__(self, wsgi_server):
+        super().__init__()
+        app = wsgi_server.app
+
+        def counting(environ, start_response):
+            body = app(environ, start_response)
+            if environ.get("REQUEST_METHOD") != "GET":
+                return body
+            key = environ.get("PATH_INFO", "").lstrip("/")
+            chunks = list(body)
+            self[key] = self.get(key, 0) + sum(len(c) for c in chunks)
+            return chunks
+
+        wsgi_server.app = counting
+
+
 @pytest.fixture
 def s3(monkeypatch):
     """A real S3 endpoint on loopback; AWS_ENDPOINT_URL points s3fs (botocore) and pyarrow (Ray Train) at it."""
@@ -103,6 +122,7 @@ def s3(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    served = ServedBytes(server._server)
     for key, value in {
         "AWS_ENDPOINT_URL": f"http://{host}:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -116,6 +136,7 @@ def s3(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()  # cached clients would still talk to an earlier test's server
     fs = s3fs.S3FileSystem()
     fs.mkdir("bucket")
+    fs.served = served  # what the server sent back, by object key: tests of what a reader fetches read it
     yield fs
     server.stop()
     s3fs.S3FileSystem.clear_instance_cache()
@@ -151,3 +172,14 @@ def tiny_runs(tmp_path_factory, tiny_test_overrides, hub_cache):
     return run_twice(
         tmp_path_factory.getbasetemp() / "pipeline_runs", [*tiny_test_overrides, *hub_teacher], hub_cache["env"]
     )
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_teacher):
+    """An OpenAI-compatible server on 127.0.0.1 serving the tiny-test model (tests/openai_server.py). Tests call
+    `.reset()` first: it clears the request log, the injected faults and the latency."""
+    from openai_server import OpenAIServer
+
+    server = OpenAIServer(str(tiny_teacher), name="tiny-test").start()
+    yield server
+    server.stop()

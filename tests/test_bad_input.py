@@ -131,8 +131,20 @@ def _under_a_file(env: Env) -> Path:
     return blocker / "sub"
 
 
-# id -> (command builder, text the error must contain)
-CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
+# No AWS credentials anywhere botocore looks (environment, files, the instance metadata service).
+NO_AWS = {
+    "AWS_ACCESS_KEY_ID": None,
+    "AWS_SECRET_ACCESS_KEY": None,
+    "AWS_SESSION_TOKEN": None,
+    "AWS_PROFILE": None,
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws/credentials",
+    "AWS_CONFIG_FILE": "/nonexistent/aws/config",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+# id -> (command builder, text the error must contain[, environment changes: None removes a variable])
+CHAT_ROW = b'{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}\n'
+CASES: dict[str, tuple] = {
     # ------------------------------------------------------------------ pipeline YAML (validate)
     "yaml-syntax": (lambda e: e.validate("stages:\n", "stages: [\n"), "p.yaml:"),
     "yaml-not-a-mapping": (lambda e: ["validate", e.pipeline("- prune\n- quantize\n")], "must be a mapping"),
@@ -187,6 +199,18 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
         "the smallest aligned shape with hidden_size 128, num_layers 4 has 181,376",
     ),
     "yaml-negative-seed": (lambda e: e.validate("seed: 0", "seed: -1"), "p.yaml:3: seed"),
+    "yaml-huge-seed": (lambda e: e.validate("seed: 0", "seed: 1e30"), "p.yaml:3: seed: 1e30 is out of range"),
+    "yaml-seed-past-32-bits": (lambda e: e.validate("seed: 0", "seed: 4294967296"), "0 <= seed < 2**32"),
+    "yaml-teacher-plain-string": (
+        lambda e: e.validate('teacher: {model: "zoo:tiny-test"}', "teacher: meta-llama/Llama-3.1-8B"),
+        "p.yaml:2: teacher: Input should be a valid dictionary or instance of TeacherSpec; write "
+        "`teacher: {model: meta-llama/Llama-3.1-8B}`",
+    ),
+    "yaml-hub-teacher-not-cached-offline": (
+        lambda e: e.validate() + ["teacher.model=meta-llama/Llama-3.1-8B"],
+        "teacher.model 'meta-llama/Llama-3.1-8B': not in the local Hugging Face cache",
+        {"HF_HOME": "/nonexistent/hf-home", "HF_HUB_CACHE": "/nonexistent/hf-home/hub"},
+    ),
     "yaml-no-stages-key": (
         lambda e: ["validate", e.pipeline(PIPELINE.split("stages:")[0]), f"storage={e.storage}"],
         "stages: Field required",
@@ -227,7 +251,44 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
         lambda e: ["validate", e.pipeline(), "stages.distill.steps=3"],
         "no stage named 'distill'",
     ),
-    "override-wrong-type": (lambda e: ["validate", e.pipeline(), "seed=abc"], "seed"),
+    "override-wrong-type": (lambda e: ["validate", e.pipeline(), "seed=abc"], "override seed=abc: seed"),
+    # an override's error names the override, not the file line it replaced; every way of addressing a field
+    "override-wrong-type-nested": (
+        lambda e: e.validate() + ["data.calib.samples=many"],
+        "override data.calib.samples=many: data.calib.samples",
+    ),
+    "override-wrong-type-stage-index": (
+        lambda e: e.validate() + ["stages.0.prune.samples=x"],
+        "override stages.0.prune.samples=x: stages.0.prune.samples",
+    ),
+    "override-wrong-type-stage-kind": (
+        lambda e: e.validate() + ["stages.quantize.bits=four"],
+        "override stages.quantize.bits=four: stages.1.quantize.bits",
+    ),
+    "override-wrong-type-list-entry-by-name": (
+        lambda e: e.validate() + ["evaluation.tasks.ref_ppl.num_fewshot=x"],
+        "override evaluation.tasks.ref_ppl.num_fewshot=x: evaluation.tasks.0.num_fewshot",
+    ),
+    "override-wrong-type-whole-stage": (
+        lambda e: e.validate() + ["stages.prune=5"],
+        "override stages.prune=5: stages.0.prune",
+    ),
+    "override-float-text": (
+        lambda e: e.validate() + ["stages.prune.samples=1e3"],
+        "override stages.prune.samples=1e3: stages.0.prune.samples: Input should be a valid integer, unable to "
+        "parse string as an integer (YAML reads 1e3 as text",
+    ),
+    "override-empty-stage": (lambda e: e.validate() + ["stages.quantize="], "override stages.quantize=: stages.1"),
+    "override-empty-mapping-stage": (
+        lambda e: e.validate() + ["stages.prune={}"],
+        "override stages.prune={}: stages.0.prune.target: Field required",
+    ),
+    "override-empty-index": (lambda e: e.validate() + ["stages.0="], "override stages.0=: stages.0"),
+    "override-empty-unknown-stage": (lambda e: e.validate() + ["stages.X="], "no stage named 'X'"),
+    "override-no-key": (lambda e: e.validate() + ["=5"], "override '=5': no KEY before '='"),
+    "override-empty-part": (lambda e: e.validate() + ["stages..bits=4"], "an empty part in the key 'stages..bits'"),
+    "override-index-past-end": (lambda e: e.validate() + ["stages.5.prune.samples=1"], "index 5 is past the end"),
+    "override-into-a-scalar": (lambda e: e.validate() + ["seed.x=1"], "override seed.x: seed is not a mapping"),
     "run-unknown-flag": (lambda e: ["run", e.pipeline(), "--frobnicate"], "--frobnicate"),
     "unknown-command": (lambda e: ["frobnicate"], "No such command 'frobnicate'"),
     "plan-mfu-out-of-range": (lambda e: ["plan", e.pipeline(), "--mfu", "2"], "--mfu"),
@@ -363,6 +424,13 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
         ),
         "data.calib.source",
     ),
+    "pipeline-data-chat-turns": (  # issue 24: trained on as the Python repr of the list, before
+        lambda e: e.validate(
+            'source: "zoo:tiny-test", samples',
+            f'source: "{e.file("chat.jsonl", CHAT_ROW * 50)}", text_field: messages, samples',
+        ),
+        "chat.jsonl:1: field 'messages' holds chat turns, not text",
+    ),
     # ------------------------------------------------------------------ storage
     "storage-under-a-file": (lambda e: ["validate", e.pipeline(), f"storage={_under_a_file(e)}"], "is not a directory"),
     "storage-read-only": (
@@ -370,6 +438,17 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], str]] = {
         "cannot write there",
     ),
     "storage-full-disk": (lambda e: ["validate", e.pipeline(), f"storage={_full_tmpfs(e)}/store"], "free on"),
+    "storage-s3-no-credentials": (
+        lambda e: ["validate", e.pipeline(), "storage=s3://bucket/x"],
+        "storage s3://bucket/x: no AWS credentials (Unable to locate credentials); set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+        NO_AWS,
+    ),
+    "plan-s3-no-credentials": (
+        lambda e: ["plan", e.pipeline(), "--storage", "s3://bucket/x"],
+        "storage s3://bucket/x: no AWS credentials",
+        NO_AWS,
+    ),
     "storage-unknown-fsspec-driver": (
         lambda e: ["validate", e.pipeline(), "storage=nosuchfs://bucket/x"],
         "storage nosuchfs://bucket/x",
@@ -410,7 +489,7 @@ def env(tmp_path, tiny_teacher):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_early_in_one_paragraph(case, env, no_torch):
-    build, needle = CASES[case]
+    build, needle, *changes = CASES[case]
     args = build(env)
     before = snapshot(env.root)
     child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -419,6 +498,11 @@ def test_bad_input_is_refused_early_in_one_paragraph(case, env, no_torch):
         HF_DATASETS_OFFLINE="1",
         PYTHONPATH=os.pathsep.join([str(no_torch), os.environ.get("PYTHONPATH", "")]),
     )
+    for key, value in (changes[0] if changes else {}).items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "compressor", *args],

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,112 @@ def test_unwritable_storage(pipeline, tmp_path):
 def test_missing_pipeline_file(tmp_path):
     result = compressor("run", tmp_path / "nope.yaml")
     assert result.returncode == 2 and "nope.yaml" in result.stderr
+
+
+# ----------------------------------------------------------------------------- exit codes at the CLI boundary
+def run_main(monkeypatch, tmp_path, capsys, error: BaseException) -> tuple[object, str]:
+    """compressor.cli.main in-process on `validate`, whose planning raises `error`: (exit code, stderr)."""
+    from compressor import cli
+
+    def broken(*args, **kwargs):
+        raise error
+
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(PIPELINE)
+    monkeypatch.setattr("compressor.planning.make_plan", broken)
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["compressor", "validate", str(pipeline), f"storage={tmp_path / 's'}"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_an_unexpected_exception_exits_3_with_one_paragraph_and_the_traceback_in_a_log(monkeypatch, tmp_path, capsys):
+    code, err = run_main(monkeypatch, tmp_path, capsys, RuntimeError("kaboom\nsecond line"))
+    assert code == 3 and err.count("\n") == 1, err
+    assert err.startswith("error: unexpected RuntimeError: kaboom second line; the traceback is in "), err
+    log = Path(err.strip().rsplit(" ", 1)[1])
+    assert log.parent == tmp_path / "cache" / "logs" and log.name.startswith("crash-")
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "RuntimeError: kaboom" in text and "in broken" in text
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [
+        (KeyboardInterrupt(), 130),  # typer's Ctrl-C exit
+        (SystemExit(75), 75),  # e.g. a lock not acquired in time: its own code
+        ("UserError", 2),
+        ("GateFailed", 1),
+        ("StageFailed", 3),
+    ],
+)
+def test_known_exits_keep_their_codes_and_write_no_log(error, code, monkeypatch, tmp_path, capsys):
+    from compressor import errors
+
+    if isinstance(error, str):
+        error = getattr(errors, error)("said in one paragraph")
+    got, err = run_main(monkeypatch, tmp_path, capsys, error)
+    assert got == code and "unexpected" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "cache" / "logs").exists()
+
+
+def test_missing_cloud_credentials_anywhere_are_bad_input(monkeypatch, tmp_path, capsys):
+    from botocore.exceptions import NoCredentialsError
+
+    code, err = run_main(monkeypatch, tmp_path, capsys, NoCredentialsError())
+    assert code == 2 and "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE" in err, err
+
+
+# ----------------------------------------------------------------------------- scripting: plan --json, validate --print
+def test_validate_print_emits_the_resolved_pipeline_that_validates_again(pipeline, tmp_path):
+    import yaml
+
+    from compressor.config.load import load_pipeline
+
+    result = compressor("validate", pipeline(), "--print", "seed=7", f"storage={tmp_path / 's'}")
+    assert result.returncode == 0, result.stderr
+    assert "ok (1 stages" in result.stderr  # stdout is the YAML alone
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["seed"] == 7 and resolved["stages"][0]["gate"]["metrics"]["ref_next"]["min"] == 0.0
+    again = tmp_path / "resolved.yaml"
+    again.write_text(result.stdout)
+    assert load_pipeline(again) == load_pipeline(pipeline(), ["seed=7", f"storage={tmp_path / 's'}"])
+    # the shipped pipeline, with every stage kind's spec (quantize's union included)
+    from compressor.commands.pipeline import resolve_pipeline
+
+    result = compressor("validate", "tiny", "--print", "stages.quantize.group_size=64", f"storage={tmp_path / 's'}")
+    assert result.returncode == 0, result.stderr
+    again.write_text(result.stdout)
+    expected = load_pipeline(resolve_pipeline("tiny"), ["stages.quantize.group_size=64", f"storage={tmp_path / 's'}"])
+    assert load_pipeline(again) == expected
+
+
+def test_plan_json_has_stages_resources_cache_and_hours_and_wall_clock_from_the_gpus(tmp_path):
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    result = compressor("plan", root / "pipelines" / "llama8b_to_4b.yaml", "--json", "--storage", tmp_path / "s")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [s["name"] for s in plan["stages"]] == ["prune", "distill", "quantize"]
+    distill = plan["stages"][1]
+    assert distill["gpus"] == 64 and distill["cache"] == "to run" and distill["resources"] == "64 x 8 CPU+1 GPU"
+    assert 2_000 < distill["gpu_hours"] < 10_000 and distill["wall_hours"] == pytest.approx(distill["gpu_hours"] / 64)
+    assert plan["stages"][0]["params_in"] > 8e9 > plan["stages"][0]["params_out"] > 4e9
+    assert plan["gpu_hours"] == pytest.approx(sum(s["gpu_hours"] for s in plan["stages"]))
+    assert plan["wall_hours"] == pytest.approx(sum(s["wall_hours"] for s in plan["stages"]))
+    assert all(s["flops"] > 0 for s in plan["stages"]) and plan["gpu"] == "H100"
+    table = compressor("plan", root / "pipelines" / "llama8b_to_4b.yaml", "--storage", tmp_path / "s").stdout
+    assert f"about {plan['wall_hours']:,.0f} h of wall-clock (distill on 64 GPUs)" in table, table
+
+
+def test_plan_shows_no_gpu_hours_for_stages_on_cpus(pipeline, tmp_path):
+    import json
+
+    text = pipeline(PIPELINE.replace("- evaluate: {}", "- prune: {target: {intermediate_size: 256}}"))
+    plan = json.loads(compressor("plan", text, "--json", "--storage", tmp_path / "s").stdout)
+    assert plan["stages"][0]["gpus"] == 0 and plan["stages"][0]["flops"] > 0
+    assert plan["stages"][0]["gpu_hours"] is None and plan["gpu_hours"] is None
+    table = compressor("plan", text, "--storage", tmp_path / "s").stdout
+    assert "H100-hours" not in table and "every stage runs on CPUs" in table, table

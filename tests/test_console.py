@@ -125,3 +125,25 @@ def test_a_failing_stage_keeps_its_log_where_the_driver_says(tmp_path, monkeypat
     assert "CUDA error from a C library" in Path(runner.failed_log_uri(publish_to)).read_text()
     assert "CUDA error" not in capfd.readouterr().err
     assert not Path(ctx.work_dir).exists()
+
+
+def test_the_summary_fits_80_columns_with_every_metric_name_whole():
+    """issue 24: at 80 columns the one-table summary cut `bits_per…`; it now splits in two tables where it would."""
+    from rich.console import Console
+
+    from compressor.commands.pipeline import _summary_tables
+
+    scores = {"ref_next": {"acc": 0.76}, "ref_ppl": {"bits_per_byte": 2.02, "word_perplexity": 123.4}}
+    rows = [
+        {"name": n, "status": "ran", "num_params": 8.1e6, "bits": 4, "bytes": 5.9e6, "seconds": 12.3}
+        | {"scores": scores, "gate_verdict": "passed"}
+        for n in ("teacher", "prune", "distill", "quantize")
+    ]
+    metrics = [("ref_next", "acc"), ("ref_ppl", "bits_per_byte"), ("ref_ppl", "word_perplexity")]
+    for width in (80, 250):
+        console = Console(width=width, record=True)
+        for table in _summary_tables("tiny: 1.0s", rows, metrics, width):
+            console.print(table)
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= width and "…" not in text
+        assert all(name in text for name in ("bits_per_byte", "word_perplexity", "quantize", "8.10M (4-bit)"))

@@ -126,3 +126,128 @@ def test_stage_calibration_is_exact_or_a_user_error_naming_the_stage(tokenizer, 
     assert blocks.shape == (50, 128)
     with pytest.raises(UserError, match=r"prune calibration: .*1,000,000 sequences of 128 tokens"):
         ctx.calibration_blocks("calib", tokenizer, 1_000_000, None, 128, 1024, "prune")
+
+
+# ----------------------------------------------------------------------------- hf: sources (local files via `datasets`)
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """hf: sources streamed by `datasets` from 4 local JSONL files (4 stream shards) instead of the hub; `reads`
+    holds the row number of every row the stream produced, `opens` the revision of every stream opened."""
+    files = [str(write(tmp_path / f"part{i}.jsonl", DOCS[i * 10 : (i + 1) * 10], "jsonl")) for i in range(4)]
+    hub = type("LocalHub", (), {"reads": [], "opens": [], "breaks": []})()
+
+    def open_hf(name, config, split, revision):
+        import datasets
+
+        hub.opens.append(revision)
+        rows = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+        return Flaky(rows.map(lambda row: hub.reads.append(DOCS.index(row["text"])) or row), hub.breaks)
+
+    monkeypatch.setattr(data, "_open_hf", open_hf)
+    monkeypatch.setattr(data, "RETRY_DELAY_S", 0)
+    return hub
+
+
+class Flaky:
+    """A `datasets` stream whose n-th opening breaks with a ConnectionError after `breaks[n]` rows (None: never)."""
+
+    def __init__(self, rows, breaks: list):
+        self.rows, self.breaks = rows, breaks
+
+    def __getattr__(self, name):
+        return getattr(self.rows, name)
+
+    def __iter__(self):
+        after = self.breaks.pop(0) if self.breaks else None
+        for n, row in enumerate(self.rows):
+            if n == after:
+                raise ConnectionError("Connection reset by peer")
+            yield row
+
+
+def test_an_hf_stream_resumes_from_its_state_without_reading_earlier_rows(local_hub):
+    ds = DataSource(source="hf:acme/corpus", revision=COMMIT)
+    assert list(data.documents(ds)) == DOCS and local_hub.opens == [COMMIT]  # read at the commit
+    batches = data.document_batches(ds, 6)
+    for _ in range(3):
+        _, state = next(batches)
+    batches.close()
+    assert state["documents"] == 18
+    local_hub.reads.clear()
+    # resume at document 20 from the state after 18: only the rows after 18 are read (2 of them skipped here)
+    assert [t for b, _ in data.document_batches(ds, 6, skip=20, state=state) for t in b] == DOCS[20:]
+    assert local_hub.reads == list(range(18, 40))
+    local_hub.reads.clear()
+    assert list(data.documents(ds, skip=20)) == DOCS[20:] and local_hub.reads == list(range(40))  # no state: all
+
+
+def test_transient_errors_mid_stream_are_retried_from_the_last_batch_then_refused(local_hub):
+    ds = DataSource(source="hf:acme/corpus", revision=COMMIT)
+    local_hub.breaks.extend([15, 0, 7])  # three breaks: mid-batch, at once on re-opening, after another batch
+    got = [(b, s["documents"]) for b, s in data.document_batches(ds, 6)]
+    assert [t for b, _ in got for t in b] == DOCS and [n for _, n in got] == [6, 12, 18, 24, 30, 36, 40]
+    assert len(local_hub.opens) == 4
+    local_hub.breaks.extend([3] * (data.STREAM_RETRIES + 1))  # never gets past the first batch
+    with pytest.raises(UserError, match=rf"reading failed {data.STREAM_RETRIES + 1} times in a row at document 0"):
+        list(data.documents(ds))
+
+
+def test_hf_sources_are_read_at_a_commit_that_keys_their_shards(monkeypatch, tmp_path):
+    from pydantic import ValidationError
+
+    from compressor import shards
+
+    calls = []
+
+    class Api:
+        def dataset_info(self, name, revision=None):
+            calls.append((name, revision))
+            return type("Info", (), {"sha": "a" * 40})()
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Api)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    data._hf_commit.cache_clear()
+    ds = DataSource(source="hf:acme/corpus:en@train")
+    assert data.source_identity(ds) == {"text_field": "text", "source": ds.source, "revision": "a" * 40}
+    assert data.normalized(ds).revision == "a" * 40 and calls == [("acme/corpus", None)]  # resolved once
+    other = DataSource(source=ds.source, revision="b" * 40)  # a commit needs no look-up, and is other data
+    assert data.source_identity(other)["revision"] == "b" * 40 and len(calls) == 1
+    key = lambda d: shards.shard_dir(str(tmp_path), d, "tokenizer", 64)  # noqa: E731
+    assert key(ds) == key(DataSource(source=ds.source, revision="a" * 40)) != key(other)
+
+    # offline: the commit the local HF cache recorded for the branch or tag
+    data._hf_commit.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    refs = tmp_path / "hub" / "datasets--acme--corpus" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "v2").write_text("c" * 40 + "\n")
+    assert data.hf_commit(DataSource(source=ds.source, revision="v2")) == "c" * 40
+    with pytest.raises(UserError, match=r"revision 'main' to a commit in the local HF cache"):
+        data.hf_commit(ds)
+    data._hf_commit.cache_clear()
+
+    # local sources: no revision, and their dumps (stage keys) and identities (shard keys) are as before it existed
+    local = DataSource(source=str(write(tmp_path / "c.txt", DOCS, "txt")))
+    assert "revision" not in local.model_dump() and "revision" not in data.source_identity(local)
+    with pytest.raises(ValidationError, match="for hf: sources only"):
+        DataSource(source=local.source, revision="main")
+
+
+def test_source_extent_is_known_without_reading(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    splits = {"train": SimpleNamespace(num_examples=1234)}  # the hub's split info (dataset card)
+    monkeypatch.setattr(data, "_open_hf", lambda *a: SimpleNamespace(info=SimpleNamespace(splits=splits)))
+    assert data.source_extent(DataSource(source="hf:acme/corpus", revision=COMMIT)) == (1234, "documents")
+    assert data.estimated_tokens(DataSource(source="hf:acme/corpus", revision=COMMIT), 10, 500, 0) == 1234 * 50
+    (tmp_path / "p").mkdir()
+    parquet = write(tmp_path / "p" / "a.parquet", DOCS, "parquet")
+    assert data.source_extent(DataSource(source=str(parquet.parent))) == (len(DOCS), "documents")
+    text = write(tmp_path / "c.txt", DOCS, "txt")
+    assert data.source_extent(DataSource(source=str(text))) == (text.stat().st_size, "bytes")

@@ -55,7 +55,8 @@ def test_tiny_pipeline_end_to_end(tiny_runs, hub_cache, tmp_path):
     snapshot = storage / "_models" / f"acme--tiny-llama-{hub_cache['commit'][:12]}"
     assert (snapshot / "manifest.json").is_file() and not list((storage / "tiny").glob("pending/*"))
 
-    # a re-run finds everything cached and starts neither Ray nor a new MLflow run
+    # a re-run finds everything cached and starts no Ray; its one new MLflow run is a parent tagged `cached` with the
+    # final figures of the stages it reused, listed by `compressor runs`
     summary_path = tmp_path / "summary.json"
     result = compressor(
         "run",
@@ -71,4 +72,17 @@ def test_tiny_pipeline_end_to_end(tiny_runs, hub_cache, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s["status"] for s in json.loads(summary_path.read_text())["stages"]] == ["cached", "cached", "cached"]
-    assert "Ray" not in result.stderr and len(client.search_runs([parent.info.experiment_id])) == len(runs)
+    assert "Ray" not in result.stderr
+    new = [
+        r for r in client.search_runs([parent.info.experiment_id]) if r.info.run_id not in {x.info.run_id for x in runs}
+    ]
+    assert len(new) == 1 and new[0].data.tags["cached"] == "true" and "mlflow.parentRunId" not in new[0].data.tags
+    finals = {k: v for k, v in parent.data.metrics.items() if k.startswith(("final/", "recovery/"))}
+    assert finals and {k: new[0].data.metrics.get(k) for k in finals} == pytest.approx(finals)
+    assert new[0].info.status == "FINISHED" and new[0].data.tags["gate"] == "passed"
+    listed = compressor(
+        "runs", "--tracking-uri", f"sqlite:///{tiny_runs.store.db}", env={**tiny_runs.env, "COLUMNS": "400"}
+    )
+    assert listed.returncode == 0 and new[0].info.run_id in listed.stdout and "(cached)" in listed.stdout, (
+        listed.stdout + listed.stderr
+    )

@@ -46,6 +46,32 @@ def test_snapshot_is_published_once_to_storage_with_the_commit_in_its_key(offlin
     assert (stage / "manifest.json").stat().st_mtime_ns == before
 
 
+def test_only_the_files_a_checkpoint_needs_are_published_whatever_else_the_cache_holds(
+    hub_cache, tmp_path, monkeypatch
+):
+    import shutil
+
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf_home"
+    shutil.copytree(hub_cache["hf_home"], hf_home, symlinks=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = hf_home / "hub" / "models--acme--tiny-llama" / "snapshots" / hub_cache["commit"]
+    (snapshot / "original").mkdir()
+    (snapshot / "original" / "consolidated.00.pth").write_bytes(b"\0" * 4096)  # fetched by the user another day
+    (snapshot / "pytorch_model.bin").write_bytes(b"\0" * 4096)  # a second copy of the weights: safetensors win
+    ref = hub.publish_snapshot(hub_cache["repo"], "main", str(tmp_path / "store"), "float32")
+    published = sorted(
+        p.relative_to(ref.path).as_posix()
+        for p in (tmp_path / "store").rglob("*")
+        if p.is_file() and str(p).startswith(ref.path)
+    )
+    assert "model.safetensors" in published and "config.json" in published
+    assert not any(name.startswith("original/") or name.endswith((".pth", ".bin")) for name in published), published
+
+
 def test_plan_keys_the_teacher_by_commit_without_network(offline_hub, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(PIPELINE.format(repo=offline_hub["repo"], revision="main", storage=tmp_path / "store"))

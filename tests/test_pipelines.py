@@ -8,7 +8,10 @@ from compressor.config.load import load_pipeline
 from compressor.planning import check_local_tasks, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml")) + sorted((ROOT / "compressor" / "pipelines").glob("*.yaml"))
+# pipelines/ links to the package's files (compressor recipes): each file once
+PIPELINES = sorted(
+    {p.resolve() for p in (ROOT / "pipelines").glob("*.yaml")} | set((ROOT / "compressor" / "pipelines").glob("*.yaml"))
+)
 
 
 def test_there_are_pipelines():

@@ -405,3 +405,37 @@ def test_submit_never_prints_env_values(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--env number 2") as malformed:
         submit.runtime_env_for(tmp_path, ["A=1", "NOVALUE-" + secret], [])
     assert secret not in str(malformed.value)
+
+
+def test_the_api_teachers_key_reaches_the_server_and_nothing_else(tmp_path, openai_server):
+    """A generate stage with an API teacher in a real pipeline run (MLflow's default sqlite store, artifacts,
+    stage log, the answers store): the key in the variable `api_key_env` names is sent as the Authorization header
+    and appears in no file and no console line. The variable's name is not secret-looking on purpose: the stage
+    itself must register the value for redaction."""
+    planted = "sk-planted-teacher-key-5b8e1d"
+    openai_server.reset()
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "Say {i}"}}\n' for i in range(5)))
+    text = PIPELINE.replace(
+        "data:\n", f"data:\n  asks: {{source: {tmp_path / 'prompts.jsonl'}}}\n"
+    ).replace(
+        "  - prune: {target: {intermediate_size: 192}, calibration: calib}",
+        f"  - generate: {{prompts: asks, teacher: 'openai:tiny-test', base_url: '{openai_server.base_url}', "
+        "api_key_env: GEN_AUTH, max_new_tokens: 4}",
+    )
+    pipeline = write(tmp_path, text + "evaluation: {tasks: []}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GEN_AUTH=planted)
+    done = subprocess.run(
+        [sys.executable, "-m", "compressor", "run", str(pipeline), f"storage={tmp_path / 'store'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {entry["auth"] for entry in openai_server.log} == {f"Bearer {planted}"}
+    files = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "review.md" for p in files)
+    haystacks = {str(p): p.read_bytes() for p in files}
+    haystacks.update(stdout=done.stdout.encode(), stderr=done.stderr.encode())
+    assert not [where for where, data in haystacks.items() if planted.encode() in data]

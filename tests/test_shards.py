@@ -149,5 +149,144 @@ def test_data_prepare_tokenizes_each_distill_stage_and_plan_shows_the_shards(
     assert f"distill: 320 sequences of 128 tokens (40,960 tokens) at {tmp_path / '_data'}" in prepared.output
     after = CliRunner().invoke(app, ["plan", *args], terminal_width=400)
     assert "distill data: zoo:tiny-test: cached: 320 sequences (40,960 tokens)" in after.output
+    # Once a first shard has estimated the source's size, plan shows it, and a budget it cannot fit is refused early.
+    (index_file,) = (tmp_path / "_data").glob(f"*/{shards.INDEX}")
+    index_file.write_text(json.dumps({**json.loads(index_file.read_text()), "estimated_tokens": 50_000}))
+    estimated = CliRunner().invoke(app, ["plan", *args], terminal_width=400)
+    assert "cached: 320 sequences (40,960 tokens), source ~50,000 tokens, 320 sequences" in estimated.output
     too_much = CliRunner().invoke(app, ["data", "prepare", *args, "stages.distill.steps=100000"])
     assert isinstance(too_much.exception, UserError) and "distill.max_epochs" in str(too_much.exception)  # exit 2
+    assert "holds only about 50,000 tokens" in str(too_much.exception)
+
+
+def test_validate_warns_of_an_unpinned_hf_source(tiny_teacher, tiny_test_overrides, tmp_path):
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+
+    args = ["validate", "tiny", *tiny_test_overrides, f"storage={tmp_path}", "data.distill.source=hf:acme/corpus"]
+    unpinned = CliRunner().invoke(app, args)
+    assert unpinned.exit_code == 0, unpinned.output
+    assert "data.distill: hf:acme/corpus is not pinned" in " ".join(unpinned.output.split())
+    pinned = CliRunner().invoke(app, [*args, f"data.distill.revision={COMMIT}"])
+    assert pinned.exit_code == 0 and "not pinned" not in pinned.output
+
+
+# ----------------------------------------------------------------------------- hf: sources, early fit check
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_corpus(tmp_path, monkeypatch):
+    """The tiny-test corpus as an hf: source, streamed by `datasets` from 4 local JSONL files; `reads` holds the
+    number of every row the stream produced, `breaks` makes the n-th opened stream fail after that many rows."""
+    import datasets
+
+    from compressor import data
+
+    docs = list(documents(DataSource(source="zoo:tiny-test")))
+    files, quarter = [], -(-len(docs) // 4)
+    for i in range(4):
+        path = tmp_path / f"corpus-{i}.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps({"text": d, "n": i * quarter + j}) + "\n"
+                for j, d in enumerate(docs[i * quarter : (i + 1) * quarter])
+            )
+        )
+        files.append(str(path))
+    hub = type("LocalHub", (), {"reads": [], "breaks": [], "opens": 0})()
+
+    def open_hf(name, config, split, revision):
+        assert revision == COMMIT
+        rows = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+        return Flaky(rows.map(lambda row: hub.reads.append(row["n"]) or row), hub)
+
+    monkeypatch.setattr(data, "_open_hf", open_hf)
+    monkeypatch.setattr(data, "RETRY_DELAY_S", 0)
+    return hub
+
+
+class Flaky:
+    """A stream whose n-th iteration breaks after `hub.breaks[n]` rows (opened for its info only, it counts not)."""
+
+    def __init__(self, rows, hub):
+        self.rows, self.hub = rows, hub
+
+    def __getattr__(self, name):
+        return getattr(self.rows, name)
+
+    def __iter__(self):
+        self.hub.opens += 1
+        after = self.hub.breaks.pop(0) if self.hub.breaks else None
+        for n, row in enumerate(self.rows):
+            if n == after:
+                raise OSError("HTTP 502 from the hub mid-stream")
+            yield row
+
+
+HF = DataSource(source="hf:acme/corpus", revision=COMMIT)
+
+
+def test_hf_shards_resume_from_the_stream_state_reading_less_than_a_batch_again(
+    tiny_teacher, expected, hub_corpus, tmp_path
+):
+    def crash(done):
+        if done >= 1000:  # in the second batch of documents
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shards.prepare(HF, str(tiny_teacher), SEQ, 2000, str(tmp_path), crash, SMALL_SHARDS)
+    directory = shards.shard_dir(str(tmp_path), HF, shards.tokenizer_digest(str(tiny_teacher)), SEQ)
+    stopped = shards.read_index(directory)
+    assert stopped.revision == COMMIT and stopped.documents > shards.DOCUMENT_BATCH
+    assert stopped.state["documents"] <= stopped.documents < stopped.state["documents"] + shards.DOCUMENT_BATCH
+    hub_corpus.reads.clear()
+    _, resumed = shards.prepare(HF, str(tiny_teacher), SEQ, 2000, str(tmp_path), shard_bytes=SMALL_SHARDS)
+    assert resumed.sequences == 2000
+    assert np.array_equal(shards.ShardReader(directory).read(np.arange(2000)), expected[:2000])
+    again = [n for n in hub_corpus.reads if n < stopped.documents]  # rows the first writer had already used
+    assert min(hub_corpus.reads) == stopped.state["documents"] and len(again) < shards.DOCUMENT_BATCH
+
+
+def test_transient_errors_mid_stream_are_retried_and_the_shards_are_an_uninterrupted_runs(
+    tiny_teacher, expected, hub_corpus, tmp_path
+):
+    hub_corpus.breaks.extend([700, 0, 1300])  # an HTTP error mid-batch, one on re-opening, one later
+    directory, index = shards.prepare(HF, str(tiny_teacher), SEQ, 1500, str(tmp_path), shard_bytes=SMALL_SHARDS)
+    assert hub_corpus.opens == 4 and index.sequences == 1500
+    assert np.array_equal(shards.ShardReader(directory).read(np.arange(1500)), expected[:1500])
+    _, plain = prepare(tmp_path / "plain", tiny_teacher, 1500)
+    assert (index.documents, index.offset) == (plain.documents, plain.offset)
+
+
+def test_a_budget_the_source_cannot_fit_is_refused_at_its_first_shard(tiny_teacher, expected, tmp_path):
+    from functools import partial
+
+    from compressor.stages.distill.data import check_fit
+
+    total = expected.size  # the source's tokens in whole sequences
+    check = partial(
+        check_fit, steps=2 * len(expected), global_batch=1, seq_len=SEQ, max_epochs=1.0, source="zoo:tiny-test"
+    )
+    with pytest.raises(UserError) as err:
+        prepare(tmp_path, tiny_teacher, 10**9, check=check)
+    directory = shards.shard_dir(
+        str(tmp_path), DataSource(source="zoo:tiny-test"), shards.tokenizer_digest(str(tiny_teacher)), SEQ
+    )
+    index = shards.read_index(directory)
+    # the shards of the batch that closed the first one are written (and kept), not the whole source
+    assert 0 < index.sequences < len(expected) / 10 and not index.exhausted
+    assert abs(index.estimated_tokens - total) < 0.15 * total  # tokens per byte of the first batch x the file's bytes
+    message = str(err.value)
+    assert (
+        f"needs {2 * len(expected) * SEQ:,} tokens" in message and f"about {index.estimated_tokens:,} tokens" in message
+    )
+    assert "distill.max_epochs" in message
+    before = (Path(directory) / shards.INDEX).read_text()
+    with pytest.raises(UserError, match="holds only about"):  # again: refused from the index, before reading
+        prepare(tmp_path, tiny_teacher, 10**9, check=check)
+    assert (Path(directory) / shards.INDEX).read_text() == before
+    # repetition allowed: the whole source is tokenized, and the exact check (run_data) decides
+    _, index = prepare(tmp_path, tiny_teacher, 10**9, check=partial(check, max_epochs=2.0))
+    assert index.exhausted and index.sequences == len(expected)

@@ -93,7 +93,7 @@ def test_a_kind_registered_from_a_test_module_is_everywhere(toy_kind, tiny_teach
     assert "## ToySpec" in docs_gen.generate()
 
     help_text = runner.invoke(application(), ["toy", "--help"], terminal_width=300).output
-    assert "--copies" in help_text and "(default: 1)" in help_text
+    assert "--copies" in help_text and "[default: 1]" in help_text
     out = tmp_path / "copied"
     made = runner.invoke(application(), ["toy", "--model", str(tiny_teacher), "--out", str(out), "--copies", "2"])
     assert made.exit_code == 0, made.output
@@ -120,7 +120,9 @@ def test_cli_help_shows_the_defaults_of_docs_reference(command, section):
     help_text = subprocess.run(
         [sys.executable, "-m", "compressor", command, "--help"], capture_output=True, text=True, env=env
     ).stdout
-    lines = {m.group(1): m.group(2) for m in re.finditer(r"(--[\w-]+)\b(.*)", help_text)}
+    # each option's entry, its wrapped lines joined, without spaces (a wrap may split "1e-05" after its hyphen)
+    entries = re.findall(r"^  (--[\w-]+)(.*\n(?:(?!  -)\s{3,}.*\n)*)", help_text, re.M)
+    lines = {name: re.sub(r"\s+", "", rest) for name, rest in entries}
     compared = 0
     for field, default in _reference_defaults(section).items():
         line = lines.get("--" + field.replace("_", "-"))
@@ -131,6 +133,9 @@ def test_cli_help_shows_the_defaults_of_docs_reference(command, section):
             or field in ("calibration", "data", "teacher")
         ):
             continue  # a data source / teacher flag, or a nested model (its keys are listed in its help)
-        assert f"(default: {default.strip()})" in line, (field, default, line)
+        if default.strip() == "-":  # None: no default, or the one the description gives in words
+            assert "[default:-]" not in line, (field, line)
+        else:
+            assert f"[default:{default.strip()}]" in line, (field, default, line)
         compared += 1
     assert compared >= 6

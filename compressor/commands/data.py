@@ -6,6 +6,7 @@ hours on one node) keeps the GPUs from waiting. `compressor plan` shows whether 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -81,7 +82,12 @@ def shard_status(plan, stage) -> str:
         if index.exhausted
         else "partly cached (the run extends it)"
     )
-    return f"{need.source.source}: {state}: {index.sequences:,} sequences ({index.tokens:,} tokens), {wanted}, at {directory}"
+    # The source's size as extrapolated from its first shard (shards.ShardIndex.estimated_tokens), before all is read.
+    estimate = "" if index.exhausted or not index.estimated_tokens else f", source ~{index.estimated_tokens:,} tokens"
+    return (
+        f"{need.source.source}: {state}: {index.sequences:,} sequences ({index.tokens:,} tokens){estimate}, {wanted}, "
+        f"at {directory}"
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -101,9 +107,9 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from compressor import shards
-        from compressor.models import materialize
+        from compressor.models import tokenizer_dir
         from compressor.planning import make_plan
-        from compressor.stages.distill.data import run_data
+        from compressor.stages.distill.data import check_fit, run_data
 
         _, spec = _load(pipeline, overrides)
         plan = make_plan(spec, storage)
@@ -113,7 +119,18 @@ def register(app: typer.Typer) -> None:
             console.print(f"{spec.name}: no distill stage, nothing to tokenize")
         for stage in stages:
             need = stage_data(plan, stage)
-            tokenizer = materialize(need.teacher).path
+            if need.source.revision is not None:
+                typer.echo(f"{stage.name}: {need.source.source} at commit {need.source.revision}")
+            distill = stage.entry.spec
+            check = functools.partial(
+                check_fit,
+                steps=need.steps,
+                global_batch=distill.global_batch,
+                seq_len=need.seq_len,
+                max_epochs=distill.max_epochs,
+                source=need.source.source,
+            )
+            tokenizer = tokenizer_dir(need.teacher)
             columns = [
                 TextColumn(f"{stage.name}: tokenizing {need.source.source}"),
                 BarColumn(),
@@ -130,6 +147,7 @@ def register(app: typer.Typer) -> None:
                     need.sequences,
                     need.data_root,
                     progress=lambda done, task=task: bar.update(task, completed=done),
+                    check=check,
                 )
             typer.echo(
                 f"{stage.name}: {index.sequences:,} sequences of {need.seq_len} tokens ({index.tokens:,} tokens"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
+from compressor import storage as storage_mod
 from compressor.secrets import redact
 
 DEFAULT_PIPELINE = "tiny"
@@ -23,12 +24,14 @@ OverridesArg = typer.Argument(None, help="KEY=VALUE overrides, e.g. stages.disti
 
 
 def resolve_pipeline(pipeline: Optional[str]) -> Path:
-    """A path, or the name of a pipeline embedded in the package (compressor/pipelines/NAME.yaml)."""
-    if pipeline and (Path(pipeline).exists() or pipeline.endswith((".yaml", ".yml"))):
-        return Path(pipeline)
-    name = pipeline or DEFAULT_PIPELINE
-    shipped = Path(str(resources.files("compressor") / "pipelines" / f"{name}.yaml"))
-    return shipped if shipped.is_file() else Path(pipeline or name)
+    """A path, or the name of a pipeline shipped in the package (compressor/pipelines/NAME.yaml, `compressor recipes`)."""
+    from compressor.commands.recipes import find
+
+    if pipeline and (
+        Path(pipeline).exists() or pipeline.endswith((".yaml", ".yml")) or Path(pipeline).name != pipeline
+    ):
+        return Path(pipeline)  # a path (a missing one is named by load_pipeline's error)
+    return find(pipeline or DEFAULT_PIPELINE, "no such file, nor a pipeline shipped with compressor")
 
 
 def _load(pipeline: Optional[str], overrides: Optional[list[str]]):
@@ -77,7 +80,8 @@ def register(app: typer.Typer) -> None:
             os.environ[VERBOSE_ENV] = "1"  # read by this process and by local Ray workers (started after this)
         quiet_driver_logs()
         path, spec = _load(pipeline, overrides)
-        check_pipeline(spec, path, storage)  # bad input is refused before Ray, MLflow or the storage are touched
+        with storage_mod.credentials(storage or spec.storage):
+            check_pipeline(spec, path, storage)  # bad input is refused before Ray, MLflow or the storage are touched
         if spec.teacher.trust_remote_code:
             from compressor import remote_code
 
@@ -94,6 +98,7 @@ def register(app: typer.Typer) -> None:
                 address=address,
                 console=console,
                 register=register,
+                overrides=overrides or (),
             ).run()
         print_summary(summary, Console())
         if summary_json:
@@ -102,19 +107,30 @@ def register(app: typer.Typer) -> None:
             )
 
     @app.command()
-    def validate(pipeline: Optional[str] = PipelineArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    def validate(
+        pipeline: Optional[str] = PipelineArg,
+        overrides: Optional[list[str]] = OverridesArg,
+        print_yaml: bool = typer.Option(
+            False, "--print", help="Print the resolved pipeline (overrides applied, defaults filled in) as YAML."
+        ),
+    ) -> None:
         """Check a pipeline YAML (schema, references, target shapes, storage, data files) without loading any model."""
         from compressor.planning import check_local_tasks, make_plan
         from compressor.preflight import check_pipeline
 
         path, spec = _load(pipeline, overrides)
-        plan = make_plan(spec)
-        check_local_tasks(spec.evaluation.tasks)
-        check_pipeline(spec, path, plan=plan)  # storage writable with room, data files are text, gate metrics exist
+        with storage_mod.credentials(spec.storage):
+            plan = make_plan(spec)
+            check_local_tasks(spec.evaluation.tasks)
+            check_pipeline(spec, path, plan=plan)  # storage writable with room, data files are text, gate metrics
         for stage in plan.stages:
             for warning in stage.warnings:
                 Console(stderr=True).print(f"[yellow]warning:[/] {stage.name}: {warning}")
-        typer.echo(f"{path}: ok ({len(spec.stages)} stages: {', '.join(s.name for s in plan.stages)})")
+        if print_yaml:  # stdout is the YAML alone, for scripts; no Optional field defaults to a value: nulls go
+            import yaml
+
+            typer.echo(yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False), nl=False)
+        typer.echo(f"{path}: ok ({len(spec.stages)} stages: {', '.join(s.name for s in plan.stages)})", err=print_yaml)
 
     @app.command()
     def plan(
@@ -123,12 +139,20 @@ def register(app: typer.Typer) -> None:
         gpu: str = typer.Option("H100", help="GPU type for the estimates (see `compressor.estimate.GPU_TFLOPS`)."),
         mfu: float = typer.Option(0.4, min=0.01, max=1.0, help="Assumed model FLOPs utilisation."),
         storage: Optional[str] = typer.Option(None, help="Override the pipeline's storage root."),
+        as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (for scripts) instead of a table."),
     ) -> None:
         """Stages in order with resources, cache status, parameter counts and FLOP / GPU-hour estimates."""
+        import json
+
         from compressor.planning import make_plan
 
         _, spec = _load(pipeline, overrides)
-        print_plan(make_plan(spec, storage), gpu, mfu, Console())
+        with storage_mod.credentials(storage or spec.storage):
+            made = make_plan(spec, storage)
+        if as_json:
+            typer.echo(json.dumps(plan_dict(made, gpu, mfu), indent=2))
+        else:
+            print_plan(made, gpu, mfu, Console())
 
 
 def _fmt_params(n: Optional[float]) -> str:
@@ -141,56 +165,147 @@ def _fmt_hours(hours: Optional[float]) -> str:
     return "-" if not hours else (f"{hours:,.0f}" if hours >= 100 else f"{hours:.3g}")
 
 
-def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
+def _fmt_wall(hours: Optional[float]) -> str:
+    return "-" if not hours else f"{hours:,.0f} h" if hours >= 10 else f"{hours:.2g} h"
+
+
+def stage_gpus(stage) -> float:
+    """GPUs a stage holds while it runs: distill's workers x gpus_per_worker, else its Ray task's num_gpus."""
+    spec = stage.entry.spec
+    if hasattr(spec, "workers") and hasattr(spec, "gpus_per_worker"):
+        return spec.workers * spec.gpus_per_worker
+    return stage.entry.resources.num_gpus
+
+
+def plan_dict(plan, gpu: str, mfu: float) -> dict:
+    """The plan as data: what `plan` prints and `plan --json` emits. GPU-hours are left out (None) for a stage that
+    runs on CPUs only (an H100 estimate says nothing of it); wall-hours divide GPU-hours by the stage's GPUs."""
     from compressor import estimate
     from compressor import stages as stage_kinds
 
-    teacher_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
-    console.print(
-        f"[bold]{plan.spec.name}[/]: teacher {plan.spec.teacher.model} ({_fmt_params(teacher_params)} params), "
-        f"storage {redact(plan.pipeline_uri)}",
-        soft_wrap=True,
-    )
-    table = Table(
-        caption=f"FLOPs and GPU-hours: estimates for {gpu} at {mfu:.0%} MFU, evaluation not included",
-        caption_justify="left",
-    )
-    for col in ("#", "stage", "resources", "cache", "params", "FLOPs", "GPU-h"):
-        table.add_column(col, no_wrap=col not in ("stage", "resources"))
-    total_hours = 0.0
+    def params(config: dict) -> Optional[int]:
+        return estimate.param_count(config) if config else None
+
+    stages = []
     for i, stage in enumerate(plan.stages):
         spec, kind = stage.entry.spec, stage_kinds.get(stage.kind)
-        resources_text = kind.describe_resources(spec, stage.entry.resources)
         flops = (
             estimate.stage_flops(stage.kind, spec, stage.in_config, stage.out_config, plan.spec)
             if stage.in_config
             else None
         )
-        hours = estimate.gpu_hours(flops, gpu, mfu) if flops else None
-        total_hours += hours or 0.0
-        params_in = _fmt_params(estimate.param_count(stage.in_config) if stage.in_config else None)
-        params_out = _fmt_params(estimate.param_count(stage.out_config) if stage.out_config else None)
+        gpus = stage_gpus(stage)
+        hours = estimate.gpu_hours(flops, gpu, mfu) if flops and gpus else None
+        stages.append(
+            {
+                "index": i,
+                "name": stage.name,
+                "kind": stage.kind,
+                "resources": kind.describe_resources(spec, stage.entry.resources),
+                "gpus": gpus,
+                "cache": "cached" if stage.cached else f"kept in {stage.held[0]}" if stage.held else "to run",
+                "uri": redact(stage.uri),
+                "params_in": params(stage.in_config),
+                "params_out": params(stage.out_config),
+                "flops": flops,
+                "gpu_hours": hours,
+                "wall_hours": hours / gpus if hours else None,
+                "warnings": list(stage.warnings),
+                "notes": [str(line) for line in kind.plan_notes(plan, stage)],
+            }
+        )
+    hours = [s["gpu_hours"] for s in stages if s["gpu_hours"]]
+    return {
+        "pipeline": plan.spec.name,
+        "teacher": {"model": plan.spec.teacher.model, "params": params(plan.teacher_config)},
+        "storage": redact(plan.pipeline_uri),
+        "gpu": gpu,
+        "mfu": mfu,
+        "stages": stages,
+        "gpu_hours": sum(hours) if hours else None,
+        "wall_hours": sum(s["wall_hours"] for s in stages if s["wall_hours"]) if hours else None,
+    }
+
+
+def print_plan(plan, gpu: str, mfu: float, console: Console) -> None:
+    data = plan_dict(plan, gpu, mfu)
+    console.print(
+        f"[bold]{data['pipeline']}[/]: teacher {data['teacher']['model']} ({_fmt_params(data['teacher']['params'])} "
+        f"params), storage {data['storage']}",
+        soft_wrap=True,
+    )
+    table = Table(
+        caption=f"FLOPs and GPU-hours: estimates for {gpu} at {mfu:.0%} MFU, evaluation not included; "
+        "(wall-clock hours) on a stage's GPUs",
+        caption_justify="left",
+    )
+    for col in ("#", "stage", "resources", "cache", "params", "FLOPs", "GPU-h"):
+        table.add_column(col, no_wrap=col not in ("stage", "resources"))
+    cache = {"cached": "[green]cached[/]", "to run": "to run"}
+    for stage in data["stages"]:
+        params_in, params_out = _fmt_params(stage["params_in"]), _fmt_params(stage["params_out"])
         table.add_row(
-            str(i),
-            stage.name if stage.name == stage.kind else f"{stage.name} ({stage.kind})",
-            resources_text,
-            "[green]cached[/]"
-            if stage.cached
-            else f"[yellow]kept in {stage.held[0]}/: re-gate[/]"
-            if stage.held
-            else "to run",
+            str(stage["index"]),
+            stage["name"] if stage["name"] == stage["kind"] else f"{stage['name']} ({stage['kind']})",
+            stage["resources"],
+            cache.get(stage["cache"], f"[yellow]{stage['cache']}/: re-gate[/]"),
             params_in if params_in == params_out else f"{params_in} -> {params_out}",
-            f"{flops:.2e}" if flops else "-",
-            _fmt_hours(hours),
+            f"{stage['flops']:.2e}" if stage["flops"] else "-",
+            "CPU"
+            if not stage["gpus"]
+            else _fmt_hours(stage["gpu_hours"]) + (f" ({_fmt_wall(stage['wall_hours'])})" if stage["gpus"] > 1 else ""),
         )
     console.print(table)
-    console.print(f"total: {_fmt_hours(total_hours)} {gpu}-hours")
-    for stage in plan.stages:
-        for line in stage_kinds.get(stage.kind).plan_notes(plan, stage):
+    if data["gpu_hours"]:
+        widest = max(data["stages"], key=lambda s: s["gpus"])
+        console.print(
+            f"total: {_fmt_hours(data['gpu_hours'])} {gpu}-hours, about {_fmt_wall(data['wall_hours'])} of wall-clock "
+            f"({widest['name']} on {widest['gpus']:g} GPU{'s' if widest['gpus'] != 1 else ''})"
+        )
+    else:
+        console.print("total: every stage runs on CPUs (set resources.num_gpus or gpus_per_worker for GPU estimates)")
+    for stage in data["stages"]:
+        for line in stage["notes"]:
             console.print(line, soft_wrap=True)
-    for stage in plan.stages:
-        for warning in stage.warnings:
-            console.print(f"[yellow]warning:[/] {stage.name}: {warning}")
+    for stage in data["stages"]:
+        for warning in stage["warnings"]:
+            console.print(f"[yellow]warning:[/] {stage['name']}: {warning}")
+
+
+def _summary_tables(title: str, rows: list[dict], metrics: list[tuple[str, str]], width: int) -> list[Table]:
+    """One table, a row per stage; where its metric columns do not fit the console (80 columns, long names such as
+    ref_ppl bits_per_byte), the stages' sizes and gates first, then the metrics with a column per stage."""
+    gates = {"passed": "pass", "warned": "warn", "none": "-"}
+
+    def cells(r: dict) -> tuple[list[str], list[str]]:
+        scores = r["scores"] or {}
+        params = _fmt_params(r["num_params"]) + (f" ({r['bits']}-bit)" if r.get("bits") else "")
+        size = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-"
+        seconds = f"{r['seconds']:.1f}" if r["seconds"] else "-"
+        values = [f"{scores[t][m]:.4g}" if m in scores.get(t, {}) else "-" for t, m in metrics]
+        return [r["name"], r["status"], params, size, seconds], values + [gates[r["gate_verdict"]]]
+
+    wide = Table(title=title, title_justify="left")
+    for col in ("stage", "status", "params", "MB", "s", *(f"{t}\n{m}" for t, m in metrics), "gate"):
+        wide.add_column(col, no_wrap=True)
+    for r in rows:
+        head, tail = cells(r)
+        wide.add_row(*head, *tail)
+    measuring = Console(width=10_000)  # its natural width, not the one it would be squeezed into
+    if Measurement.get(measuring, measuring.options, wide).maximum <= width:
+        return [wide]
+    stages = Table(title=title, title_justify="left")
+    for col in ("stage", "status", "params", "MB", "s", "gate"):
+        stages.add_column(col)
+    scores = Table(title="scores", title_justify="left")
+    scores.add_column("metric", overflow="fold")
+    for r in rows:
+        head, tail = cells(r)
+        stages.add_row(*head, tail[-1])
+        scores.add_column(r["name"], overflow="fold")
+    for i, (t, m) in enumerate(metrics):
+        scores.add_row(f"{t} {m}", *[cells(r)[1][i] for r in rows])
+    return [stages, scores]
 
 
 def print_summary(summary, console: Console) -> None:
@@ -201,7 +316,6 @@ def print_summary(summary, console: Console) -> None:
     from compressor.gates import lookup
     from compressor.tracking import stage_records, teacher_record
 
-    gates = {"passed": "pass", "warned": "warn", "none": "-"}
     rows = (
         [{**teacher_record(summary), "status": "baseline", "gate_verdict": "none", "seconds": None}]
         if summary.baseline
@@ -225,29 +339,26 @@ def print_summary(summary, console: Console) -> None:
             if not any(g[0] == t for g in gated)
         }
     )
-    table = Table(title=f"{summary.plan.spec.name}: {summary.seconds:.1f}s", title_justify="left")
-    for col in ("stage", "status", "params", "MB", "s", *(f"{t}\n{m}" for t, m in metrics), "gate"):
-        table.add_column(col)
-    for r in rows:
-        scores = r["scores"] or {}
-        values = [f"{scores[t][m]:.4g}" if m in scores.get(t, {}) else "-" for t, m in metrics]
-        params = _fmt_params(r["num_params"]) + (f" ({r['bits']}-bit)" if r.get("bits") else "")
-        table.add_row(
-            r["name"],
-            r["status"],
-            params,
-            f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-",
-            f"{r['seconds']:.1f}" if r["seconds"] else "-",
-            *values,
-            gates[r["gate_verdict"]],
-        )
-    console.print(table)
+    title = f"{summary.plan.spec.name}: {summary.seconds:.1f}s"
+    for table in _summary_tables(title, rows, metrics, console.width):
+        console.print(table)
     final = next((r for r in reversed(rows) if r.get("model_uri")), None)
     if final:
         console.print(f"final model: {redact(final['model_uri'])}", soft_wrap=True)
-    note = "" if summary.parent_run_id else "   (all stages cached: nothing new logged)"
     tracking_uri = redact(summary.tracking_uri)  # a server URI may carry a password or token
-    console.print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}{note}", soft_wrap=True)
+    if "://" in summary.tracking_uri and not summary.tracking_uri.startswith(("sqlite:", "file:")):
+        console.print(f"MLflow: {tracking_uri}", soft_wrap=True)  # a server: open it
+    else:  # job execution off: 2 processes instead of 9 (about 2 GB less)
+        console.print(
+            f"MLflow: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {tracking_uri}",
+            soft_wrap=True,
+        )
+    if summary.experiment_id:  # MLflow 3 keeps "GenAI" or "Model training" per browser: the address picks the latter
+        base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+        console.print(
+            f"  then open {base}/#/experiments/{summary.experiment_id}/runs?workflowType=machine_learning",
+            soft_wrap=True,
+        )
     if summary.parent_run_id:
         console.print(
             f"report: compressor report {summary.parent_run_id} --tracking-uri {tracking_uri}", soft_wrap=True

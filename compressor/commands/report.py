@@ -113,7 +113,7 @@ def runs_table(found: list, uri: str) -> Table:
             run.info.run_id,
             tags.get("compressor.pipeline", "-"),
             started,
-            run.info.status,
+            run.info.status + (" (cached)" if tags.get("cached") == "true" else ""),  # reused every stage
             tags.get("gate", "-"),
             fmt_params(m.get("final/num_params")) + bits,
             fmt(m["final/bytes"] / 1e6, ".2f") if "final/bytes" in m else "-",

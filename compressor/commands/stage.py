@@ -18,10 +18,13 @@ from typing import Optional
 import typer
 from pydantic import BaseModel
 
+from compressor import cli_help
 from compressor.errors import UserError
 
 DATA_FIELDS = ("calibration", "data")  # spec fields naming a data source
-SOURCE_HELP = "Text/JSONL/parquet path or directory, hf:ORG/NAME[:CONFIG][@SPLIT] or zoo:NAME (default for zoo models: their corpus)."
+SOURCE_HELP = "Text/JSONL/parquet path or directory, hf:ORG/NAME[:CONFIG][@SPLIT] or zoo:NAME."
+# The KEY=VALUE example in each kind's help: one of its own fields.
+OVERRIDE_EXAMPLES = {"prune": "target.num_layers=24", "distill": "loss.hidden_mse=[[3,7]]", "quantize": "bits=8"}
 
 
 def _models(spec) -> list[type[BaseModel]]:
@@ -66,14 +69,30 @@ def flag(path: tuple[str, ...]) -> str:
     return "--" + "-".join(path).replace("_", "-")
 
 
+def _member(model: type[BaseModel]) -> str:
+    """A union member's name: its `method` tag (gptq), else its class (GPTQSpec -> GPTQ)."""
+    return str(getattr(model.model_fields.get("method"), "default", None) or model.__name__.removesuffix("Spec"))
+
+
+def _panel(kind, members: list[str], data: bool = False) -> str:
+    """The help section of an option: by the methods that have its field (quantize: "GPTQ and AWQ options"); what
+    every method has is common, and so is a one-model kind's data source, beside --model and --out."""
+    everyone = [_member(m) for m in _models(kind.spec)]
+    if len(everyone) == 1:
+        return cli_help.COMMON if data else f"{kind.name.capitalize()} options"
+    if set(members) == set(everyone):
+        return cli_help.COMMON
+    return " and ".join(m.upper() for m in members) + " options"
+
+
 def _option_specs(kind) -> dict[tuple[str, ...], dict]:
-    """One entry per CLI option of a kind: path -> {type, help, choices}. A union spec (quantize methods) merges its
-    members' fields; a default that differs between members is shown per member."""
+    """One entry per CLI option of a kind: path -> {type, helps, choices, defaults, ...}. A union spec (quantize
+    methods) merges its members' fields; what differs between members (description, default) is kept per member."""
     from compressor.docs_gen import default_text
 
     options: dict[tuple[str, ...], dict] = {}
     for model in _models(kind.spec):
-        member = getattr(model.model_fields.get("method"), "default", None)
+        member = _member(model)
         for name, field in model.model_fields.items():
             if name in DATA_FIELDS or (name == "teacher" and kind.needs_teacher):
                 continue  # given as a source / a model below
@@ -85,33 +104,84 @@ def _option_specs(kind) -> dict[tuple[str, ...], dict]:
                 (name,),
                 {
                     "type": click_type,
-                    "help": field.description or "",
+                    "helps": {},
                     "choices": [],
                     "defaults": {},
                     "list_of": _list_of(field.annotation),
                     "model": nested,
+                    "word": cli_help.word(field.annotation),
+                    "bounds": _bounds(field),
                 },
             )
+            entry["helps"][member] = " ".join((field.description or "").split())
             entry["choices"] += [c for c in _choices(field.annotation) if c not in entry["choices"]]
             entry["defaults"][member] = default_text(field).replace("`", "")
+    for path, entry in options.items():
+        entry["panel"] = _panel(kind, list(entry["helps"]))
+        entry["metavar"] = _metavar(path, entry)
     return options
 
 
-def _help(entry: dict) -> str:
-    text = " ".join(entry["help"].split())
-    if entry["model"] is not None:
-        from compressor.docs_gen import default_text
+def _bounds(field) -> str:
+    """A pydantic field's bounds in words: Field(gt=0, lt=1) -> '>0 <1'."""
+    found = {
+        k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None
+    }
+    lo, hi = found.get("gt", found.get("ge")), found.get("lt", found.get("le"))
+    return cli_help.span(lo, hi, "gt" in found, "lt" in found)
 
-        keys = ", ".join(f"{n}={default_text(f).replace('`', '')}" for n, f in entry["model"].model_fields.items())
-        return text + f" KEY=VALUE,... (YAML values) of: {keys}."
-    if entry["choices"]:
-        text += f" One of: {', '.join(map(str, entry['choices']))}."
-    defaults = set(entry["defaults"].values())
-    if len(defaults) == 1:
-        text += f" (default: {defaults.pop()})"
+
+def _metavar(path: tuple[str, ...], entry: dict) -> Optional[str]:
+    """INT, FLOAT >0, [a|b], KEY=VALUE,...; None for a flag. Choices too long for the name column go in the help."""
+    if entry["type"] is bool:
+        return None
+    if entry["model"] is not None:
+        return "KEY=VALUE,..."
+    if entry["list_of"] is not None:
+        return f"{entry['word']},..."
+    choices = "[" + "|".join(map(str, entry["choices"])) + "]"
+    if entry["choices"] and len(flag(path) + choices) < 60:
+        return choices
+    return " ".join(filter(None, (entry["word"], entry["bounds"])))
+
+
+def _first(options: dict) -> str:
+    """KEY=VALUE with a kind's first field, for a kind without an example of its own."""
+    return ".".join(next(iter(options), ("FIELD",))) + "=VALUE"
+
+
+def _completer(choices: list):
+    """Tab completion of a field's choices (the option itself is text, checked by the spec)."""
+    return lambda ctx, param, incomplete: [str(c) for c in choices if str(c).startswith(incomplete)]
+
+
+def _help(path: tuple[str, ...], entry: dict) -> str:
+    from compressor.docs_gen import default_text
+
+    by_text: dict[str, list[str]] = {}
+    for member, text in entry["helps"].items():
+        by_text.setdefault(text, []).append(member)
+    if path == ("method",) or len(by_text) == 1:  # the union's tag: the first (default) member says it all
+        text = next(iter(by_text))
+    else:  # e.g. bits: "GPTQ: ... AWQ: ..."
+        text = " ".join(f"{'/'.join(m.upper() for m in members)}: {t}" for t, members in by_text.items())
+    defaults = dict.fromkeys(entry["defaults"].values())
+    if path == ("method",) or len(defaults) == 1:
+        default = next(iter(defaults))
     else:
-        text += " (default: " + ", ".join(f"{m}: {d}" for m, d in entry["defaults"].items()) + ")"
-    return text
+        default = ", ".join(f"{m}: {d}" for m, d in entry["defaults"].items())
+    required = default == "**required**"
+    if required or default in ("-", "see section", "[]", "{}"):  # none, or one the description gives in words
+        text, default = cli_help.split_default(text)  # "...; default: the only one defined."
+    if entry["model"] is not None:
+        keys = []
+        for n, f in entry["model"].model_fields.items():
+            d = default_text(f).replace("`", "")
+            keys.append(n if d in ("-", "see section", "**required**") else f"{n}={d}")
+        text += f" Keys (YAML values): {', '.join(keys)}."
+    elif entry["choices"] and not (entry["metavar"] or "").startswith("["):
+        text += f" One of: {', '.join(map(str, entry['choices']))}."
+    return text + cli_help.suffix(default, required)
 
 
 def _signature(kind, options: dict) -> inspect.Signature:
@@ -126,6 +196,8 @@ def _signature(kind, options: dict) -> inspect.Signature:
                 ...,
                 "--model",
                 *(("--student",) if kind.needs_teacher else ()),
+                metavar="MODEL",
+                rich_help_panel=cli_help.COMMON,
                 help="Input: a checkpoint directory (a previous `--out`), a pipeline stage directory, or zoo:NAME.",
             ),
         ),
@@ -134,7 +206,10 @@ def _signature(kind, options: dict) -> inspect.Signature:
             P.KEYWORD_ONLY,
             annotation=str,
             default=typer.Option(
-                ..., "--out", help="New directory for the output: a checkpoint transformers loads, with manifest.json."
+                ...,
+                "--out",
+                metavar="DIR",
+                help="New directory for the output: a checkpoint transformers loads, with manifest.json.",
             ),
         ),
     ]
@@ -145,17 +220,28 @@ def _signature(kind, options: dict) -> inspect.Signature:
                 P.KEYWORD_ONLY,
                 annotation=str,
                 default=typer.Option(
-                    ..., "--teacher", help="Teacher checkpoint directory, a pipeline stage directory, or zoo:NAME."
+                    ...,
+                    "--teacher",
+                    metavar="MODEL",
+                    help="Teacher checkpoint directory, a pipeline stage directory, or zoo:NAME.",
                 ),
             )
         )
     for name in (n for n in DATA_FIELDS if n in fields):
+        panel = _panel(kind, [_member(m) for m in _models(kind.spec) if name in m.model_fields], data=True)
         params.append(
             P(
                 f"source_{name}",
                 P.KEYWORD_ONLY,
                 annotation=Optional[str],
-                default=typer.Option(None, f"--{name}", help=SOURCE_HELP),
+                default=typer.Option(
+                    None,
+                    f"--{name}",
+                    metavar="SOURCE",
+                    rich_help_panel=panel,
+                    help=SOURCE_HELP,
+                    show_default="a zoo model's own corpus",
+                ),
             )
         )
         params.append(
@@ -163,7 +249,13 @@ def _signature(kind, options: dict) -> inspect.Signature:
                 "text_field",
                 P.KEYWORD_ONLY,
                 annotation=str,
-                default=typer.Option("text", "--text-field", help="Text column of JSONL / parquet / hf data."),
+                default=typer.Option(
+                    "text",
+                    "--text-field",
+                    metavar="COLUMN",
+                    rich_help_panel=panel,
+                    help="Text column of JSONL / parquet / hf data.",
+                ),
             )
         )
     for path, entry in options.items():
@@ -174,7 +266,15 @@ def _signature(kind, options: dict) -> inspect.Signature:
                 name,
                 P.KEYWORD_ONLY,
                 annotation=Optional[entry["type"]],
-                default=typer.Option(None, decl, help=_help(entry), show_default=False),
+                default=typer.Option(
+                    None,
+                    decl,
+                    metavar=entry["metavar"],
+                    rich_help_panel=entry["panel"],
+                    help=_help(path, entry),
+                    show_default=False,
+                    shell_complete=_completer(entry["choices"]) if entry["choices"] else None,
+                ),
             )
         )
     if kind.runs_as == "driver":
@@ -184,7 +284,11 @@ def _signature(kind, options: dict) -> inspect.Signature:
                 P.KEYWORD_ONLY,
                 annotation=Optional[str],
                 default=typer.Option(
-                    None, "--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)."
+                    None,
+                    "--address",
+                    rich_help_panel=cli_help.COMMON,
+                    help="Ray cluster address.",
+                    show_default="$RAY_ADDRESS, else a local Ray",
                 ),
             )
         )
@@ -193,9 +297,21 @@ def _signature(kind, options: dict) -> inspect.Signature:
             "seed",
             P.KEYWORD_ONLY,
             annotation=int,
-            default=typer.Option(0, "--seed", help="Seeds data order and sampling."),
+            default=typer.Option(
+                0,
+                "--seed",
+                min=0,
+                max=2**32 - 1,
+                rich_help_panel=cli_help.COMMON,
+                help="Seeds data order and sampling.",
+            ),
         ),
-        P("quiet", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(False, "--quiet", help="No progress bars.")),
+        P(
+            "quiet",
+            P.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--quiet", rich_help_panel=cli_help.COMMON, help="No progress bars."),
+        ),
         P(
             "trust_remote_code",
             P.KEYWORD_ONLY,
@@ -203,6 +319,7 @@ def _signature(kind, options: dict) -> inspect.Signature:
             default=typer.Option(
                 False,
                 "--trust-remote-code",
+                rich_help_panel=cli_help.COMMON,
                 help="Run Python code the checkpoint ships (config.json auto_map); only for a source you trust.",
             ),
         ),
@@ -211,7 +328,10 @@ def _signature(kind, options: dict) -> inspect.Signature:
             P.KEYWORD_ONLY,
             annotation=Optional[list[str]],
             default=typer.Argument(
-                None, help="KEY=VALUE spec fields (YAML values), e.g. loss.hidden_mse=[[3,7]].", show_default=False
+                None,
+                metavar="KEY=VALUE",
+                help=f"Spec fields (YAML values), e.g. {OVERRIDE_EXAMPLES.get(kind.name) or _first(options)}.",
+                show_default=False,
             ),
         ),
     ]
@@ -263,6 +383,16 @@ def _mapping(name: str, text: str, model: type[BaseModel]) -> dict:
     return items
 
 
+def _member_fields(kind, data: dict) -> set[str]:
+    """Fields of the spec model `data` selects: the kind's one model, or the union member its `method` names."""
+    models = _models(kind.spec)
+    method = data.get("method")
+    chosen = next(
+        (m for m in models if method and getattr(m.model_fields.get("method"), "default", None) == method), models[0]
+    )
+    return set(chosen.model_fields)
+
+
 def build_spec(kind, data: dict):
     """The kind's spec from CLI values, or a UserError naming the flag."""
     from pydantic import TypeAdapter, ValidationError
@@ -273,11 +403,19 @@ def build_spec(kind, data: dict):
         return TypeAdapter(kind.spec).validate_python(data)
     except ValidationError as exc:
         unknown = "not an option of this method" if "method" in data else "unknown field"
-        raise UserError(
-            format_validation_error(
-                exc, f"compressor {kind.name}", data, name=lambda loc: flag(tuple(map(str, loc))), unknown=unknown
-            )
-        ) from None
+        errors = format_validation_error(
+            exc, f"compressor {kind.name}", data, name=lambda loc: flag(tuple(map(str, loc))), unknown=unknown
+        )
+        raise UserError("; ".join(errors)) from None
+
+
+def spec_of(kind, options: dict, given: dict) -> tuple:
+    """(the kind's spec, the data fields it reads) from a command's parameters; a UserError names the flag."""
+    data = _spec_data(options, given, given["overrides"] or [])
+    # `--calibration` exists for the union (gptq/awq have it); a method without the field gets it only if given
+    member = _member_fields(kind, data)
+    names = [n for n in DATA_FIELDS if f"source_{n}" in given and (n in member or given[f"source_{n}"])]
+    return build_spec(kind, {**data, **{n: n for n in names}}), names
 
 
 def make_command(kind):
@@ -294,9 +432,7 @@ def make_command(kind):
 
         if given["trust_remote_code"]:
             remote_code.allow(given.get("teacher") or given["model"])
-        data = _spec_data(options, given, given["overrides"] or [])
-        names = [n for n in DATA_FIELDS if f"source_{n}" in given]
-        spec = build_spec(kind, {**data, **{n: n for n in names}})  # its errors first: no model or data is read
+        spec, names = spec_of(kind, options, given)  # its errors first: no model or data is read
         model_dir, zoo_name = resolve_model(given["model"])
         teacher_dir, teacher_zoo = resolve_model(given["teacher"]) if kind.needs_teacher else (None, None)
         sources, source, source_flag = {}, None, None
@@ -355,4 +491,7 @@ def register(app: typer.Typer) -> None:
     have = {c.name for c in app.registered_commands}
     for kind in kinds().values():
         if kind.standalone and kind.name not in have:
-            app.command(name=kind.name, help=kind.summary)(make_command(kind))
+            example = cli_help.EXAMPLES.get(kind.name, f"compressor {kind.name} --model IN --out OUT")
+            app.command(name=kind.name, help=kind.summary, cls=cli_help.Command, epilog=example)(
+                kind.command(kind) if kind.command else make_command(kind)
+            )

@@ -3,9 +3,24 @@ Field docs feed docs/reference.md."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+NEUTRAL = "compressor_neutral_default"  # json_schema_extra marker read by compressor.cache
+
+
+def neutral(default: Any, **kwargs: Any) -> Any:
+    """A field added to a spec after its keys were first written, whose `default` keeps the old behaviour: left at
+    that default it stays out of the stage's cache key, so adding the field re-keys no finished stage."""
+    extra = {**(kwargs.pop("json_schema_extra", None) or {}), NEUTRAL: True}
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def is_neutral_default(info: FieldInfo, value: Any) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(NEUTRAL)) and value == info.get_default(call_default_factory=True)
 
 
 class Strict(BaseModel):

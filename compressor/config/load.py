@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,47 +43,64 @@ def _stage_entry_keys() -> set[str]:
     return {"name", "gate", "resources", *STAGE_KINDS}
 
 
-def _stage_index(stages: list, name: str) -> int:
-    for i, stage in enumerate(stages):
-        if isinstance(stage, dict) and (stage.get("name") == name or name in stage):
+def _list_index(items: list, part: str, key: str, where: list) -> int:
+    """An index, or (under `stages`, `evaluation.tasks`) the entry with that name or kind."""
+    if part.isdigit():
+        index = int(part)
+        if index >= len(items):
+            raise UserError(f"override {key}: index {index} is past the end of {'.'.join(where) or 'the list'}")
+        return index
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and (item.get("name") == part or part in item):
             return i
-    raise UserError(f"override stages.{name}: no stage named {name!r}")
+    what = "stage" if where == ["stages"] else "entry"
+    raise UserError(f"override {key}: no {what} named {part!r} in {'.'.join(where)}")
 
 
-def apply_override(data: dict, override: str) -> None:
-    """`a.b.c=value` (value parsed as YAML). Under `stages`, an index or a stage name/kind picks the stage."""
+def apply_override(data: dict, override: str) -> tuple:
+    """`a.b.c=value` (value parsed as YAML). Under `stages`, an index or a stage name/kind picks the stage, and
+    `stages.distill.steps` reaches into that stage's spec. Returns the location it set, as pydantic reports
+    locations (indexes, the stage kind), so that a validation error there names the override."""
     if "=" not in override:
         raise UserError(f"override {override!r}: expected KEY=VALUE, e.g. stages.distill.steps=20")
     key, _, raw = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        what = "no KEY before '='" if not key else f"an empty part in the key {key!r}"
+        raise UserError(f"override {override!r}: {what}; expected KEY=VALUE, e.g. stages.distill.steps=20")
     try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            index = int(part) if part.isdigit() else _stage_index(node, part)
-            if index >= len(node):
-                raise UserError(f"override {key}: index {index} is past the end of {'.'.join(parts[:i]) or 'the list'}")
-            node = node[index]
-            if not part.isdigit() and parts[i + 1] not in _stage_entry_keys():
-                # `stages.distill.steps=20` reaches into the stage's own spec
-                from compressor.config.schema import STAGE_KINDS
+    from compressor.config.schema import STAGE_KINDS
 
-                kind = next((k for k in STAGE_KINDS if k in node), None)
-                node = node[kind] if kind else node
+    node: Any = data
+    loc: list = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, key, parts[:i])
+            loc.append(index)
+            entry = node[index]
+            by_name = not part.isdigit() and isinstance(entry, dict)
+            kind = next((k for k in STAGE_KINDS if k in entry), None) if by_name else None
+            if kind and (part == kind if last else parts[i + 1] not in _stage_entry_keys()):
+                loc.append(kind)  # `stages.distill=...`, `stages.distill.steps=...`: the stage's own spec
+                node, index = entry, kind
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
         elif isinstance(node, dict):
-            node = node.setdefault(part, {})
+            loc.append(part)
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
         else:
             raise UserError(f"override {key}: {'.'.join(parts[:i])} is not a mapping")
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise UserError(f"override {key}: {'.'.join(parts[:-1])} is not a mapping")
+    return tuple(loc)
 
 
 def _input_loc(loc: tuple, data: Any) -> tuple:
@@ -122,17 +139,45 @@ def format_validation_error(
     root: Optional[yaml.Node] = None,
     name: Callable[[tuple], str] = dotted,
     unknown: str = UNKNOWN_KEY,
-    limit: int = 3,
-) -> str:
-    """One paragraph for the pydantic errors of a pipeline file (`where` its path, `root` its YAML nodes for line
-    numbers) or of a stage spec given on a command line (`name` turns a field path into its flag)."""
-    errors = [_format(e, where, root, data, name, unknown) for e in exc.errors()]
-    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
-    return "; ".join(errors[:limit]) + more
+    limit: Optional[int] = 3,
+    overrides: Sequence[tuple[tuple, str]] = (),
+) -> list[str]:
+    """One line per pydantic error (the first `limit`, and how many more) of a pipeline file (`where` its path,
+    `root` its YAML nodes for line numbers, `overrides` the (location, text) of each override applied) or of a
+    stage spec given on a command line (`name` turns a field path into its flag)."""
+    errors = [_format(e, where, root, data, name, unknown, overrides) for e in exc.errors()]
+    if limit is not None and len(errors) > limit:
+        errors = errors[:limit] + [f"(and {len(errors) - limit} more)"]
+    return errors
+
+
+# Where a mapping is expected, the one key a bare value most likely meant (`teacher: ORG/NAME`).
+BARE_VALUE_KEYS = {("teacher",): "model", ("data", None): "source", ("evaluation", "tasks", None): "name"}
+YAML_FLOAT_TEXT = re.compile(r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$")  # YAML 1.1 reads 1e3 as text (it wants 1.0e+3)
+
+
+def _hint(error: dict, loc: tuple) -> str:
+    value = error.get("input")
+    if error["type"] in ("model_type", "dict_type") and isinstance(value, (str, int, float)):
+        key = BARE_VALUE_KEYS.get(tuple(p if i == 0 or p == "tasks" else None for i, p in enumerate(loc)))
+        if key:
+            field = "- " if isinstance(loc[-1], int) else f"{loc[-1]}: "
+            return f"; write `{field}{{{key}: {value}}}`"
+    if error["type"] in ("int_parsing", "float_parsing") and isinstance(value, str) and YAML_FLOAT_TEXT.match(value):
+        mantissa, exponent = f"{float(value):e}".split("e")
+        mantissa = mantissa.rstrip("0") + ("0" if mantissa.rstrip("0").endswith(".") else "")
+        return f" (YAML reads {value} as text: write {mantissa}e{exponent}, with a dot, or the digits)"
+    return ""
 
 
 def _format(
-    error: dict, path: str, root: Optional[yaml.Node], data: Any, name: Callable[[tuple], str], unknown: str
+    error: dict,
+    path: str,
+    root: Optional[yaml.Node],
+    data: Any,
+    name: Callable[[tuple], str],
+    unknown: str,
+    overrides: Sequence[tuple[tuple, str]] = (),
 ) -> str:
     loc = (
         _input_loc(tuple(error["loc"]), data)
@@ -146,10 +191,15 @@ def _format(
         message = named.group(2)
     # "give only one of `steps` and `tokens`": the names as the user wrote them (on a command line: flags)
     message = re.sub(r"`(\w+)`", lambda m: f"`{name((m.group(1),))}`", message)
-    line = _line_of(root, loc)
-    where = f"{path}:{line}" if line else path
     if error["type"] == "extra_forbidden":
         message = unknown
+    message += _hint(error, loc)
+    # A value set by an override is blamed on the override, not on the file line it replaced.
+    override = next((text for at, text in reversed(overrides) if loc[: len(at)] == at), None) or next(
+        (text for at, text in reversed(overrides) if loc and at[: len(loc)] == loc), None
+    )
+    line = _line_of(root, loc)
+    where = f"override {override}" if override else f"{path}:{line}" if line else path
     return f"{where}: {name(loc) if loc else '(top level)'}: {message}"
 
 
@@ -177,12 +227,13 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a pipeline file must be a mapping with name, teacher, stages, ...")
     _refuse_duplicate_keys(root, str(path))
-    for override in overrides:
-        apply_override(data, override)
+    applied = [(apply_override(data, override), override) for override in overrides]
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        raise UserError("invalid pipeline: " + format_validation_error(exc, str(path), data, root)) from None
+        errors = format_validation_error(exc, str(path), data, root, limit=None, overrides=applied)
+        listed = errors[0] if len(errors) == 1 else f"{len(errors)} errors:\n" + "\n".join(f"  {e}" for e in errors)
+        raise UserError("invalid pipeline: " + listed) from None
     if spec.teacher.trust_remote_code:
         log.warning(
             "warning: teacher.trust_remote_code is on: the Python code shipped with %s (and with the models "

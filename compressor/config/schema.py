@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
 from compressor.config.base import Resources, Strict
 
@@ -36,13 +36,34 @@ class DataSource(Strict):
     """Text for calibration or distillation.
 
     `source` is a local .txt / .jsonl / .parquet file or directory of them, `hf:ORG/NAME[:CONFIG][@SPLIT]`,
-    or `zoo:NAME` for the corpus of a reference model."""
+    or `zoo:NAME` for the corpus of a reference model. An `hf:` source is read at one commit: `revision`, or the
+    branch head resolved once per run (printed, and part of the token shards' key); `validate` warns when unpinned."""
 
     source: str
     samples: Optional[int] = Field(None, gt=0, description="Number of sequences (calibration).")
     seq_len: int = Field(512, gt=0)
     text_field: str = Field("text", description="Column holding the text in JSONL / parquet / hf sources.")
     split: Literal["train", "heldout"] = Field("train", description="For zoo sources: which side of the split.")
+    revision: Optional[str] = Field(
+        None,
+        description="For hf: sources, the dataset revision (a commit pins it; a branch or tag is resolved to its "
+        "commit). Unset: the default branch's head at run time.",
+    )
+
+    @model_validator(mode="after")
+    def _revision_for_hub_only(self):
+        if self.revision is not None and not self.source.startswith("hf:"):
+            raise ValueError("`revision` is for hf: sources only (local and zoo data are keyed by their content)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_revision(self, handler):
+        # Unset, `revision` is left out of every dump: stage keys, shard keys and MLflow params of the sources
+        # written before it existed stay byte-identical.
+        out = handler(self)
+        if isinstance(out, dict) and self.revision is None:
+            out.pop("revision", None)
+        return out
 
 
 class TaskSpec(Strict):
@@ -172,7 +193,12 @@ class PipelineSpec(Strict):
     teacher: TeacherSpec
     storage: str = Field("./artifacts", description="Local/NFS path or fsspec URI (s3://, gs://).")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    seed: int = Field(0, ge=0, description="Seeds data order, calibration samples and training (numpy needs >= 0).")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="Seeds data order, calibration samples and training (numpy and torch take 0 <= seed < 2**32).",
+    )
     data: dict[str, DataSource] = Field(default_factory=dict)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     stages: list[StageEntry] = Field(description="The stages, in order (at least one).")
@@ -184,6 +210,18 @@ class PipelineSpec(Strict):
             raise ValueError(
                 "use letters, digits, '.', '_' and '-' only, without '..' (it names directories and MLflow experiments)"
             )
+        return v
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, v):
+        # Said before int parsing, which calls 1e30 "exceeded maximum size" and never reaches the bounds.
+        try:
+            number = v if isinstance(v, int) else float(v) if isinstance(v, (float, str)) else None
+        except (ValueError, OverflowError):
+            return v
+        if number is not None and not 0 <= number < 2**32:
+            raise ValueError(f"{v} is out of range: numpy and torch take a seed with 0 <= seed < 2**32")
         return v
 
     @field_validator("stages")
@@ -199,6 +237,7 @@ class PipelineSpec(Strict):
     def _references(self):
         task_names = {t.name for t in self.evaluation.tasks}
         seen: set[str] = set()
+        datasets: set[str] = set()  # earlier stages that made a dataset (generate): a later `data` may name one
         counts: dict[str, int] = {}
         for i, stage in enumerate(self.stages):
             kind = stage.kind
@@ -208,11 +247,13 @@ class PipelineSpec(Strict):
             if stage.name in seen:
                 raise ValueError(f"stages.{i}.name: duplicate stage name {stage.name!r}")
             seen.add(stage.name)
-            for field in ("calibration", "data"):
+            for field in ("calibration", "data", "prompts"):
                 ref = getattr(stage.spec, field, None)
-                if ref is not None and ref not in self.data:
-                    known = ", ".join(sorted(self.data)) or "none defined"
+                if ref is not None and ref not in self.data and not (field == "data" and ref in datasets):
+                    known = ", ".join(sorted(self.data | dict.fromkeys(datasets))) or "none defined"
                     raise ValueError(f"stages.{i}.{kind}.{field}: unknown data source {ref!r} (known: {known})")
+            if _stages.get(kind).produces_dataset:
+                datasets.add(stage.name)
             if stage.gate:
                 for metric in stage.gate.metrics:
                     if metric.split(".")[0] not in task_names:

@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 
 from compressor.stages.base import StageKind
 
-BUILTIN = ("prune", "distill", "quantize", "evaluate")
+BUILTIN = ("prune", "distill", "quantize", "evaluate", "generate")
 ENTRY_POINT_GROUP = "compressor.stages"
 
 _kinds: dict[str, StageKind] = {}

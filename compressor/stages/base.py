@@ -10,7 +10,8 @@ YAML key of the stage entry, `validate`, `plan` (shapes, cache key, FLOPs estima
         (exit 2 before any compute); returns the output config and warnings.
     run(spec, model: ModelRef, ctx: StageContext) -> StageResult
         reads `model.path`, writes an HF checkpoint + tokenizer into `ctx.model_dir` (a kind that makes no
-        model writes nothing there and returns its results in StageResult.details).
+        model writes nothing there and returns its results in StageResult.details; a kind with
+        `produces_dataset` writes parquet files into `<ctx.work_dir>/data/` instead).
     flops(spec, EstimateInput) -> float
         the FLOPs `compressor plan` turns into GPU-hours (compressor/estimate.py has the shared formulas).
 
@@ -92,6 +93,9 @@ class StageKind:
     run: Callable[[Any, ModelRef, StageContext], StageResult]
     flops: Callable[[Any, EstimateInput], float]
     produces_model: bool = True  # False: the stage judges its input (evaluate); the next stage reads that input
+    # True: it writes a dataset into `<work_dir>/data/` (generate), published like a model; a later stage names the
+    # stage in its `data` field. Its input model passes through to the next stage (produces_model False).
+    produces_dataset: bool = False
     runs_as: Literal["task", "driver"] = "task"  # a Ray task, or in the driver (it starts Ray Train itself)
     # More inputs of its output than the spec, the input model, the seed and its data sources (cache key).
     key_extra: Callable[[Any, PlanContext], dict] = _no_extra
@@ -103,3 +107,8 @@ class StageKind:
     needs_teacher: bool = False  # run() reads ctx.teacher (the standalone command then takes --teacher)
     standalone: bool = True  # offer `compressor <name> --model IN --out OUT` (evaluate has `compressor eval`)
     result_line: Callable[[Any], str] = _seconds  # the standalone command's last line, from the manifest
+    # Part of every key of this kind instead of the package version (compressor/cache.py): bump it when the kind's
+    # output for the same spec and input changes, a changed default included, and only then.
+    output_version: str = "0.1.0"
+    # The standalone command, when the generated `--model IN --out OUT` one does not fit: (kind) -> a typer callback.
+    command: Optional[Callable[[Any], Callable]] = None

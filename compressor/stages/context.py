@@ -48,6 +48,9 @@ class StageContext:
     # In pipeline runs, a ray.util.queue.Queue the driver drains (DriverProgress): `info` and `progress` go there, one
     # progress line per stage on the console, whichever node the stage runs on. None (the stage CLIs) prints here.
     progress_queue: Any = None
+    # Where the runner publishes this stage (a pipeline's pending/<stage>-<key12>): a stage keeps resumable work
+    # beside it (generate's committed answers), found again by a re-run with the same key.
+    publish_uri: str = ""
 
     @property
     def model_dir(self) -> Path:

@@ -88,7 +88,7 @@ def test_gguf_file_reads_back_with_the_models_shapes_types_and_vocabulary(teache
     assert manifest.details["tensor_types"] == {"Q4_0": 29, "F32": 9, "Q8_0": 1}
 
 
-def test_gguf_through_transformers_is_worse_than_float_and_as_good_as_rounding_to_its_blocks(teacher, q4_0, heldout):
+def test_gguf_through_transformers_is_close_to_float_and_as_good_as_rounding_to_its_blocks(teacher, q4_0, heldout):
     from compressor.modeling import load_model, perplexity
 
     blocks = heldout[:EVAL_BLOCKS]
@@ -110,8 +110,11 @@ def test_gguf_through_transformers_is_worse_than_float_and_as_good_as_rounding_t
     )
     # Q4_0 is round-to-nearest on blocks of 32 with 16 levels: it cannot do much better than torch's rounding with
     # the same blocks, and a broken file does far worse. The 1% covers what Q4_0 quantizes beyond the decoder
-    # linears (embeddings in Q4_0, the output in Q8_0).
-    assert base < gguf <= rounded * 1.01
+    # linears (embeddings in Q4_0, the output in Q8_0). Against float it is only "close": on a model this small
+    # rounding noise can land a hair either side of float (CI once saw Q4_0 0.01% better), so the test bounds the
+    # distance, not its sign; a wrong layout or rotary permutation costs tens of percent, not a few.
+    assert gguf <= rounded * 1.01
+    assert abs(gguf / base - 1) < 0.05, (gguf, base)
 
 
 def test_k_quants_decode_with_the_gguf_package_and_beat_the_legacy_types_of_the_same_size():
@@ -326,3 +329,26 @@ def test_tiny_chain_with_gguf_passes_its_gates_and_the_file_has_the_pruned_shape
     print(f"\nbits per byte: distilled {scores['distill']:.4f}, GGUF Q4_0 {scores['quantize']:.4f}")
     assert scores["distill"] < scores["quantize"] <= scores["distill"] + 0.05
     assert stages["quantize"]["num_params"] == stages["distill"]["num_params"]
+
+
+# ----------------------------------------------------------------------------- the standalone command
+def test_gguf_runs_standalone_from_the_cli_without_calibration(tiny_teacher, tmp_path):
+    """`compressor quantize --method gguf` needs no --calibration (GGUF has none; the option exists for gptq/awq),
+    and refuses one that is given."""
+    import os
+    import subprocess
+    import sys
+
+    def quantize(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "compressor", "quantize", "--model", "zoo:tiny-test", "--quiet", *args]
+        return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    out = tmp_path / "q"
+    # tiny-test is 128 wide: K blocks of 256 fit no row, so the misaligned tensors take llama-quantize's fallback
+    done = quantize("--out", str(out), "--method", "gguf", "--quant-type", "Q4_K_M", "--on-misaligned", "fallback")
+    assert done.returncode == 0, done.stderr
+    assert (out / "model-Q4_K_M.gguf").is_file() and (out / "manifest.json").is_file()
+    assert "Q4_K_M" in done.stdout and str(out) in done.stdout
+    refused = quantize("--out", str(tmp_path / "r"), "--method", "gguf", "--calibration", "zoo:tiny-test")
+    assert refused.returncode == 2 and "--calibration: not an option of this method" in refused.stderr
+    assert not (tmp_path / "r").exists()

@@ -35,7 +35,10 @@ def run(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
 
 def tokens(spec: DistillSpec, pipeline) -> tuple[float, int]:
     """(token budget, sequence length) of a distill stage."""
-    seq_len = spec.seq_len or pipeline.data[spec.data].seq_len
+    from compressor.config.schema import DataSource
+
+    source = pipeline.data.get(spec.data)  # None: a generate stage's dataset, read at a data source's default seq_len
+    seq_len = spec.seq_len or (source or DataSource(source=spec.data)).seq_len
     budget = spec.tokens if spec.tokens is not None else spec.steps * spec.global_batch * seq_len
     return float(budget), seq_len
 
@@ -64,6 +67,8 @@ def describe_resources(spec: DistillSpec, resources) -> str:
 def plan_notes(plan, stage) -> list[str]:
     if stage.cached:
         return []
+    if stage.entry.spec.data not in plan.spec.data:
+        return [f"{stage.name} data: the dataset of stage {stage.entry.spec.data!r}, tokenized once it is made"]
     from compressor.commands.data import shard_status
 
     return [f"{stage.name} data: {shard_status(plan, stage)}"]

@@ -34,6 +34,7 @@ from compressor.errors import CompressorError, UserError
 from compressor.shards import ShardIndex
 
 TRACE_ENV = "COMPRESSOR_DATA_TRACE"
+FIT_MARGIN = 1.1  # the estimate comes from one shard: refuse only a source clearly too small for the budget
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,32 @@ def run_data(
     return data
 
 
+def check_fit(
+    estimated_tokens: int, steps: int, global_batch: int, seq_len: int, max_epochs: float, source: str
+) -> None:
+    """`run_data`'s refusal made early, from the source's size estimated at its first shard (`shards.prepare`'s
+    `check`): for the 94B-token recipe, after minutes of tokenizing instead of the whole source. The margin leaves
+    close calls to the exact check once the source is read."""
+    needed = steps * global_batch * seq_len
+    if estimated_tokens * FIT_MARGIN * max_epochs >= needed:
+        return
+    least = math.ceil(needed / estimated_tokens * 10) / 10
+    raise UserError(
+        f"distill.max_epochs: the run needs {needed:,} tokens ({steps:,} steps x global_batch {global_batch} x "
+        f"{seq_len} tokens), but data source {source!r} holds only about {estimated_tokens:,} tokens (estimated from "
+        f"its first token shard and its size), so each would be seen about {needed / estimated_tokens:.1f} times and "
+        f"max_epochs is {max_epochs:g}. Set distill.max_epochs to {least:g} or more to allow that repetition, or lower "
+        "steps / tokens, or use a larger source (found before tokenizing the whole source; the shards written are kept)."
+    )
+
+
 def prepare_task(
-    ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str, queue=None
+    ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str, queue=None, check=None
 ) -> tuple[str, ShardIndex]:
     """Body of the Ray task that writes (or extends) the shards, on whichever node it runs; reports progress to `queue`."""
     import time
 
-    from compressor.models import materialize
+    from compressor.models import tokenizer_dir
     from compressor.shards import prepare
 
     last = [0.0]
@@ -93,14 +113,15 @@ def prepare_task(
             except Exception:  # noqa: BLE001  (a full or gone queue only costs the progress bar)
                 pass
 
-    return prepare(ds, materialize(teacher).path, seq_len, sequences, data_root, progress)
+    return prepare(ds, tokenizer_dir(teacher), seq_len, sequences, data_root, progress, check=check)
 
 
 def prepare_in_ray(
-    ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str, show: Callable
+    ds: DataSource, teacher, seq_len: int, sequences: int, data_root: str, show: Callable, check=None
 ) -> tuple[str, ShardIndex]:
     """Run `prepare_task` as a Ray task (1 CPU; the tokenizer uses every core of its node), preferably on this node,
-    where a local data path and the tokenizer are; `show(iterable, total)` displays its progress."""
+    where a local data path and the tokenizer are; `show(iterable, total)` displays its progress; `check` as in
+    `shards.prepare` (picklable: `functools.partial(check_fit, ...)`)."""
     import ray
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -108,7 +129,7 @@ def prepare_in_ray(
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     task = ray.remote(num_cpus=1, max_retries=0)(prepare_task).options(scheduling_strategy=here, name="tokenize")
-    ref = task.remote(ds, teacher, seq_len, sequences, data_root, queue)
+    ref = task.remote(ds, teacher, seq_len, sequences, data_root, queue, check)
 
     def advances():
         done = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
@@ -39,10 +40,10 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
 
     from compressor.data import first_sequence_check, normalized
     from compressor.modeling import load_tokenizer
-    from compressor.models import materialize
+    from compressor.models import tokenizer_dir as tokenizer_files
     from compressor.raylocal import ensure_ray
     from compressor.shards import read_index, shard_dir, tokenizer_digest
-    from compressor.stages.distill.data import TRACE_ENV, prepare_in_ray, run_data
+    from compressor.stages.distill.data import TRACE_ENV, check_fit, prepare_in_ray, run_data
 
     # Everything that can be wrong with the inputs is found here, before a worker starts.
     ctx.run_name = ctx.run_name or f"distill-{uuid.uuid4().hex[:12]}"  # names the Ray Train run (resume finds it)
@@ -50,20 +51,39 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     student_config = model_config(model)
     check_student(spec, student_config)
     check_pair(spec, student_config, model_config(teacher), teacher.path)
-    source = normalized(ctx.data_source(spec.data))
+    given = ctx.data_source(spec.data)
+    source = normalized(given)  # an hf: source pinned to one commit for the whole run (its shards' key holds it)
+    if source.revision is not None:
+        ctx.log_params({"data_revision": source.revision})
+        if given.revision != source.revision:
+            ctx.info(
+                f"distill: {source.source} {'@ ' + given.revision if given.revision else 'unpinned'}: reading commit "
+                f"{source.revision} (set `revision: {source.revision}` on the data source to pin it)"
+            )
     seq_len = spec.seq_len or source.seq_len
     layout = batch_layout(spec)
     steps = budget_steps(spec, seq_len)
     # The data: token shards under ctx.shards_root, keyed by source, tokenizer and seq_len (compressor.shards).
     needed = steps * spec.global_batch
-    tokenizer_dir = materialize(teacher).path
+    tokenizer_dir = tokenizer_files(teacher)  # not the weights: only the tokenizer keys and writes the shards
     shards = shard_dir(ctx.shards_root, source, tokenizer_digest(tokenizer_dir), seq_len)
     index = read_index(shards)
     ready = index is not None and (index.exhausted or index.sequences >= needed)
+    # A source its first shard shows too small for the budget is refused then, not after tokenizing all of it.
+    check = functools.partial(
+        check_fit,
+        steps=steps,
+        global_batch=spec.global_batch,
+        seq_len=seq_len,
+        max_epochs=spec.max_epochs,
+        source=source.source,
+    )
     if ready:
         run_data(shards, index, steps, spec.global_batch, spec.max_epochs, source.source)
     elif index is None:  # a missing, empty or too short source is refused before Ray starts
         first_sequence_check(source, load_tokenizer(tokenizer_dir), seq_len)
+    elif index.estimated_tokens:
+        check(index.estimated_tokens)
     ensure_ray(ctx.ray_address)
     from compressor.stages.distill.cluster import wait_for_workers
 
@@ -78,6 +98,7 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
             needed,
             ctx.shards_root,
             lambda items, total: ctx.progress(items, total, desc="tokenize"),
+            check,
         )
     if spec.wait_for_resources_s:
         # Ask the autoscaler for the GPU nodes only now: they would sit idle (and billed) while the data is tokenized.
@@ -150,6 +171,7 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         "distinct_tokens": data.distinct_tokens,
         "epochs": data.epochs,
         "data": data.directory,
+        "data_revision": source.revision,  # hf: the commit read (None for local and zoo data)
         "workers": spec.workers,
         "worker_nodes": final.get("worker_nodes"),
         "zero_stage": effective_zero_stage(spec.deepspeed.zero_stage, spec.workers),
