@@ -3,8 +3,8 @@
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-setup:
-	@scripts/setup.sh
+setup:  ## GPU=1 (make setup GPU=1, make run GPU=1): the CUDA build of torch, constraints/gpu.txt (scripts/setup.sh)
+	@GPU=$(GPU) scripts/setup.sh
 
 run: setup  ## run the embedded default pipeline (offline reference teacher: prune -> distill -> quantize)
 	.venv/bin/compressor run

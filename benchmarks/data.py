@@ -205,7 +205,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="Tokens per sequence of the distill steps.")
     parser.add_argument("--throughput-tokens", type=int, default=10_000_000)
     parser.add_argument("--skip-rss", action="store_true", help="Skip the 10M / 100M-token preparations.")
-    parser.add_argument("--rss-tokens", type=int, nargs=2, default=[10_000_000, 100_000_000], metavar=("SMALL", "LARGE"))
+    parser.add_argument(
+        "--rss-tokens", type=int, nargs=2, default=[10_000_000, 100_000_000], metavar=("SMALL", "LARGE")
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, 1 repeat, 2 steps (the test suite).")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)

@@ -26,7 +26,16 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed, which otherwise prints to stdout
 QUICK = dict(
-    hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, samples=4, seq_len=32, batch_size=4, repeats=1
+    hidden=128,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    intermediate=256,
+    vocab=512,
+    samples=4,
+    seq_len=32,
+    batch_size=4,
+    repeats=1,
 )
 
 

@@ -43,8 +43,14 @@ def kinds_section() -> str:
 
     lines = ["## Stage kinds", "", "| key | what it does | runs as | makes a model |", "|---|---|---|---|"]
     for kind in kinds().values():
-        runs = "the driver, which starts its own Ray workers (Ray Train, Ray Data)" if kind.runs_as == "driver" else "a Ray task"
-        lines.append(f"| `{kind.name}` | {_cell(kind.summary)} | {runs} | {'yes' if kind.produces_model else 'no'} |")
+        runs = (
+            "the driver, which starts its own Ray workers (Ray Train, Ray Data)"
+            if kind.runs_as == "driver"
+            else "a Ray task"
+        )
+        lines.append(
+            f"| `{kind.name}` | {_cell(kind.summary)} | {runs} | {'yes' if kind.produces_model else 'a dataset' if kind.produces_dataset else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -212,7 +212,15 @@ def run_standalone(
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        manifest = execute_stage(kind, kind, spec, model, ctx, stage_key(kind, spec, model.key, output_version=stage_kinds.get(kind).output_version), str(staging))
+        manifest = execute_stage(
+            kind,
+            kind,
+            spec,
+            model,
+            ctx,
+            stage_key(kind, spec, model.key, output_version=stage_kinds.get(kind).output_version),
+            str(staging),
+        )
         drop_scratch(manifest)
         if (staging / "model" / "config.json").is_file():  # the checkpoint becomes OUT; the stage's files join it
             for item in staging.iterdir():

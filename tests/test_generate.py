@@ -26,7 +26,7 @@ def local_ray():
     if ray.is_initialized():
         ray.shutdown()
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never another user's
     yield
     ray.shutdown()
 
@@ -92,7 +92,11 @@ BAD = {
     "malformed line": ('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": \n', [], "prompts.jsonl:3: not valid JSON"),
     "unset key variable": ('{"prompt": "a"}\n', ["--api-key-env", "NOT_SET_ANYWHERE"], "NOT_SET_ANYWHERE is not set"),
     "n below 1": ('{"prompt": "a"}\n', ["--n", "0"], "--n"),
-    "negative price": ('{"prompt": "a"}\n', ["--price", "input_per_mtok=-1,output_per_mtok=2"], "--price-input-per-mtok"),
+    "negative price": (
+        '{"prompt": "a"}\n',
+        ["--price", "input_per_mtok=-1,output_per_mtok=2"],
+        "--price-input-per-mtok",
+    ),
 }
 
 
@@ -135,10 +139,50 @@ def test_plan_shows_prompts_tokens_and_cost_matching_a_hand_computation(tmp_path
     assert planned.exit_code == 0, planned.output
     count, chars = len(PROMPTS), sum(len(p) for p in PROMPTS)
     api_in, api_out = chars / 4, count * 2 * 100
-    assert f"generate: {count} prompts; input tokens {api_in:,.0f} (about 4 chars per token); output tokens {api_out:,}" in planned.output
+    assert (
+        f"generate: {count} prompts; input tokens {api_in:,.0f} (about 4 chars per token); output tokens {api_out:,}"
+        in planned.output
+    )
     assert f"generate: cost (max): ${api_in / 1e6 * 3 + api_out / 1e6 * 15:,.4f}" in planned.output
     tokenizer = Tokenizer.from_file(str(tiny_teacher / "tokenizer.json"))
     exact = sum(len(tokenizer.encode(p + "\n\n").ids) for p in PROMPTS)
     assert f"generate2: {count} prompts; input tokens {exact:,} (teacher's tokenizer)" in planned.output
     assert f"generate2: time (max): {count * 10 / 50 / 3600:,.3f} GPU-hours at 50.0 tokens/s" in planned.output
     assert "distill data: the dataset of stage 'generate2'" in planned.output
+
+
+def test_prompts_stream_in_batches_that_read_back_alike_from_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+
+    from compressor.config.schema import DataSource
+    from compressor.stages.generate import prompts
+
+    (tmp_path / "src").mkdir()
+    lines = [json.dumps({"prompt": f"p{i}", **({"id": f"x{i}"} if i % 2 else {})}) for i in range(5)]
+    (tmp_path / "src" / "a.jsonl").write_text("\n".join(lines[:2]) + "\n\n\n" + "\n".join(lines[2:]) + "\n")
+    messages = [[{"role": "system", "content": "s"}, {"role": "user", "content": f"q{i}"}] for i in range(5)]
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "src" / "b.parquet", row_group_size=2)
+    source = DataSource(source=str(tmp_path / "src"))
+    scanned = list(prompts.scan(source, 2))
+    assert [len(rows) for _, rows in scanned] == [2, 2, 1, 2, 2, 1]  # a batch never spans two files
+    assert all(prompts.read(source, desc) == rows for desc, rows in scanned)  # any worker reads batch k alike
+    flat = [row for _, rows in scanned for row in rows]
+    assert [r["id"] for r in flat[:2]] == [prompts.prompt_id([{"role": "user", "content": "p0"}]), "x1"]
+    assert flat[5]["messages"] == messages[0] and flat[5]["id"] == prompts.prompt_id(messages[0])
+
+
+def test_hf_prompts_resume_each_batch_from_the_stream_state(monkeypatch):
+    import datasets
+
+    from compressor import data
+    from compressor.config.schema import DataSource
+    from compressor.stages.generate import prompts
+
+    rows = [{"prompt": f"q{i}", "system": "s"} for i in range(5)]
+    monkeypatch.setattr(data, "_open_hf", lambda *a: datasets.Dataset.from_list(rows).to_iterable_dataset(2))
+    source = DataSource(source="hf:acme/prompts", revision="a" * 40)
+    scanned = list(prompts.scan(source, 2))
+    assert [d["rows"] for d, _ in scanned] == [2, 2, 1]
+    for desc, batch in scanned:
+        assert prompts.read(source, json.loads(json.dumps(desc))) == batch  # the descriptor travels as JSON
+    assert scanned[2][1][0]["messages"][1]["content"] == "q4"

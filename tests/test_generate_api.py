@@ -58,9 +58,13 @@ def test_faults_are_retried_and_every_prompt_has_exactly_one_answer(tmp_path, op
     ids = write_prompts(tmp_path / "prompts.jsonl", 12)
     faults = {ids[0]: ["429"], ids[1]: ["500"], ids[2]: ["drop"], ids[3]: ["429", "500", "drop"]}
     openai_server.faults.update({k: list(v) for k, v in faults.items()})
-    manifest = run_generate(api_spec(openai_server), "openai:tiny-test", str(tmp_path / "prompts.jsonl"), str(tmp_path / "out"), quiet=True)
+    manifest = run_generate(
+        api_spec(openai_server), "openai:tiny-test", str(tmp_path / "prompts.jsonl"), str(tmp_path / "out"), quiet=True
+    )
     got = dataset_ids(tmp_path / "out")
-    assert sorted(got) == sorted(row_ids(tmp_path / "prompts.jsonl")) and len(set(got)) == len(got)  # one answer each, none lost, none twice
+    assert sorted(got) == sorted(row_ids(tmp_path / "prompts.jsonl")) and len(set(got)) == len(
+        got
+    )  # one answer each, none lost, none twice
     requests = openai_server.requested_ids()
     for ident, injected in faults.items():
         assert requests.count(ident) == len(injected) + 1  # each fault retried, then answered once
@@ -70,7 +74,9 @@ def test_faults_are_retried_and_every_prompt_has_exactly_one_answer(tmp_path, op
     assert KEY not in text
 
 
-def test_a_prompt_that_keeps_failing_is_recorded_and_the_stage_fails_over_max_failed(tmp_path, openai_server, monkeypatch):
+def test_a_prompt_that_keeps_failing_is_recorded_and_the_stage_fails_over_max_failed(
+    tmp_path, openai_server, monkeypatch
+):
     from compressor.commands.generate import run_generate
     from compressor.errors import StageFailed
 
@@ -103,7 +109,13 @@ def test_sigkill_mid_generation_then_rerun_sends_no_committed_prompt_again(tmp_p
     ids = write_prompts(tmp_path / "prompts.jsonl", 16)
     env = {**os.environ, KEY_ENV: KEY}
     openai_server.reset(latency_s=0.25)
-    run = subprocess.Popen(_cli(tmp_path, openai_server, "out"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    run = subprocess.Popen(
+        _cli(tmp_path, openai_server, "out"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while len(list(tmp_path.glob(".answers-*/index/*.json"))) < 3:  # some batches committed, more in flight
         assert run.poll() is None and time.time() < deadline, run.communicate()
@@ -113,7 +125,9 @@ def test_sigkill_mid_generation_then_rerun_sends_no_committed_prompt_again(tmp_p
     store = AnswerStore(str(next(tmp_path.glob(".answers-*"))))
     to_server = dict(zip(row_ids(tmp_path / "prompts.jsonl"), ids))
     committed = {
-        to_server[i] for path in store.shard_paths() for i in pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        to_server[i]
+        for path in store.shard_paths()
+        for i in pq.read_table(path, columns=["id"]).column("id").to_pylist()
     }
     assert 0 < len(committed) < len(ids) and not (tmp_path / "out").exists()
 
@@ -125,7 +139,9 @@ def test_sigkill_mid_generation_then_rerun_sends_no_committed_prompt_again(tmp_p
     assert not committed & set(resent), committed & set(resent)  # nothing paid for twice
     assert set(resent) == set(ids) - committed
 
-    whole = subprocess.run(_cli(tmp_path, openai_server, "uninterrupted/out"), env=env, capture_output=True, text=True, timeout=120)
+    whole = subprocess.run(
+        _cli(tmp_path, openai_server, "uninterrupted/out"), env=env, capture_output=True, text=True, timeout=120
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
     final = sorted(dataset_ids(tmp_path / "out"))
     assert final == sorted(dataset_ids(tmp_path / "uninterrupted" / "out")) == sorted(to_server)

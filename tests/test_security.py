@@ -415,9 +415,7 @@ def test_the_api_teachers_key_reaches_the_server_and_nothing_else(tmp_path, open
     planted = "sk-planted-teacher-key-5b8e1d"
     openai_server.reset()
     (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "Say {i}"}}\n' for i in range(5)))
-    text = PIPELINE.replace(
-        "data:\n", f"data:\n  asks: {{source: {tmp_path / 'prompts.jsonl'}}}\n"
-    ).replace(
+    text = PIPELINE.replace("data:\n", f"data:\n  asks: {{source: {tmp_path / 'prompts.jsonl'}}}\n").replace(
         "  - prune: {target: {intermediate_size: 192}, calibration: calib}",
         f"  - generate: {{prompts: asks, teacher: 'openai:tiny-test', base_url: '{openai_server.base_url}', "
         "api_key_env: GEN_AUTH, max_new_tokens: 4}",
@@ -439,3 +437,11 @@ def test_the_api_teachers_key_reaches_the_server_and_nothing_else(tmp_path, open
     haystacks = {str(p): p.read_bytes() for p in files}
     haystacks.update(stdout=done.stdout.encode(), stderr=done.stderr.encode())
     assert not [where for where, data in haystacks.items() if planted.encode() in data]
+
+    # the dataset was published like a model: a second run finds it cached and sends nothing
+    stage_dir = next((tmp_path / "store" / "sec").glob("generate-*"))
+    assert json.loads((stage_dir / "manifest.json").read_text())["dataset_uri"] == "data"
+    before = len(openai_server.log)
+    again = subprocess.run(done.args, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "cached" in again.stderr + again.stdout, again.stderr[-2000:]
+    assert len(openai_server.log) == before and planted not in again.stdout + again.stderr

@@ -28,7 +28,12 @@ def _signature(options: dict) -> inspect.Signature:
     params = [
         P("teacher", P.KEYWORD_ONLY, annotation=str, default=typer.Option(..., "--teacher", help=TEACHER_HELP)),
         P("prompts", P.KEYWORD_ONLY, annotation=str, default=typer.Option(..., "--prompts", help=PROMPTS_HELP)),
-        P("out", P.KEYWORD_ONLY, annotation=str, default=typer.Option(..., "--out", help="New directory for the dataset.")),
+        P(
+            "out",
+            P.KEYWORD_ONLY,
+            annotation=str,
+            default=typer.Option(..., "--out", help="New directory for the dataset."),
+        ),
     ]
     for path, entry in options.items():
         decl = f"{stage.flag(path)}/--no-{stage.flag(path)[2:]}" if entry["type"] is bool else stage.flag(path)
@@ -41,13 +46,20 @@ def _signature(options: dict) -> inspect.Signature:
             )
         )
     params += [
-        P("address", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(None, "--address", help="Ray cluster address (local teachers).")),
+        P(
+            "address",
+            P.KEYWORD_ONLY,
+            annotation=Optional[str],
+            default=typer.Option(None, "--address", help="Ray cluster address (local teachers)."),
+        ),
         P("quiet", P.KEYWORD_ONLY, annotation=bool, default=typer.Option(False, "--quiet", help="No progress bars.")),
         P(
             "overrides",
             P.KEYWORD_ONLY,
             annotation=Optional[list[str]],
-            default=typer.Argument(None, help="KEY=VALUE spec fields, e.g. filters.labels=[yes,no].", show_default=False),
+            default=typer.Argument(
+                None, help="KEY=VALUE spec fields, e.g. filters.labels=[yes,no].", show_default=False
+            ),
         ),
     ]
     return inspect.Signature(params)
@@ -63,7 +75,9 @@ def make_command(kind):
         if given["teacher"].startswith("openai:"):
             data["teacher"] = given["teacher"]
         spec = stage.build_spec(kind, {**data, "prompts": "prompts"})
-        manifest = run_generate(spec, given["teacher"], given["prompts"], given["out"], 0, given["quiet"], given["address"])
+        manifest = run_generate(
+            spec, given["teacher"], given["prompts"], given["out"], 0, given["quiet"], given["address"]
+        )
         typer.echo(f"{kind.result_line(manifest)}; wrote {Path(given['out']).expanduser().resolve()}")
 
     command.__signature__ = _signature(options)

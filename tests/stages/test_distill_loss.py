@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compressor.stages.distill.loss import distill_loss, kd_loss
+from compressor.stages.distill.loss import distill_loss, divergence, kd_loss
 from compressor.stages.distill.spec import KDLoss
 
 VOCAB, WIDTH_S, WIDTH_T, TOKENS = 97, 24, 32, 50  # 50 tokens in chunks of 16: the last chunk is ragged
@@ -82,3 +82,42 @@ def test_hidden_mse_adds_the_paired_layer_distance():
     want_mse = ((layer_s - layer_t) ** 2).mean()
     torch.testing.assert_close(with_mse.hidden, want_mse)
     torch.testing.assert_close(with_mse.loss, plain.loss + 0.5 * want_mse)
+
+
+# ----------------------------------------------------------------------------- gjsd (TRL GKD's generalized JSD)
+def _log_probs(seed: int, shape=(6, 11)):
+    gen = torch.Generator().manual_seed(seed)
+    return F.log_softmax(torch.randn(*shape, generator=gen, dtype=torch.float64) * 2, -1)
+
+
+@pytest.mark.parametrize("beta, kind", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_gjsd_at_its_ends_is_forward_and_reverse_kl(beta, kind):
+    h_s, h_t, targets, head_s, head_t = inputs(seed=4)
+    for temperature in (1.0, 2.0):
+        want = kd_loss(h_s, h_t, targets, head_s, head_t, KDLoss(kind=kind, temperature=temperature, chunk_tokens=16))
+        spec = KDLoss(kind="gjsd", beta=beta, temperature=temperature, chunk_tokens=16)
+        got = kd_loss(h_s, h_t, targets, head_s, head_t, spec)
+        assert abs(got.loss.item() - want.loss.item()) < 1e-6
+
+
+def test_gjsd_matches_its_definition_between_the_ends():
+    student, teacher = _log_probs(0), _log_probs(1)
+    p, q, beta = teacher.exp(), student.exp(), 0.3
+    m = beta * p + (1 - beta) * q
+    want = beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum()
+    torch.testing.assert_close(divergence(student, teacher, "gjsd", beta), want)
+    assert divergence(teacher, teacher, "gjsd", 0.5).abs() < 1e-12  # zero at agreement
+
+
+def test_gjsd_gradient_is_correct_at_beta_one_half():
+    teacher = _log_probs(1, (3, 5)).detach()
+    logits = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: divergence(F.log_softmax(x, -1), teacher, "gjsd", 0.5), (logits,))
+
+
+def test_gjsd_beta_outside_zero_one_is_refused():
+    from pydantic import ValidationError
+
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValidationError, match="beta"):
+            KDLoss(kind="gjsd", beta=beta)

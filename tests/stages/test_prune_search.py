@@ -146,14 +146,59 @@ def test_bad_budgets_are_refused_naming_the_numbers(teacher_config, target, sear
         prune_stage.check(PruneSpec(target=target, search=search), teacher_config)
 
 
-def test_a_later_group_size_must_divide_every_candidate(teacher_config):
+def test_a_search_aligns_to_the_later_group_size_unless_align_is_set(teacher_config):
     spec = PruneSpec(target={"params": 0.5}, search={"tolerance": 0.1}, quantize_group_size=64)
+    space = budget.cached_space(spec, teacher_config)
+    for c in space.candidates:  # every width quantize groups, o_proj's input (heads x head_dim) included
+        s = c.shape
+        assert not prune_stage.shapes.group_size_warnings(s, 64), c.label()
+    assert prune_stage.check(spec, teacher_config).config["num_hidden_layers"]
+    explicit = spec.model_copy(update={"align": 32})  # the user's own align is kept, and refused with the fix
     with pytest.raises(
         UserError,
         match=re.escape("the later quantize group size 64 does not divide") + ".*" + re.escape("set prune.align to 64"),
     ):
+        prune_stage.check(explicit, teacher_config)
+
+
+def test_a_fixed_head_count_must_keep_the_attention_width_aligned(teacher_config):
+    spec = PruneSpec(target={"params": 0.5, "num_attention_heads": 3}, align=64, search={"tolerance": 0.2})
+    with pytest.raises(UserError, match=re.escape("3 heads x head_dim 32 = 96 is not a multiple of align=64")) as exc:
         prune_stage.check(spec, teacher_config)
-    assert prune_stage.check(spec.model_copy(update={"align": 64}), teacher_config).config["num_hidden_layers"]
+    assert "set prune.align" not in str(exc.value)  # never suggest a setting already in place
+    fixed = PruneSpec(target={"num_attention_heads": 1, "num_key_value_heads": 1}, align=64)
+    with pytest.raises(UserError, match=re.escape("1 heads x head_dim 32 = 32 is not a multiple of align=64")):
+        prune_stage.check(fixed, teacher_config)
+
+
+def _tiny_plan(tmp_path, monkeypatch, *overrides):
+    from importlib.resources import files
+
+    import compressor.zoo as zoo
+    from compressor.config.load import load_pipeline
+    from compressor.planning import make_plan
+
+    monkeypatch.setattr(zoo, "model_key", lambda name: f"golden-{name}")
+    spec = load_pipeline(str(files("compressor") / "pipelines" / "tiny.yaml"), list(overrides))
+    return spec, make_plan(spec, storage=str(tmp_path))
+
+
+def test_a_budget_works_on_the_shipped_tiny_pipeline(tmp_path, monkeypatch):
+    """Issue 23: the default pipeline refused `target: {params: 0.5}` with and without align=128."""
+    spec, plan = _tiny_plan(tmp_path, monkeypatch, "stages.prune.target={params: 0.5}")
+    prune = plan.stages[0]
+    run_spec = spec.stages[0].spec  # what the stage runs with (the pipeline's own object)
+    assert run_spec.search_align == 128 and run_spec.align == 32  # resolved, while the dumped field is unchanged
+    space = budget.cached_space(run_spec, prune.in_config)
+    assert space.candidates
+    for c in space.candidates:
+        assert not prune_stage.shapes.group_size_warnings(c.shape, 128), c.label()
+    _, explicit = _tiny_plan(tmp_path, monkeypatch, "stages.prune.target={params: 0.5}", "stages.prune.align=128")
+    assert budget.cached_space(explicit.stages[0].entry.spec, prune.in_config).candidates == space.candidates
+    _, other = _tiny_plan(
+        tmp_path, monkeypatch, "stages.prune.target={params: 0.5}", "stages.quantize.group_size=64"
+    )
+    assert other.stages[0].key != prune.key  # another later group size, another grid
 
 
 @pytest.mark.parametrize(

@@ -48,9 +48,10 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     # Everything that can be wrong with the inputs is found here, before a worker starts.
     ctx.run_name = ctx.run_name or f"distill-{uuid.uuid4().hex[:12]}"  # names the Ray Train run (resume finds it)
     teacher = teacher_ref(spec, ctx)
-    student_config = model_config(model)
+    student_config, teacher_config = model_config(model), model_config(teacher)
     check_student(spec, student_config)
-    check_pair(spec, student_config, model_config(teacher), teacher.path)
+    check_pair(spec, student_config, teacher_config, teacher.path)
+    check_vocabulary(model, teacher, student_config["vocab_size"], teacher_config["vocab_size"])
     given = ctx.data_source(spec.data)
     source = normalized(given)  # an hf: source pinned to one commit for the whole run (its shards' key holds it)
     if source.revision is not None:
@@ -181,6 +182,33 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         "scratch": [run_storage_uri(ctx)],
     }
     return StageResult(metrics=metrics, details=details)
+
+
+def check_vocabulary(student: ModelRef, teacher: ModelRef, student_vocab: int, teacher_vocab: int) -> None:
+    """A teacher with more vocabulary rows than the student is distilled through its first `student_vocab` logits
+    (loss._chunk_sums) only when the two share a tokenizer that never produces the extra ids: the rows are padding
+    (vocabularies rounded up to a multiple of 64 or 128). Anything else is a real mismatch, refused naming both sizes."""
+    if student_vocab == teacher_vocab:
+        return
+    from compressor.modeling import load_tokenizer
+    from compressor.models import tokenizer_dir
+    from compressor.shards import tokenizer_digest
+
+    def refuse(why: str) -> UserError:
+        return UserError(
+            f"distill: the teacher's vocab_size ({teacher_vocab}, {teacher.path}) is larger than the student's "
+            f"({student_vocab}), and {why}; KD compares the two models' distributions over the same tokens"
+        )
+
+    student_dir, teacher_dir = tokenizer_dir(student), tokenizer_dir(teacher)
+    teacher_tokenizer = load_tokenizer(teacher_dir)
+    if tokenizer_digest(student_dir) != tokenizer_digest(teacher_dir):
+        if load_tokenizer(student_dir).get_vocab() != teacher_tokenizer.get_vocab():
+            raise refuse("their tokenizers differ (other tokens or ids), so the extra rows are not mere padding")
+    if len(teacher_tokenizer) > student_vocab:
+        raise refuse(
+            f"their tokenizer has {len(teacher_tokenizer)} tokens, so it produces ids the student has no row for"
+        )
 
 
 def fingerprint(spec: DistillSpec, student: ModelRef, teacher: ModelRef, source, seq_len: int, seed: int) -> str:

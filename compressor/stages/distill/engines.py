@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 
-from compressor.stages.distill.deepspeed_config import effective_zero_stage, student_config, teacher_config
-from compressor.stages.distill.loss import LossTerms, distill_loss
+from compressor.stages.distill import deepspeed_config
+from compressor.stages.distill.deepspeed_config import effective_zero_stage
+from compressor.stages.distill.layout import FeaturePair, feature_pairs
+from compressor.stages.distill.loss import LossTerms, Outputs, distill_loss
 from compressor.stages.distill.spec import DistillSpec
 
 
@@ -46,32 +48,64 @@ def use_bf16(spec: DistillSpec) -> bool:
 
 
 class StudentWithLoss(torch.nn.Module):
-    """The student, whose forward returns the distillation loss against given teacher hidden states."""
+    """The student and the projectors of its feature terms, whose forward returns the distillation loss against given
+    teacher outputs. One module, so that one DeepSpeed engine (ZeRO-3 included) trains, shards and checkpoints both;
+    the exported model is the `student` submodule alone (train.export_student)."""
 
-    def __init__(self, student, teacher_head, spec: DistillSpec):
+    def __init__(self, student, teacher_head, spec: DistillSpec, features: list[FeaturePair], teacher_width: int):
         super().__init__()
         self.student = student
         self.spec = spec
+        self.features = features
+        width = student.config.hidden_size
+        # A learned linear map (student width -> teacher width) per hidden-state term whose widths differ.
+        self.projectors = torch.nn.ModuleDict(
+            {
+                pair.name: torch.nn.Linear(width, teacher_width, bias=False)
+                for pair in features
+                if pair.kind != "attention_mse" and width != teacher_width
+            }
+        )
         # A plain attribute, not a submodule: the teacher's weights must not join the student's optimizer.
         self.__dict__["teacher_head"] = teacher_head
 
-    def forward(self, tokens: torch.Tensor, teacher_states) -> LossTerms:
-        want_all = bool(self.spec.loss.hidden_mse)
-        out = self.student.base_model(input_ids=tokens, output_hidden_states=want_all, use_cache=False)
-        states = out.hidden_states if want_all else (out.last_hidden_state,)
+    def forward(self, tokens: torch.Tensor, teacher_outputs) -> LossTerms:
+        hidden, attentions = wanted_outputs(self.spec, self.features)
+        out = self.student.base_model(
+            input_ids=tokens, output_hidden_states=hidden, output_attentions=attentions, use_cache=False
+        )
+        states = Outputs(out.hidden_states if hidden else (out.last_hidden_state,), out.attentions)
         head = self.student.get_output_embeddings()
-        return distill_loss(states, teacher_states, tokens, head, self.teacher_head, self.spec.loss)
+        return distill_loss(
+            states, teacher_outputs, tokens, head, self.teacher_head, self.spec.loss, self.features, self.projectors
+        )
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: the student's, and the projectors' with their own peak lr (train_step scales the schedule)."""
+        groups = [{"params": list(self.student.parameters())}]
+        if len(self.projectors):
+            scale = (self.spec.loss.projector_lr or self.spec.lr) / self.spec.lr
+            groups.append({"params": list(self.projectors.parameters()), "lr_scale": scale})
+        return groups
+
+
+def wanted_outputs(spec: DistillSpec, features: list[FeaturePair]) -> tuple[bool, bool]:
+    """(all hidden states, attention maps): what the loss reads beyond the final hidden states."""
+    hidden = bool(spec.loss.hidden_mse) or any(p.kind != "attention_mse" for p in features)
+    return hidden, any(p.kind == "attention_mse" for p in features)
 
 
 class TeacherStates(torch.nn.Module):
-    def __init__(self, teacher, want_all: bool):
+    def __init__(self, teacher, hidden: bool, attentions: bool):
         super().__init__()
         self.teacher = teacher
-        self.want_all = want_all
+        self.hidden, self.attentions = hidden, attentions
 
-    def forward(self, tokens: torch.Tensor):
-        out = self.teacher.base_model(input_ids=tokens, output_hidden_states=self.want_all, use_cache=False)
-        return out.hidden_states if self.want_all else (out.last_hidden_state,)
+    def forward(self, tokens: torch.Tensor) -> Outputs:
+        out = self.teacher.base_model(
+            input_ids=tokens, output_hidden_states=self.hidden, output_attentions=self.attentions, use_cache=False
+        )
+        return Outputs(out.hidden_states if self.hidden else (out.last_hidden_state,), out.attentions)
 
 
 @dataclass
@@ -94,31 +128,39 @@ def build_engines(
     RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)."""
     prepare_deepspeed_env()
     import deepspeed
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from compressor import remote_code
 
     bf16 = use_bf16(spec)
     dtype = torch.bfloat16 if bf16 else torch.float32
     trust = remote_code.enabled()  # off unless the pipeline sets teacher.trust_remote_code
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=trust)
+    student_config = AutoConfig.from_pretrained(student_path, trust_remote_code=trust)
+    teacher_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust)
+    features = feature_pairs(spec.loss, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
+    hidden, attentions = wanted_outputs(spec, features)
+    # Attention maps come only from the eager implementation (SDPA and flash attention never form them).
+    attention = {"attn_implementation": "eager"} if attentions else {}
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=trust, **attention)
     teacher = teacher.eval().requires_grad_(False)
-    teacher_states = TeacherStates(teacher, bool(spec.loss.hidden_mse))
+    teacher_states = TeacherStates(teacher, hidden, attentions)
     if world_size > 1:  # shard the frozen teacher: each worker holds 1/N of it
-        teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=teacher_config(micro_batch, bf16))
+        teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=deepspeed_config.teacher_config(micro_batch, bf16))
     teacher_states.eval()
 
-    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype, trust_remote_code=trust)
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype, trust_remote_code=trust, **attention)
     if spec.gradient_checkpointing:
         # Each decoder layer keeps only its input and recomputes the rest in backward. Non-reentrant: it works under
         # ZeRO-3's gather hooks and needs no input that requires grad.
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = StudentWithLoss(student, teacher.get_output_embeddings(), spec)
-    config = student_config(spec, world_size, micro_batch, grad_accum, bf16, torch.cuda.is_available())
+    model = StudentWithLoss(student, teacher.get_output_embeddings(), spec, features, teacher_config.hidden_size)
+    model.projectors.to(dtype)
+    config = deepspeed_config.student_config(spec, world_size, micro_batch, grad_accum, bf16, torch.cuda.is_available())
+    groups = model.parameter_groups()
     if "optimizer" in config:  # DeepSpeed builds it (ZeRO-Offload)
-        student_engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        student_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
         student_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     student_engine.train()
     if world_size == 1:  # no engine placed the unsharded teacher
@@ -146,6 +188,7 @@ class StepMetrics:
     kd_loss: float
     ce_loss: float
     hidden_mse: float
+    feature_loss: float
     grad_norm: Optional[float]
 
 
@@ -153,8 +196,8 @@ def train_step(engines: Engines, micro_batches: list[torch.Tensor], lr: float) -
     """One optimizer step over this worker's micro-batches ([micro, seq_len] token tensors), returning the mean
     loss terms over them (this worker's share; the caller averages across workers if it wants global numbers)."""
     for group in engines.student.optimizer.param_groups:
-        group["lr"] = lr
-    sums = torch.zeros(4)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    sums = torch.zeros(5)
     for tokens in micro_batches:
         tokens = tokens.to(engines.device)
         with torch.no_grad():
@@ -163,6 +206,6 @@ def train_step(engines: Engines, micro_batches: list[torch.Tensor], lr: float) -
         engines.student.backward(terms.loss)
         engines.student.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
         sums += torch.stack([t.detach().float().cpu() for t in terms])
-    loss, kd, ce, hidden = (sums / len(micro_batches)).tolist()
+    loss, kd, ce, hidden, features = (sums / len(micro_batches)).tolist()
     norm = engines.student.get_global_grad_norm()
-    return StepMetrics(loss, kd, ce, hidden, float(norm) if norm is not None else None)
+    return StepMetrics(loss, kd, ce, hidden, features, float(norm) if norm is not None else None)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from compressor.errors import UserError
-from compressor.stages.distill.spec import DistillSpec
+from compressor.stages.distill.spec import DistillSpec, KDLoss
 
 # Heads whose logits are not lm_head(hidden): the chunked loss would distill the wrong distribution.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -65,37 +66,80 @@ def check_logits(config: dict, who: str) -> None:
             )
 
 
+@dataclass(frozen=True)
+class FeaturePair:
+    """One feature term on resolved layers (0-based decoder layers of each model)."""
+
+    student: int
+    teacher: int
+    kind: str
+    weight: float
+
+    @property
+    def name(self) -> str:  # the key of its projector (a ModuleDict key: no dots)
+        return f"{self.kind}_s{self.student}_t{self.teacher}"
+
+
+def uniform_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """TinyBERT's uniform map, layers counted from 1: student layer i <-> teacher layer floor(i * N_t / N_s), so the
+    last layers pair; returned 0-based."""
+    return [(i - 1, i * teacher_layers // student_layers - 1) for i in range(1, student_layers + 1)]
+
+
+def feature_pairs(loss: KDLoss, student_layers: int, teacher_layers: int) -> list[FeaturePair]:
+    """spec.features on concrete layers (explicit: as given; uniform / last: the map's pairs, for each term)."""
+    pairs = []
+    for term in loss.features:
+        if loss.layer_map == "explicit":
+            layers = [(term.student_layer, term.teacher_layer)]
+        elif loss.layer_map == "uniform":
+            layers = uniform_map(student_layers, teacher_layers)
+        else:
+            layers = [(student_layers - 1, teacher_layers - 1)]
+        pairs += [FeaturePair(s, t, term.kind, term.weight) for s, t in layers]
+    return pairs
+
+
+def _check_layers(field: str, who: str, index: int, layers: Optional[int]) -> None:
+    if layers is not None and not 0 <= index < layers:
+        raise UserError(f"distill.loss.{field}: {who} layer {index} does not exist (the {who} has {layers} layers)")
+
+
 def check_student(spec: DistillSpec, config: dict) -> None:
     check_logits(config, "student")
     layers = config.get("num_hidden_layers")
     for s, _ in spec.loss.hidden_mse:
-        if layers is not None and not 0 <= s < layers:
-            raise UserError(
-                f"distill.loss.hidden_mse: student layer {s} does not exist (the student has {layers} layers)"
-            )
+        _check_layers("hidden_mse", "student", s, layers)
+    for i, term in enumerate(spec.loss.features):
+        if term.student_layer is not None:
+            _check_layers(f"features.{i}.student_layer", "student", term.student_layer, layers)
 
 
-def check_pair(spec: DistillSpec, student: dict, teacher: dict, teacher_name: str) -> None:
-    """The student can learn from this teacher: same vocabulary; hidden-MSE layers exist and have equal widths."""
+def check_pair(spec: DistillSpec, student: dict, teacher: dict, teacher_name: str) -> list[FeaturePair]:
+    """The student can learn from this teacher: the teacher's vocabulary holds the student's (check_vocabulary
+    decides whether a larger one is a padded copy); hidden-MSE layers exist and have equal widths; feature layers
+    exist. Returns the resolved feature pairs."""
     check_logits(teacher, "teacher")
     sv, tv = student.get("vocab_size"), teacher.get("vocab_size")
-    if sv != tv:
+    if sv != tv and not (isinstance(sv, int) and isinstance(tv, int) and tv > sv):
         raise UserError(
             f"distill: the student's vocab_size ({sv}) differs from the teacher's ({tv}, {teacher_name}); "
             "KD compares the two models' distributions over the same tokens, so the student must use the teacher's "
-            "tokenizer and vocabulary"
+            "tokenizer and vocabulary (a teacher may only have more rows, as padding its tokenizer never produces)"
         )
     layers = teacher.get("num_hidden_layers")
     for _, t in spec.loss.hidden_mse:
-        if layers is not None and not 0 <= t < layers:
-            raise UserError(
-                f"distill.loss.hidden_mse: teacher layer {t} does not exist (the teacher has {layers} layers)"
-            )
+        _check_layers("hidden_mse", "teacher", t, layers)
     if spec.loss.hidden_mse and student.get("hidden_size") != teacher.get("hidden_size"):
         raise UserError(
             f"distill.loss.hidden_mse: the student's hidden_size ({student.get('hidden_size')}) differs from the "
-            f"teacher's ({teacher.get('hidden_size')}); hidden-state MSE needs layers of equal width"
+            f"teacher's ({teacher.get('hidden_size')}); hidden-state MSE needs layers of equal width (loss.features "
+            "learns a projector between different widths)"
         )
+    for i, term in enumerate(spec.loss.features):
+        if term.teacher_layer is not None:
+            _check_layers(f"features.{i}.teacher_layer", "teacher", term.teacher_layer, layers)
+    return feature_pairs(spec.loss, student["num_hidden_layers"], teacher["num_hidden_layers"])
 
 
 def worker_bundle(spec: DistillSpec) -> dict[str, float]:

@@ -13,13 +13,15 @@ from the first chunk to the last recomputation in backward, one all-gather per m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from compressor.stages.distill.layout import FeaturePair
 from compressor.stages.distill.spec import KDLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -27,9 +29,28 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 class LossTerms(NamedTuple):
     loss: torch.Tensor  # what backward runs on
-    kd: torch.Tensor  # T^2-scaled KL, mean per token
+    kd: torch.Tensor  # T^2-scaled divergence, mean per token
     ce: torch.Tensor  # the student's next-token cross-entropy, mean per token (logged even when alpha = 0)
-    hidden: torch.Tensor  # mean hidden-state MSE over the layer pairs (0 without pairs)
+    hidden: torch.Tensor  # mean hidden-state MSE over the hidden_mse layer pairs (0 without pairs)
+    features: torch.Tensor  # the weighted sum of the `features` terms (0 without them)
+
+
+def divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, kind: str, beta: float = 0.5):
+    """Summed divergence between the two distributions (log-probabilities over the last dimension)."""
+
+    def kl(p_log, q_log):  # KL(p || q), summed
+        return F.kl_div(q_log, p_log, log_target=True, reduction="sum")
+
+    # gjsd's formula tends to 0 at beta 0 and 1; TRL's GKD defines those ends as the KLs, and so do we.
+    if kind == "forward_kl" or (kind == "gjsd" and beta == 0.0):  # KL(teacher || student): Minitron's choice
+        return kl(teacher_log_probs, student_log_probs)
+    if kind == "reverse_kl" or (kind == "gjsd" and beta == 1.0):  # KL(student || teacher): mode-seeking
+        return kl(student_log_probs, teacher_log_probs)
+    # Generalized JSD (TRL GKD): M = beta * teacher + (1 - beta) * student, mixed in log space for stability.
+    mixture = torch.logsumexp(
+        torch.stack([teacher_log_probs + math.log(beta), student_log_probs + math.log(1.0 - beta)]), dim=0
+    )
+    return beta * kl(teacher_log_probs, mixture) + (1.0 - beta) * kl(student_log_probs, mixture)
 
 
 def _chunk_sums(h_student, h_teacher, targets, student_head: Head, teacher_head: Head, spec: KDLoss, ce_grad: bool):
@@ -37,13 +58,12 @@ def _chunk_sums(h_student, h_teacher, targets, student_head: Head, teacher_head:
     t = spec.temperature
     student_logits = student_head(h_student).float()
     with torch.no_grad():
-        teacher_log_probs = F.log_softmax(teacher_head(h_teacher).float() / t, dim=-1)
+        # A teacher whose vocabulary is a padded superset of the student's (layout.check_vocabulary allows only
+        # that): its extra rows are ids the tokenizer never produces, so they are dropped.
+        teacher_logits = teacher_head(h_teacher)[..., : student_logits.shape[-1]]
+        teacher_log_probs = F.log_softmax(teacher_logits.float() / t, dim=-1)
     student_log_probs = F.log_softmax(student_logits / t, dim=-1)
-    if spec.kind == "forward_kl":  # KL(teacher || student): mass-covering, Minitron's choice
-        kd = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
-    else:  # KL(student || teacher): mode-seeking
-        kd = F.kl_div(teacher_log_probs, student_log_probs, log_target=True, reduction="sum")
-    kd = kd * (t * t)  # keeps the soft-target gradients on the scale of the hard-label ones (Hinton et al.)
+    kd = divergence(student_log_probs, teacher_log_probs, spec.kind, spec.beta) * (t * t)  # keeps the soft-target gradients on the scale of the hard-label ones (Hinton et al.)
     with torch.set_grad_enabled(ce_grad and torch.is_grad_enabled()):
         log_probs = student_log_probs if t == 1.0 else F.log_softmax(student_logits, dim=-1)
         ce = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
@@ -71,7 +91,8 @@ def kd_loss(
         sums = sums + (checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args))
     kd, ce = sums[0] / n, sums[1] / n
     loss = (1.0 - spec.alpha) * kd + spec.alpha * ce
-    return LossTerms(loss, kd.detach(), ce.detach(), torch.zeros((), device=loss.device))
+    zero = torch.zeros((), device=loss.device)
+    return LossTerms(loss, kd.detach(), ce.detach(), zero, zero)
 
 
 def hidden_mse(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor], pairs) -> torch.Tensor:
@@ -80,18 +101,68 @@ def hidden_mse(student_states: Sequence[torch.Tensor], teacher_states: Sequence[
     return torch.stack(losses).mean()
 
 
+def feature_term(kind: str, student, teacher, projector=None) -> torch.Tensor:
+    """One feature term. Hidden states are [B, L, width] (the student's projected to the teacher's width when they
+    differ); attention maps [B, heads, L, L], compared per head when the head counts agree, else head-averaged."""
+    if kind == "attention_mse":
+        if student.shape[1] != teacher.shape[1]:
+            student, teacher = student.mean(dim=1), teacher.mean(dim=1)
+        return F.mse_loss(student.float(), teacher.float())
+    if projector is not None:
+        student = projector(student)
+    if kind == "hidden_cosine":
+        return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+    return F.mse_loss(student.float(), teacher.float())
+
+
+class Outputs(NamedTuple):
+    """What the loss reads of a model's forward: HF `hidden_states` (embeddings, then each layer; the last is the
+    final-norm output that feeds the head), or just `(last_hidden_state,)`; and `attentions` when a term needs them."""
+
+    hidden: Sequence[torch.Tensor]
+    attentions: Optional[Sequence[torch.Tensor]] = None
+
+
 def distill_loss(
-    student_states, teacher_states, tokens: torch.Tensor, student_head: Head, teacher_head: Head, spec: KDLoss
+    student_states,
+    teacher_states,
+    tokens: torch.Tensor,
+    student_head: Head,
+    teacher_head: Head,
+    spec: KDLoss,
+    features: Sequence[FeaturePair] = (),
+    projectors: Optional[Mapping[str, torch.nn.Module]] = None,
 ) -> LossTerms:
-    """The stage's whole loss over [B, L] `tokens`. `*_states` are HF `hidden_states` tuples (embeddings, then each
-    layer; the last is the final-norm output that feeds the head), or just `(last_hidden_state,)` without MSE pairs."""
+    """The stage's whole loss over [B, L] `tokens`. `*_states` are Outputs, or bare HF `hidden_states` tuples.
+    `features` are the resolved layer pairs of spec.features (layout.feature_pairs), `projectors` keyed by
+    FeaturePair.name for the pairs whose widths differ."""
+    student, teacher = _outputs(student_states), _outputs(teacher_states)
 
     def final(states):  # positions 0..L-2 predict tokens 1..L-1
         return states[-1][:, :-1].reshape(-1, states[-1].shape[-1])
 
     targets = tokens[:, 1:].reshape(-1)
-    terms = kd_loss(final(student_states), final(teacher_states), targets, student_head, teacher_head, spec)
-    if not spec.hidden_mse:
-        return terms
-    mse = hidden_mse(student_states, teacher_states, spec.hidden_mse)
-    return terms._replace(loss=terms.loss + spec.hidden_weight * mse, hidden=mse.detach())
+    terms = kd_loss(final(student.hidden), final(teacher.hidden), targets, student_head, teacher_head, spec)
+    if spec.hidden_mse:
+        mse = hidden_mse(student.hidden, teacher.hidden, spec.hidden_mse)
+        terms = terms._replace(loss=terms.loss + spec.hidden_weight * mse, hidden=mse.detach())
+    if features:
+        total = sum(
+            pair.weight
+            * feature_term(
+                pair.kind,
+                *(
+                    (student.attentions[pair.student], teacher.attentions[pair.teacher])
+                    if pair.kind == "attention_mse"
+                    else (student.hidden[pair.student + 1], teacher.hidden[pair.teacher + 1])
+                ),
+                projectors[pair.name] if projectors is not None and pair.name in projectors else None,
+            )
+            for pair in features
+        )
+        terms = terms._replace(loss=terms.loss + total, features=total.detach())
+    return terms
+
+
+def _outputs(states) -> Outputs:
+    return states if isinstance(states, Outputs) else Outputs(tuple(states))

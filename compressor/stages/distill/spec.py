@@ -6,15 +6,49 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from compressor.config.base import Strict
+from compressor.config.base import Strict, neutral
+
+
+FeatureKind = Literal["hidden_mse", "hidden_cosine", "attention_mse"]
+
+
+class FeatureTerm(Strict):
+    """One intermediate-layer term (TextBrewer / TinyBERT / DistillKit): a student layer pulled towards a teacher
+    layer. Where their hidden widths differ, a learned linear projector (student width -> teacher width) is trained
+    with the student; it is kept in the distill checkpoint, never in the exported student."""
+
+    student_layer: Optional[int] = Field(
+        None, description="0-based decoder layer of the student (with layer_map explicit; else chosen by the map)."
+    )
+    teacher_layer: Optional[int] = Field(
+        None, description="0-based decoder layer of the teacher (with layer_map explicit; else chosen by the map)."
+    )
+    kind: FeatureKind = Field(
+        "hidden_mse",
+        description="hidden_mse: MSE of the layers' outputs; hidden_cosine: 1 - cosine similarity per token; "
+        "attention_mse: MSE of the attention maps (averaged over heads when the head counts differ; both models "
+        "then run eager attention).",
+    )
+    weight: float = Field(1.0, ge=0, description="Weight of this term in the loss.")
 
 
 class KDLoss(Strict):
-    """The distillation loss: (1 - alpha) * T^2 * KL + alpha * CE (+ hidden_weight * hidden-state MSE)."""
+    """The distillation loss: (1 - alpha) * T^2 * divergence + alpha * CE (+ hidden_weight * hidden-state MSE)
+    (+ the weighted feature terms)."""
 
-    kind: Literal["forward_kl", "reverse_kl"] = Field(
+    kind: Literal["forward_kl", "reverse_kl", "gjsd"] = Field(
         "forward_kl",
-        description="forward_kl = KL(teacher || student), mass-covering (Minitron); reverse_kl = KL(student || teacher), mode-seeking.",
+        description="forward_kl = KL(teacher || student), mass-covering (Minitron); reverse_kl = KL(student || "
+        "teacher), mode-seeking; gjsd = the generalized Jensen-Shannon divergence of TRL's GKD, which `beta` "
+        "interpolates between the two.",
+    )
+    beta: float = neutral(
+        0.5,
+        ge=0,
+        le=1,
+        description="gjsd only: beta * KL(teacher || M) + (1 - beta) * KL(student || M) with M = beta * teacher + "
+        "(1 - beta) * student (TRL GKD). beta 0 is exactly forward_kl and 1 exactly reverse_kl (as in TRL; the "
+        "formula itself tends to 0 at both ends).",
     )
     temperature: float = Field(
         1.0, gt=0, description="Softmax temperature T of both models' logits; the KL is scaled by T^2."
@@ -25,14 +59,41 @@ class KDLoss(Strict):
     hidden_mse: list[tuple[int, int]] = Field(
         default_factory=list,
         description="(student_layer, teacher_layer) pairs (0-based decoder layers) whose outputs are pulled together "
-        "by MSE; both models need the same hidden_size.",
+        "by MSE; both models need the same hidden_size (else use `features`, which learns projectors).",
     )
     hidden_weight: float = Field(1.0, ge=0, description="Weight of the hidden-state MSE term.")
+    features: list[FeatureTerm] = neutral(
+        [],
+        description="Intermediate-layer terms: explicit layer pairs, or (with layer_map uniform / last) the kind "
+        "and weight of terms on the layers the map picks.",
+    )
+    layer_map: Literal["explicit", "uniform", "last"] = neutral(
+        "explicit",
+        description="How `features` find their layers: explicit (each names both layers), uniform (TinyBERT: "
+        "student layer i pairs with teacher layer floor(i * N_teacher / N_student), layers counted from 1, so the "
+        "last layers pair) or last (the last layers only).",
+    )
+    projector_lr: Optional[float] = neutral(
+        None, gt=0, description="Peak learning rate of the feature projectors (same schedule); default: `lr`."
+    )
     chunk_tokens: int = Field(
         1024,
         gt=0,
         description="Tokens per chunk of the KD loss; only one chunk's [tokens, vocab] logits exist at a time.",
     )
+
+    @model_validator(mode="after")
+    def _layers_match_the_map(self):
+        for i, term in enumerate(self.features):
+            named = term.student_layer is not None, term.teacher_layer is not None
+            if self.layer_map == "explicit" and not all(named):
+                raise ValueError(f"features.{i}: give student_layer and teacher_layer (layer_map is explicit)")
+            if self.layer_map != "explicit" and any(named):
+                raise ValueError(
+                    f"features.{i}: layer_map {self.layer_map} chooses the layers; leave out student_layer and "
+                    "teacher_layer, or set layer_map: explicit"
+                )
+        return self
 
 
 class DeepSpeedOptions(Strict):

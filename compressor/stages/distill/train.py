@@ -105,8 +105,15 @@ def train_steps(engines: Engines, job: DistillJob, data: WorkerData, step: int, 
         # The loss of the whole global batch: the mean over workers of their (equal-sized) shares.
         # Rank 0's "stop?" rides in the same all-reduce, so that every rank stops after the same step (saving a
         # checkpoint is a collective) at no extra collective per step.
-        loss, kd, ce, hidden, stop = mean_over_workers(
-            [result.loss, result.kd_loss, result.ce_loss, result.hidden_mse, stop_requested(job, rank)],
+        loss, kd, ce, hidden, features, stop = mean_over_workers(
+            [
+                result.loss,
+                result.kd_loss,
+                result.ce_loss,
+                result.hidden_mse,
+                result.feature_loss,
+                stop_requested(job, rank),
+            ],
             engines.device,
             world,
         )
@@ -123,6 +130,8 @@ def train_steps(engines: Engines, job: DistillJob, data: WorkerData, step: int, 
         }
         if job.spec.loss.hidden_mse:
             metrics["hidden_mse"] = hidden
+        if job.spec.loss.features:
+            metrics["feature_loss"] = features
         if result.grad_norm is not None:
             metrics["grad_norm"] = result.grad_norm
         if rank == 0:

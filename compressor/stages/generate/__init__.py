@@ -72,7 +72,8 @@ def plan_notes(plan, stage) -> list[str]:
         source = normalized(plan.spec.data[spec.prompts])
         measured = stage.cached.metrics if stage.cached else None
         if measured:
-            measured = {"answers": measured.get("answers"), "completion_tokens": measured.get("completion_tokens")}
+            answers, tokens, rate = (measured.get(k) for k in ("answers", "completion_tokens", "tokens_per_s"))
+            measured = {"answers": answers, "completion_tokens": tokens, "seconds": tokens / rate if rate else 0}
         else:  # an interrupted run's commits tell the mean answer length and the speed
             seed = spec.seed if spec.seed is not None else plan.spec.seed
             teacher = None if spec.api_model else plan.teacher

@@ -45,7 +45,9 @@ def estimate(spec, source, tokenizer=None, measured: Optional[dict] = None) -> d
 def cost_lines(spec, est: dict, num_gpus: float) -> list[str]:
     from compressor.stages.generate.job import dollars
 
-    input_text = f"{est['input_tokens']:,.0f}" + (" (teacher's tokenizer)" if est["input_exact"] else " (about 4 chars per token)")
+    input_text = f"{est['input_tokens']:,.0f}" + (
+        " (teacher's tokenizer)" if est["input_exact"] else " (about 4 chars per token)"
+    )
     outputs = [("max", est["output_tokens_max"])]
     if est["output_tokens_measured"] is not None:
         outputs.append(("measured mean", est["output_tokens_measured"]))
@@ -75,7 +77,9 @@ def local_tokenizer(teacher_path: str):
     from compressor.models import resolve_model
 
     path = Path(resolve_model(teacher_path)[0])
-    config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    config = (
+        json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    )
     if config.get("chat_template") or (path / "chat_template.jinja").is_file():
         from transformers import AutoTokenizer
 

@@ -83,7 +83,9 @@ def answer(model, tokenizer, rows: list[dict], spec: Any, seed: int) -> list[dic
             "completion_tokens": len(tokens),
         }
         if spec.logprobs:
-            record["top_logprobs"] = top_logprobs(tokenizer, [step[j] for step in out.logits[: len(tokens)]], spec.logprobs)
+            record["top_logprobs"] = top_logprobs(
+                tokenizer, [step[j] for step in out.logits[: len(tokens)]], spec.logprobs
+            )
         results.append(record)
     return results
 
@@ -183,7 +185,7 @@ def run(spec, teacher: ModelRef, source, store: AnswerStore, todo: list[dict], c
             "num_gpus": ctx.resources.num_gpus,
         },
         batch_size=1,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=ctx.resources.num_cpus,
         num_gpus=ctx.resources.num_gpus,
         batch_format="numpy",

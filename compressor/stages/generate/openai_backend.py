@@ -59,19 +59,26 @@ def rows_of(row: dict, completion, logprobs: bool) -> list[dict]:
             "completion_tokens": tokens,
         }
         if logprobs:
-            record["top_logprobs"] = [
-                [{"token": alt.token, "logprob": float(alt.logprob)} for alt in step.top_logprobs] for step in content
-            ] if content else None
+            record["top_logprobs"] = (
+                [[{"token": alt.token, "logprob": float(alt.logprob)} for alt in step.top_logprobs] for step in content]
+                if content
+                else None
+            )
         out.append(record)
     return out
 
 
 async def _answer(api, spec, row: dict, seed: int, limit: asyncio.Semaphore):
     import openai
+    from openai.types.chat import ChatCompletion
 
     async with limit:
         try:
-            completion = await api.chat.completions.create(**request(spec, row["messages"], seed))
+            # The client's post, not chat.completions.create: the same retries, backoff and Retry-After, without
+            # the per-request transform of typed parameters (about 2 ms of CPU each, a third of a core at 150/s).
+            completion = await api.post(
+                "/chat/completions", body=request(spec, row["messages"], seed), cast_to=ChatCompletion
+            )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             raise UserError(
                 f"generate: {spec.base_url} refused the key in ${spec.api_key_env} ({exc.status_code}); what was "
@@ -106,10 +113,15 @@ async def _batch(api, spec, store: AnswerStore, source, desc: dict, seed: int, l
     }
     async with lock:  # one commit at a time; results wait until it is written
         store.commit(desc["k"], desc["attempt"], answers, failed, usage, bool(spec.logprobs))
-    return {"batch": desc["k"], "prompts": len(rows), "completion_tokens": usage["completion_tokens"], "seconds": seconds}
+    return {
+        "batch": desc["k"],
+        "prompts": len(rows),
+        "completion_tokens": usage["completion_tokens"],
+        "seconds": seconds,
+    }
 
 
-async def _run(spec, api_key: str, source, store: AnswerStore, todo: list[dict], seed: int, results: list):
+async def _run(spec, api_key: str, source, store: AnswerStore, todo: list[dict], seed: int, results):
     api = client(spec, api_key)
     limit, lock = asyncio.Semaphore(spec.max_concurrency), asyncio.Lock()
     # Enough batches in flight to keep max_concurrency requests busy while one batch waits for its slowest answer.
@@ -119,11 +131,13 @@ async def _run(spec, api_key: str, source, store: AnswerStore, todo: list[dict],
         for desc in todo:
             if len(pending) >= window:
                 finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                results += [t.result() for t in finished]
+                for task in finished:
+                    results.put(task.result())
             pending.add(asyncio.create_task(_batch(api, spec, store, source, desc, seed, limit, lock)))
         while pending:
             finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            results += [t.result() for t in finished]
+            for task in finished:
+                results.put(task.result())
     finally:
         for task in pending:
             task.cancel()
@@ -131,7 +145,23 @@ async def _run(spec, api_key: str, source, store: AnswerStore, todo: list[dict],
 
 
 def run(spec, api_key: str, source, store: AnswerStore, todo: list[dict], ctx, seed: int) -> Iterator[dict]:
-    """Answer the `todo` batches; returns the summaries of the committed batches."""
-    results: list[dict] = []
-    asyncio.run(_run(spec, api_key, source, store, todo, seed, results))
-    return iter(results)
+    """Answer the `todo` batches; yields each batch's summary once it is committed (the event loop runs in a thread,
+    so the stage's progress line moves while requests are in flight). Its error is raised here."""
+    import queue
+    import threading
+
+    results: queue.Queue = queue.Queue()
+    done = object()
+
+    def loop() -> None:
+        try:
+            asyncio.run(_run(spec, api_key, source, store, todo, seed, results))
+        except BaseException as exc:  # re-raised in the stage's thread
+            results.put(exc)
+        results.put(done)
+
+    threading.Thread(target=loop, name="generate-openai", daemon=True).start()
+    while (item := results.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

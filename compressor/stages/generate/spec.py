@@ -75,8 +75,10 @@ class GenerateSpec(Strict):
     batch_size: int = Field(8, gt=0, description="hf backend: prompts per `generate` call.")
     commit_every: int = Field(64, gt=0, description="Prompts per committed shard (the unit a re-run resumes from).")
     actors: Optional[int] = Field(
-        None, gt=0, description="Local teacher: Ray Data actors, each with the stage's `resources`; default: as many "
-        "as the cluster's free CPUs/GPUs fit."
+        None,
+        gt=0,
+        description="Local teacher: Ray Data actors, each with the stage's `resources`; default: as many "
+        "as the cluster's free CPUs/GPUs fit.",
     )
     max_failed: float = Field(
         0.01, ge=0, le=1, description="Fraction of prompts that may fail after their retries before the stage fails."

@@ -88,8 +88,10 @@ def run(spec, teacher: ModelRef, source, store: AnswerStore, todo: list[dict], c
         answers.append({**row, "messages": json.loads(row["messages_json"])})
         if len(answers) == expected[row["k"]]:  # the batch is whole: commit it before taking more rows
             k, attempt = row["k"], row["attempt"]
-            records = [{f: a[f] for f in ("id", "messages", "response", "finish_reason", "prompt_tokens",
-                                          "completion_tokens")} for a in waiting.pop(k)]
+            records = [
+                {f: a[f] for f in ("id", "messages", "response", "finish_reason", "prompt_tokens", "completion_tokens")}
+                for a in waiting.pop(k)
+            ]
             usage = {
                 "prompts": len(records),
                 "prompt_tokens": sum(r["prompt_tokens"] for r in records),

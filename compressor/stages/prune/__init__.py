@@ -65,13 +65,22 @@ def flops(spec: PruneSpec, given: EstimateInput) -> float:
     return calibration + budget.search_flops(spec, given.in_config, given.pipeline, given.teacher_config)["total"]
 
 
-def planned_spec(spec: PruneSpec, plan: PlanContext) -> PruneSpec:
-    """Warn about widths a later stage's quantization group size will not divide (the first later stage with one)."""
-    if spec.quantize_group_size is not None:
-        return spec
+def later_group_size(plan: PlanContext):
+    """The group size of the first later stage that has one (a quantize stage), or None."""
     later = (getattr(entry.spec, "group_size", None) for entry in plan.pipeline.stages[plan.index + 1 :])
     group = next((g for g in later if g is not None), None)
-    return spec.model_copy(update={"quantize_group_size": group}) if group and group > 0 else spec
+    return group if group and group > 0 else None
+
+
+def planned_spec(spec: PruneSpec, plan: PlanContext) -> PruneSpec:
+    """Warn about widths a later stage's quantization group size will not divide, and let a search default its
+    align to that group size. The run receives the pipeline's own spec object, not this copy, so the group size is
+    also recorded on it (a private attribute: the key of a fixed target does not change; see key_extra)."""
+    group = later_group_size(plan)
+    spec._later_group_size = group
+    if spec.quantize_group_size is not None or group is None:
+        return spec
+    return spec.model_copy(update={"quantize_group_size": group})
 
 
 def key_extra(spec: PruneSpec, plan: PlanContext) -> dict:
@@ -91,12 +100,14 @@ def key_extra(spec: PruneSpec, plan: PlanContext) -> dict:
                 f"{', '.join(sorted(data)) or 'none defined'})"
             )
     names = {budget.search_source(spec, data)[0], settings.heldout} - {None}
-    return {
-        "search": {
-            "teacher": plan.teacher_key,
-            "data": {n: data[n].model_dump(mode="json") for n in sorted(names) if n in data},
-        }
+    search = {
+        "teacher": plan.teacher_key,
+        "data": {n: data[n].model_dump(mode="json") for n in sorted(names) if n in data},
     }
+    resolved = planned_spec(spec, plan).search_align
+    if resolved != spec.align:  # align defaulted to a later group size: another candidate grid, another output
+        search["align"] = resolved
+    return {"search": search}
 
 
 def describe_resources(spec: PruneSpec, resources) -> str:

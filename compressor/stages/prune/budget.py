@@ -100,7 +100,7 @@ def budget_of(spec: PruneSpec, config: dict) -> Budget:
     return Budget(params, "params", tolerance, source)
 
 
-def _allowed(spec: PruneSpec, field: str, source: int, default: list[int]) -> list[int]:
+def _allowed(spec: PruneSpec, field: str, source: int, default: list[int], align: int) -> list[int]:
     """Values a dimension may take: the fixed one, those of its range, or `default` (all within the source)."""
     value = getattr(spec.target, field)
     if isinstance(value, int):
@@ -114,20 +114,39 @@ def _allowed(spec: PruneSpec, field: str, source: int, default: list[int]) -> li
     if not inside:
         raise UserError(
             f"prune.target.{field}: no allowed value in [{lo}, {hi}] (the source has {source}; widths "
-            f"must be multiples of align={spec.align} or the source's own)"
+            f"must be multiples of align={align} or the source's own)"
         )
     return inside
 
 
-def _widths(spec: PruneSpec, name: str, source: int) -> list[int]:
+def _widths(spec: PruneSpec, name: str, source: int, align: int) -> list[int]:
     """Multiples of `align` up to the source's width, and the source's own (kept whole, aligned or not)."""
     value = spec.target.fixed(name)
-    if value is not None and value != source and value % spec.align:
+    if value is not None and value != source and value % align:
         raise UserError(
-            f"prune.target.{name}: {value} is not a multiple of align={spec.align}; round it "
-            f"(e.g. {max(spec.align, value // spec.align * spec.align)}) or set prune.align"
+            f"prune.target.{name}: {value} is not a multiple of align={align}; round it "
+            f"(e.g. {max(align, value // align * align)}){_or_set_align(spec)}"
         )
-    return _allowed(spec, name, source, sorted({*range(spec.align, source + 1, spec.align), source}))
+    return _allowed(spec, name, source, sorted({*range(align, source + 1, align), source}), align)
+
+
+def _or_set_align(spec: PruneSpec) -> str:
+    """The hint to set prune.align, unless the user already set it (never suggest what is in place)."""
+    return "" if "align" in spec.model_fields_set else " or set prune.align"
+
+
+def _heads(spec: PruneSpec, src, align: int) -> list[int]:
+    """Query head counts whose attention width (heads x head_dim, o_proj's input, which quantize groups) is a
+    multiple of `align`, and the source's own."""
+    aligned = [h for h in range(1, src.num_attention_heads + 1) if h * src.head_dim % align == 0]
+    value = spec.target.fixed("num_attention_heads")
+    if value is not None and value != src.num_attention_heads and value * src.head_dim % align:
+        raise UserError(
+            f"prune.target.num_attention_heads: {value} heads x head_dim {src.head_dim} = "
+            f"{value * src.head_dim} is not a multiple of align={align}; use a multiple of "
+            f"{align // math.gcd(align, src.head_dim)} heads{_or_set_align(spec)}"
+        )
+    return _allowed(spec, "num_attention_heads", src.num_attention_heads, sorted({*aligned, src.num_attention_heads}), align)
 
 
 def _nearest_width(budget: Budget, count, widths: list[int]) -> Optional[int]:
@@ -166,15 +185,16 @@ def search_space(spec: PruneSpec, config: dict) -> Space:
     src = shapes.source_shape(config)
     llama_rule = shapes.SUPPORTED[shapes.architecture(config)]  # LlamaConfig wants hidden % heads == 0
     budget = budget_of(spec, config)
+    align = spec.search_align
     explicit = spec.target.keep_layers is not None or spec.target.drop_layers is not None
     kept_layers = shapes.kept_layers_rule(spec, src.num_layers) if explicit else None
     depths = (
         [len(kept_layers)]
         if explicit
-        else _allowed(spec, "num_layers", src.num_layers, list(range(1, src.num_layers + 1)))
+        else _allowed(spec, "num_layers", src.num_layers, list(range(1, src.num_layers + 1)), align)
     )
-    hiddens = _widths(spec, "hidden_size", src.hidden_size)
-    mlp_widths = _widths(spec, "intermediate_size", src.intermediate_size)
+    hiddens = _widths(spec, "hidden_size", src.hidden_size, align)
+    mlp_widths = _widths(spec, "intermediate_size", src.intermediate_size, align)
     kvs = _allowed(
         spec,
         "num_key_value_heads",
@@ -182,8 +202,9 @@ def search_space(spec: PruneSpec, config: dict) -> Space:
         list(range(1, src.num_key_value_heads + 1))
         if spec.target.num_key_value_heads is not None
         else [src.num_key_value_heads],
+        align,
     )
-    heads = _allowed(spec, "num_attention_heads", src.num_attention_heads, list(range(1, src.num_attention_heads + 1)))
+    heads = _heads(spec, src, align)
     combinations = len(hiddens) * len(kvs) * len(heads) * len(depths)
     if combinations > MAX_COMBINATIONS:
         raise UserError(
@@ -212,7 +233,7 @@ def search_space(spec: PruneSpec, config: dict) -> Space:
                             Candidate(mlp.shape(width), estimate.param_count(cfg), non_embedding_params(cfg), cfg)
                         )
     if not found:
-        raise UserError(_no_shape(spec, budget, smallest, largest))
+        raise UserError(_no_shape(spec, budget, smallest, largest, align))
     found.sort(
         key=lambda c: (
             c.shape.num_layers,
@@ -235,7 +256,7 @@ def spread(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def _no_shape(spec: PruneSpec, budget: Budget, smallest, largest) -> str:
+def _no_shape(spec: PruneSpec, budget: Budget, smallest, largest, align: int) -> str:
     fixed = [
         f"{name} {getattr(spec.target, name)}"
         for name in (
@@ -266,30 +287,44 @@ def _no_shape(spec: PruneSpec, budget: Budget, smallest, largest) -> str:
     else:
         why = (
             f"the shapes{given} range from {show(smallest)} to {show(largest)}, but none lands in the band at "
-            f"multiples of align={spec.align}; raise search.tolerance or loosen the constraints"
+            f"multiples of align={align}; raise search.tolerance or loosen the constraints"
         )
     return f"prune.target.params: no shape meets the budget of {budget.describe()}; {why}"
 
 
 def check_group_size(space: Space, spec: PruneSpec) -> None:
     """A later quantize stage's group size must divide every candidate's widths (its int4 kernels refuse others),
-    and only prune.align can see to that for shapes chosen at run time: refuse, naming both numbers."""
-    group = spec.quantize_group_size
+    and only prune.align can see to that for shapes chosen at run time: refuse, naming both numbers and a fix that
+    is not already in place."""
+    group = spec.quantize_group_size or spec._later_group_size
     if not group or group <= 0:
         return
     odd = [c for c in space.candidates if shapes.group_size_warnings(c.shape, group)]
-    if odd:
-        raise UserError(
-            f"prune.align: {len(odd)} of the {len(space.candidates)} candidate shapes have widths the "
-            f"later quantize group size {group} does not divide (e.g. {odd[0].label()}); set prune.align "
-            f"to {math.lcm(group, spec.align)} so every shape the search may choose quantizes"
-        )
+    if not odd:
+        return
+    align = spec.search_align
+    fix = (
+        f"set prune.align to {math.lcm(group, align)} so every shape the search may choose quantizes"
+        if math.lcm(group, align) != align
+        else "the misaligned width is one the source has and the search keeps whole; bound that dimension "
+        f"below it in prune.target (e.g. a [lo, hi] range) or give the quantize stage a group size that divides it"
+    )
+    raise UserError(
+        f"prune.align: {len(odd)} of the {len(space.candidates)} candidate shapes have widths the later quantize "
+        f"group size {group} does not divide (e.g. {odd[0].label()}, {_attention_width(odd[0])}); {fix}"
+    )
+
+
+def _attention_width(candidate: Candidate) -> str:
+    s = candidate.shape
+    return f"attention width {s.num_attention_heads} x {s.head_dim} = {s.num_attention_heads * s.head_dim}"
 
 
 def cached_space(spec: PruneSpec, config: dict) -> Space:
     """search_space, computed once per (spec, config) in this process: check, flops, plan notes and the stage ask
     (quantize_group_size, which `plan` fills in, changes no candidate)."""
-    spec = spec.model_copy(update={"quantize_group_size": None})
+    # The JSON round trip drops the private later group size: carry what it resolves to as an explicit align.
+    spec = spec.model_copy(update={"quantize_group_size": None, "align": spec.search_align})
     return _space(spec.model_dump_json(), json.dumps(config, sort_keys=True, default=str))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 from compressor.errors import UserError
@@ -89,6 +91,13 @@ def target_shape(spec: PruneSpec, config: dict) -> Shape:
                 f"prune.target.{field}: {new} is not a multiple of align={spec.align}; "
                 f"round it (e.g. {max(spec.align, new // spec.align * spec.align)}) or set prune.align"
             )
+    attention = out.num_attention_heads * out.head_dim  # o_proj's input width, which quantize groups too
+    if out.num_attention_heads != src.num_attention_heads and attention % spec.align:
+        raise UserError(
+            f"prune.target.num_attention_heads: {out.num_attention_heads} heads x head_dim {out.head_dim} = "
+            f"{attention} is not a multiple of align={spec.align}; use a multiple of "
+            f"{spec.align // math.gcd(spec.align, out.head_dim)} heads or set prune.align"
+        )
     if SUPPORTED[architecture(config)] and out.hidden_size % out.num_attention_heads:
         raise UserError(
             f"prune.target.hidden_size: {out.hidden_size} is not a multiple of num_attention_heads "

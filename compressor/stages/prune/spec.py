@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 from compressor.config.base import Strict
 
@@ -169,10 +169,19 @@ class PruneSpec(Strict):
         "l2_mean",
         description="<batch>_<sequence> reduction of activations; Minitron's best is L2 over batch, mean over sequence.",
     )
-    align: int = Field(32, gt=0, description="A pruned hidden_size / intermediate_size must be a multiple of this.")
+    align: int = Field(
+        32,
+        gt=0,
+        description="Every pruned width a later quantize stage groups must be a multiple of this: hidden_size, "
+        "intermediate_size and num_attention_heads x head_dim (a width kept whole is exempt). Default: 32; "
+        "for a budget search (`target.params`), the later quantize stage's group size.",
+    )
     quantize_group_size: Optional[int] = Field(
         None, description="Warn when widths will not divide by it (set from a later quantize stage)."
     )
+    # The later quantize stage's group size, which `plan` finds (prune's planned_spec). Private: not in the dump, so
+    # the stage key stays what it was; a search's key takes the align it resolves to (prune key_extra).
+    _later_group_size: Optional[int] = PrivateAttr(None)
     search: Optional[SearchSpec] = Field(
         None, description="How a budget (`target.params`) is searched; default: the SearchSpec defaults."
     )
@@ -196,6 +205,15 @@ class PruneSpec(Strict):
     @property
     def searching(self) -> bool:
         return self.target.params is not None
+
+    @property
+    def search_align(self) -> int:
+        """The multiple a search's candidate widths keep to: `align` as given, else the later quantize group size
+        (so a budget on a pipeline that quantizes needs no setting to produce shapes it can quantize)."""
+        group = self.quantize_group_size or self._later_group_size
+        if "align" in self.model_fields_set or not group or group <= 0:
+            return self.align
+        return group
 
     def search_settings(self) -> SearchSpec:
         return self.search or SearchSpec()

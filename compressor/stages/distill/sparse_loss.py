@@ -1,0 +1,50 @@
+"""KD against sparse teacher targets (compressor/targets.py): no teacher in the training loop.
+
+Per position the teacher is known only on k ids. With `topk` targets the divergence is taken over k + 1 buckets:
+the k ids and one tail bucket holding everything else, on both sides (the teacher's stored tail mass, the student's
+mass outside the k ids). With `sampled` targets the k ids are draws from the teacher's distribution p, kept with
+their counts c and log p, and expectations under p become averages over the draws:
+    KL(p || q) = E_p[log p - log q]            ~ sum_i (c_i / k) (log p_i - log q_i)
+    KL(q || p) = E_p[(q/p) log(q/p)]           ~ sum_i (c_i / k) (q_i / p_i) log(q_i / p_i)
+Both estimates, and their gradients in the student's logits, are unbiased (tests/stages/test_distill_targets.py);
+the top-k buckets are not: their mean gradient differs from full KD's by more than sampling noise."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TINY = 1e-12
+
+
+def _log_tail(log_q_on_ids: torch.Tensor) -> torch.Tensor:
+    """log of the student's mass outside the k ids (k distinct ids per row)."""
+    inside = torch.logsumexp(log_q_on_ids, dim=-1).clamp(max=-TINY)
+    return torch.log(-torch.expm1(inside))  # log(1 - e^inside), exact near 0 and near 1
+
+
+def sparse_kd_sum(student_logits: torch.Tensor, targets: dict, kind: str, divergence: str, temperature: float):
+    """Summed divergence over P positions. `student_logits` [P, V]; `targets` {"ids", "val", "tail" | "cnt"} of
+    [P, k] (tail [P]) tensors as stored, at the temperature the targets were computed at."""
+    t = temperature
+    log_q_all = F.log_softmax(student_logits.float() / t, dim=-1)
+    ids = targets["ids"].long()
+    log_q = log_q_all.gather(-1, ids)
+    log_p = targets["val"].float()
+    if kind == "topk":
+        p_tail = targets["tail"].float().clamp_min(0.0)
+        log_p_tail = torch.log(p_tail.clamp_min(TINY))
+        log_q_tail = _log_tail(log_q)
+        if divergence == "forward_kl":
+            kd = (log_p.exp() * (log_p - log_q)).sum() + (p_tail * (log_p_tail - log_q_tail)).sum()
+        else:
+            q_tail = log_q_tail.exp()
+            kd = (log_q.exp() * (log_q - log_p)).sum() + (q_tail * (log_q_tail - log_p_tail)).sum()
+    else:
+        weights = targets["cnt"].float() / targets["cnt"].sum(-1, keepdim=True).float()  # c_i / k; 0 in unused slots
+        if divergence == "forward_kl":
+            kd = (weights * (log_p - log_q)).sum()
+        else:
+            ratio = log_q - log_p
+            kd = (weights * ratio.exp() * ratio).sum()
+    return kd * (t * t)  # as in the dense loss: soft-target gradients on the scale of hard-label ones
