@@ -48,3 +48,39 @@ def sparse_kd_sum(student_logits: torch.Tensor, targets: dict, kind: str, diverg
             ratio = log_q - log_p
             kd = (weights * ratio.exp() * ratio).sum()
     return kd * (t * t)  # as in the dense loss: soft-target gradients on the scale of hard-label ones
+
+
+def _chunk_sums(h_student, sparse: dict, next_tokens, head, kind: str, divergence: str, t: float, ce_grad: bool):
+    """Summed (KD, CE) over one chunk of positions, as a 2-vector."""
+    student_logits = head(h_student).float()
+    kd = sparse_kd_sum(student_logits, sparse, kind, divergence, t)
+    with torch.set_grad_enabled(ce_grad and torch.is_grad_enabled()):
+        ce = -F.log_softmax(student_logits, dim=-1).gather(-1, next_tokens.unsqueeze(-1)).sum()
+    return torch.stack([kd, ce])
+
+
+def sparse_kd_loss(student_hidden, sparse: dict, next_tokens, head, spec, kind: str):
+    """(loss, kd, ce) over N positions: `student_hidden` [N, width], `sparse` the targets of those positions
+    ({name: [N, k] or [N]}), `next_tokens` [N]. Chunked and checkpointed like the dense loss (loss.kd_loss), so only
+    one chunk's [positions, vocab] student logits exist at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = next_tokens.numel()
+    chunks = range(0, n, spec.chunk_tokens)
+    recompute = len(chunks) > 1 and torch.is_grad_enabled() and student_hidden.requires_grad
+    sums = student_hidden.new_zeros(2, dtype=torch.float32)
+    for start in chunks:
+        part = slice(start, start + spec.chunk_tokens)
+        args = (
+            student_hidden[part],
+            {k: v[part] for k, v in sparse.items()},
+            next_tokens[part],
+            head,
+            kind,
+            spec.kind,
+            spec.temperature,
+            spec.alpha > 0,
+        )
+        sums = sums + (checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args))
+    kd, ce = sums[0] / n, sums[1] / n
+    return (1.0 - spec.alpha) * kd + spec.alpha * ce, kd.detach(), ce.detach()
