@@ -22,6 +22,7 @@ from compressor.errors import UserError
 PRIMARY_ORDER = (
     "acc_norm",
     "acc",
+    "accuracy",
     "exact_match",
     "f1",
     "mcc",
@@ -55,12 +56,21 @@ def include_dir(include: str) -> Path:
     return path.resolve()
 
 
+def task_dir(task: TaskSpec) -> Optional[Path]:
+    """The directory of the task's YAML: its `include`, or the one generated from its held-out `data`."""
+    if task.data is not None:
+        from compressor.heldout import materialize
+
+        return materialize(task)
+    return include_dir(task.include) if task.include else None
+
+
 def task_manager(tasks: list[TaskSpec]):
     """A TaskManager knowing every requested task. lm-eval's own registry is indexed (about 6 s) only when
     a task is not under the includes. Unknown task -> UserError, before any model is loaded."""
     from lm_eval.tasks import TaskManager
 
-    includes = sorted({str(include_dir(t.include)) for t in tasks if t.include})
+    includes = sorted({str(task_dir(t)) for t in tasks if t.include or t.data})
     names = [t.name for t in tasks]
     if includes:
         local = TaskManager(include_path=includes, include_defaults=False)
@@ -148,7 +158,7 @@ def evaluate(
     if not tasks:
         raise UserError("no evaluation tasks given")
     manager = task_manager(tasks)
-    with _offline(all(t.include and t.include.startswith("zoo:") for t in tasks)):
+    with _offline(all(t.data or (t.include and t.include.startswith("zoo:")) for t in tasks)):
         return _run(Path(model_dir), tasks, manager, batch_size, device, dtype)
 
 
@@ -185,13 +195,20 @@ def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int | str,
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = _load(model_dir, device, dtype)
+    chat_tasks = [t.name for t in tasks if t.data is not None]
+    if chat_tasks and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"evaluation task {chat_tasks[0]!r}: the model answers held-out prompts through its chat template, and "
+            f"the tokenizer of {model_dir} has none. Give the tokenizer one (`chat_template` in tokenizer_config.json "
+            "or a chat_template.jinja beside it), as the model will be prompted in use"
+        )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     groups: dict[tuple, list[str]] = defaultdict(list)
     for t in tasks:
         limit = None if t.limit is None else (t.limit if t.limit < 1 else int(t.limit))
-        groups[(t.num_fewshot, limit)].append(t.name)
+        groups[(t.num_fewshot, limit, t.data is not None)].append(t.name)
     results: dict[str, dict[str, float]] = {}
-    for (num_fewshot, limit), names in groups.items():
+    for (num_fewshot, limit, chat), names in groups.items():
         with _bootstrap_in_process():
             out = simple_evaluate(
                 model=lm,
@@ -201,6 +218,7 @@ def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int | str,
                 task_manager=manager,
                 bootstrap_iters=BOOTSTRAP_ITERS,
                 log_samples=False,
+                apply_chat_template=chat,  # what `lm_eval --apply_chat_template` does, for the same numbers
             )
         results.update(flatten(out["results"]))
     return results
@@ -227,6 +245,14 @@ def primary_metric(task: str, metrics: dict[str, float]) -> str:
     return sorted(names)[0]
 
 
+def _fingerprint(task: TaskSpec) -> Optional[str]:
+    if task.data is not None:
+        from compressor.heldout import task_key
+
+        return task_key(task)
+    return _include_fingerprint(task.include)
+
+
 def _include_fingerprint(include: Optional[str]) -> Optional[str]:
     """What the task definitions depend on: a zoo corpus key, or the content of an include directory."""
     if include is None:
@@ -246,7 +272,7 @@ def eval_cache_key(model_key: str, tasks: list[TaskSpec], batch_size: int | str)
     return digest(
         {
             "model": model_key,
-            "tasks": [{**t.model_dump(mode="json"), "fingerprint": _include_fingerprint(t.include)} for t in tasks],
+            "tasks": [{**t.model_dump(mode="json"), "fingerprint": _fingerprint(t)} for t in tasks],
             "batch_size": batch_size,
             "lm_eval": metadata.version("lm_eval"),
             "bootstrap_iters": BOOTSTRAP_ITERS,

@@ -453,7 +453,7 @@ class Orchestrator:
         save_cached(self.plan.eval_uri(model.key), scores)
 
     def _check_registry_tasks(self) -> None:
-        registry = [t for t in self.spec.evaluation.tasks if not t.include]
+        registry = [t for t in self.spec.evaluation.tasks if not t.include and not t.data]
         if registry:
             from compressor.runner import check_registry_tasks
 

@@ -199,7 +199,11 @@ def local_task_names(include: str) -> set[str]:
 
 
 def check_local_tasks(tasks: list[TaskSpec]) -> None:
+    from compressor.heldout import read_rows
+
     for i, task in enumerate(tasks):
+        if task.data is not None:
+            read_rows(task)  # a bad held-out row is refused before any stage runs
         if task.include and task.name not in (known := local_task_names(task.include)):
             raise UserError(
                 f"evaluation.tasks.{i}.name: unknown task {task.name!r} in {task.include} "

@@ -368,12 +368,13 @@ def check_gate_metrics(spec, path: Optional[Path] = None) -> None:
     from compressor.evaluation import STDERR_SUFFIX
 
     includes = {t.name: t.include for t in spec.evaluation.tasks if t.include}
+    heldout = {t.name: {"exact_match", "accuracy", "f1"} for t in spec.evaluation.tasks if t.data}
     for i, entry in enumerate(spec.stages):
         for key in entry.gate.metrics if entry.gate else {}:
             task, _, metric = key.partition(".")
-            if not metric or task not in includes:
+            if not metric or task not in includes | heldout:
                 continue
-            known = task_metrics(includes[task], task)
+            known = heldout.get(task) or task_metrics(includes[task], task)
             if known is not None and metric.removesuffix(STDERR_SUFFIX) not in known:
                 where = _gate_line(path, i, key)
                 raise UserError(

@@ -144,7 +144,33 @@ NO_AWS = {
 
 # id -> (command builder, text the error must contain[, environment changes: None removes a variable])
 CHAT_ROW = b'{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}\n'
+TASKS = 'tasks: [{name: ref_ppl, include: "zoo:tiny-test"}, {name: ref_next, include: "zoo:tiny-test"}]'
+
+
+def _heldout_task(e: Env, rows: bytes, labels: str = "") -> tuple[str, str]:
+    """The pipeline edit that adds an evaluation task `mod` generated from a held-out file with `rows`."""
+    path = e.file("heldout.jsonl", rows)
+    return TASKS, TASKS[:-1] + f', {{name: mod, data: "{path}"{labels}}}]'
+
+
 CASES: dict[str, tuple] = {
+    # ------------------------------------------------------------------ labelled held-out tasks (validate)
+    "heldout-row-without-answer": (
+        lambda e: e.validate(*_heldout_task(e, b'{"prompt": "a", "answer": "os"}\n{"prompt": "b"}\n')),
+        "heldout.jsonl:2: no `answer`",
+    ),
+    "heldout-accuracy-gate-without-labels": (
+        lambda e: [
+            "validate",
+            e.pipeline(
+                PIPELINE.replace(*_heldout_task(e, b'{"prompt": "a", "answer": "os"}\n')).replace(
+                    "ref_next.acc: {min_recovery: 0.5}", "mod.accuracy: {min: 0.5}"
+                )
+            ),
+            f"storage={e.storage}",
+        ],
+        "stages.0.gate.mod.accuracy: accuracy needs the label set",
+    ),
     # ------------------------------------------------------------------ pipeline YAML (validate)
     "yaml-syntax": (lambda e: e.validate("stages:\n", "stages: [\n"), "p.yaml:"),
     "yaml-not-a-mapping": (lambda e: ["validate", e.pipeline("- prune\n- quantize\n")], "must be a mapping"),

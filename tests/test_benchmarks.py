@@ -21,6 +21,7 @@ KEYS = {
     "data.py": {"quick", "corpus", "tokenize", "memory", "distill"},
     "distill.py": {"quick", "memory", "throughput", "gpu_mfu"},
     "generate.py": {"quick", "openai", "resume", "hf"},
+    "losses.py": {"quick", "bits_per_byte", "variants"},
     "overhead.py": {"quick", "first_run_wall_s", "orchestration_overhead_s", "cached_rerun_statuses"},
     "prune.py": {"quick", "benchmark", "time_ratio", "rss_ratio", "source_shape", "target_shape"},
     "quantize.py": {"quick", "model", "stage_s", "direct_gptqmodel_s", "ratio"},
@@ -28,7 +29,17 @@ KEYS = {
     "teacher.py": {"quick", "name", "params", "heldout_ppl", "ref_next", "ref_ppl"},
 }
 # The longest first: two run at a time (2 cores), and much of a pipeline run is Ray starting processes.
-ORDER = ["search.py", "overhead.py", "generate.py", "quantize.py", "data.py", "distill.py", "prune.py", "teacher.py"]
+ORDER = [
+    "search.py",
+    "overhead.py",
+    "generate.py",
+    "quantize.py",
+    "data.py",
+    "distill.py",
+    "prune.py",
+    "losses.py",
+    "teacher.py",
+]
 
 
 def run_quick(script: str, workdir: Path) -> tuple[str, subprocess.CompletedProcess, float]:

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
-from compressor.config.base import Resources, Strict
+from compressor.config.base import Resources, Strict, neutral
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -50,6 +50,13 @@ class DataSource(Strict):
         "commit). Unset: the default branch's head at run time.",
     )
 
+    @field_validator("source")
+    @classmethod
+    def _zoo_task_split(cls, v: str) -> str:
+        from compressor.zoo.module_task import resolve
+
+        return resolve(v)  # `zoo:modules/<split>`: the zoo task's split file, written on first use
+
     @model_validator(mode="after")
     def _revision_for_hub_only(self):
         if self.revision is not None and not self.source.startswith("hf:"):
@@ -75,6 +82,47 @@ class TaskSpec(Strict):
     include: Optional[str] = Field(
         None, description="Directory of task YAMLs, or `zoo:NAME` for a reference model's tasks."
     )
+    data: Optional[str] = neutral(
+        None,
+        description="A labelled held-out JSONL (`prompt` or one-turn `messages`, plus `answer`): the task is generated "
+        "from it (see docs/task.md): the model answers through its chat template; metrics exact_match, and with "
+        "`labels` accuracy and macro f1.",
+    )
+    labels: Optional[list[str]] = neutral(
+        None, description="The label set of a `data` task: accuracy takes the first label named in the answer."
+    )
+    max_gen_toks: int = neutral(32, gt=0, description="Most tokens the model generates per `data` task answer.")
+
+    @field_validator("data")
+    @classmethod
+    def _zoo_task_split(cls, v: Optional[str]) -> Optional[str]:
+        from compressor.zoo.module_task import resolve
+
+        if v is None or "://" in v:
+            return v
+        from pathlib import Path
+
+        # Absolute: the evaluation runs as a Ray task, whose working directory is not the user's.
+        return resolve(v) if v.startswith("zoo:") else str(Path(v).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _data_task(self):
+        if self.data is not None and self.include is not None:
+            raise ValueError("give `data` (a held-out JSONL the task is generated from) or `include`, not both")
+        if self.data is None and (self.labels is not None or self.max_gen_toks != 32):
+            raise ValueError("`labels` and `max_gen_toks` are options of a task generated from `data`")
+        if self.labels is not None and not [label for label in self.labels if label.strip()]:
+            raise ValueError("labels: give at least one non-empty label")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_data(self, handler):
+        # Tasks without `data` dump as before it existed: their evaluation cache keys stay the same.
+        out = handler(self)
+        if isinstance(out, dict) and self.data is None:
+            for name in ("data", "labels", "max_gen_toks"):
+                out.pop(name, None)
+        return out
 
 
 class EvaluationSpec(Strict):
@@ -261,7 +309,19 @@ class PipelineSpec(Strict):
                             f"stages.{i}.gate.{metric}: no evaluation task named {metric.split('.')[0]!r} "
                             f"(tasks: {', '.join(sorted(task_names)) or 'none'})"
                         )
+                    _check_label_metric(self.evaluation.tasks, i, metric)
         return self
+
+
+def _check_label_metric(tasks: list[TaskSpec], index: int, metric: str) -> None:
+    """`task.accuracy` or `task.f1` on a held-out task needs its label set."""
+    name, _, measure = metric.partition(".")
+    task = next(t for t in tasks if t.name == name)
+    if task.data is not None and measure in ("accuracy", "f1") and not task.labels:
+        raise ValueError(
+            f"stages.{index}.gate.{metric}: {measure} needs the label set: add `labels: [...]` to evaluation task "
+            f"{name!r} (accuracy takes the first label named in the answer), or gate on {name}.exact_match"
+        )
 
 
 # ----------------------------------------------------------------------------- stage kinds

@@ -92,6 +92,9 @@ def _plain_progress(iterable, description: str, interval: float = PLAIN_PROGRESS
 
 
 def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
+    if recipe(name).finetune_of:
+        return _build_once(final, lambda work: _fill_task_model(name, work, log))
+
     def fill(work: Path) -> None:
         import torch
 
@@ -133,6 +136,37 @@ def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
         )
 
     return _build_once(final, fill)
+
+
+def _fill_task_model(name: str, work: Path, log: Callable[[str], None]) -> None:
+    """The base zoo model fine-tuned on the task's labelled train split, saved with the zoo chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor import zoo
+    from compressor.modeling import save_checkpoint
+    from compressor.zoo import finetune, module_task
+    from compressor.zoo.chat import CHAT_TEMPLATE
+
+    r = recipe(name)
+    base = zoo.ensure_model(r.finetune_of, log)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rows = module_task.splits(r.seed)["train"]
+    log(f"zoo: building {name}: {r.finetune_of} fine-tuned on {len(rows)} labelled rows, {r.steps} steps")
+    losses = finetune.finetune(model, tokenizer, rows, r, progress=_progress)
+    save_checkpoint(model, tokenizer, work)
+    info = {
+        "name": name,
+        "key": model_key(name),
+        "finetune_of": r.finetune_of,
+        "train_rows": len(rows),
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "build_seconds": round(time.perf_counter() - start, 1),
+    }
+    (work / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"zoo: built {name} in {info['build_seconds']} s, answer loss {info['final_train_loss']:.3f}")
 
 
 def stderr_log(message: str) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
+from typing import Optional
 from importlib import metadata
 
 from compressor.errors import UserError
@@ -33,6 +34,14 @@ class Recipe:
     warmup_steps: int
     seed: int = 0
     heldout_percent: int = 10  # share of corpus documents kept out of training (by hash)
+    # A task model: the zoo model `finetune_of`, fine-tuned (steps, batch_size, lr, warmup_steps above) on the
+    # labelled train split of zoo task `task` (compressor/zoo/module_task.py), with the zoo chat template.
+    finetune_of: Optional[str] = None
+    task: Optional[str] = None
+
+    def key_fields(self) -> dict:
+        """The recipe as it enters keys: the task fields only where set (the keys of plain models predate them)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("finetune_of", "task")}
 
     @property
     def head_dim(self) -> int:
@@ -77,6 +86,21 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def _task_model(base: str, description: str, steps: int, lr: float) -> Recipe:
+    return replace(
+        RECIPES[base], description=description, steps=steps, batch_size=16, lr=lr, warmup_steps=10,
+        finetune_of=base, task="modules",
+    )  # fmt: skip
+
+
+RECIPES["tiny-modules"] = _task_model(
+    "tiny", "task teacher: tiny fine-tuned to name a stdlib function's module from its docs", steps=300, lr=1e-3
+)
+RECIPES["tiny-test-modules"] = _task_model(
+    "tiny-test", "for tests: tiny-test fine-tuned on the stdlib-module task", steps=150, lr=2e-3
+)
+
+
 def recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise UserError(f"unknown zoo model {name!r}; known: {', '.join(sorted(RECIPES))} (see `compressor zoo list`)")
@@ -111,13 +135,23 @@ def corpus_key(name: str) -> str:
 @cache
 def model_key(name: str) -> str:
     """Hash of the recipe, the corpus and the versions of the libraries that shape the trained weights."""
+    r = recipe(name)
+    task = {"base": model_key(r.finetune_of), "task": task_key()} if r.finetune_of else {}
     return _digest(
         {
-            "recipe": asdict(recipe(name)),
+            "recipe": r.key_fields(),
             "corpus": corpus_key(name),
             "libraries": {p: _minor(p) for p in ("torch", "transformers", "tokenizers")},
+            **task,
         }
     )
+
+
+def task_key() -> str:
+    """The stdlib-module task's items depend on this Python's standard library and on how they are made."""
+    from compressor.zoo import module_task
+
+    return _digest({"items": module_task.items(), "splits": module_task.SPLITS, "labels": module_task.LABELS})
 
 
 def model_config(name: str) -> dict:

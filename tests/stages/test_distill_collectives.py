@@ -46,7 +46,12 @@ def test_the_training_loop_reduces_on_the_engines_device(monkeypatch):
     monkeypatch.setattr(train, "mean_over_workers", reduction)
     monkeypatch.setattr(train, "train_step", lambda engines, batch, lr: StepMetrics(1.0, 0.5, 2.0, 0.0, 0.0, None))
     spec = SimpleNamespace(
-        global_batch=2, checkpoint_every=100, loss=SimpleNamespace(hidden_mse=[]), lr=1e-3, min_lr=1e-4, warmup_steps=0
+        global_batch=2,
+        checkpoint_every=100,
+        loss=SimpleNamespace(hidden_mse=[], features=[]),
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=0,
     )
     job = SimpleNamespace(spec=spec, steps=2, seq_len=8, sink=None, progress=None, trace=None)
     data = SimpleNamespace(batch=lambda step: [], trace=lambda *a, **k: None)

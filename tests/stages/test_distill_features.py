@@ -207,7 +207,12 @@ def test_a_padded_vocabulary_teacher_distils_into_the_unpadded_student(
 
 def test_a_larger_vocabulary_with_another_tokenizer_is_refused(padded_teacher, tiny_corpus, tmp_path):
     # 1024 rows, like tiny-test, but another tokenizer: a real mismatch, not padding.
-    student = build_llama(tmp_path / "other", build_tokenizer(), hidden=64, intermediate=64, layers=2, seed=3, vocab=1024)
-    with pytest.raises(UserError, match=r"teacher's vocab_size \(1088, .*\) is larger than the student's \(1024\).*"
-                       "tokenizers differ"):
+    student = build_llama(
+        tmp_path / "other", build_tokenizer(), hidden=64, intermediate=64, layers=2, seed=3, vocab=1024
+    )
+    with pytest.raises(
+        UserError,
+        match=r"teacher's vocab_size \(1088, .*\) is larger than the student's \(1024\).*"
+        "tokenizers differ",
+    ):
         run(tmp_path, padded_teacher, student, tiny_corpus / "train.txt", distill_spec(), "refused")

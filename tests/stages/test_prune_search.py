@@ -167,8 +167,9 @@ def test_a_fixed_head_count_must_keep_the_attention_width_aligned(teacher_config
         prune_stage.check(spec, teacher_config)
     assert "set prune.align" not in str(exc.value)  # never suggest a setting already in place
     fixed = PruneSpec(target={"num_attention_heads": 1, "num_key_value_heads": 1}, align=64)
-    with pytest.raises(UserError, match=re.escape("1 heads x head_dim 32 = 32 is not a multiple of align=64")):
+    with pytest.raises(UserError, match=re.escape("1 heads x head_dim 32 = 32 is not a multiple of align=64")) as exc:
         prune_stage.check(fixed, teacher_config)
+    assert "set prune.align" not in str(exc.value)
 
 
 def _tiny_plan(tmp_path, monkeypatch, *overrides):
@@ -195,9 +196,7 @@ def test_a_budget_works_on_the_shipped_tiny_pipeline(tmp_path, monkeypatch):
         assert not prune_stage.shapes.group_size_warnings(c.shape, 128), c.label()
     _, explicit = _tiny_plan(tmp_path, monkeypatch, "stages.prune.target={params: 0.5}", "stages.prune.align=128")
     assert budget.cached_space(explicit.stages[0].entry.spec, prune.in_config).candidates == space.candidates
-    _, other = _tiny_plan(
-        tmp_path, monkeypatch, "stages.prune.target={params: 0.5}", "stages.quantize.group_size=64"
-    )
+    _, other = _tiny_plan(tmp_path, monkeypatch, "stages.prune.target={params: 0.5}", "stages.quantize.group_size=64")
     assert other.stages[0].key != prune.key  # another later group size, another grid
 
 

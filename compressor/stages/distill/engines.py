@@ -19,8 +19,7 @@ from typing import Optional
 
 import torch
 
-from compressor.stages.distill import deepspeed_config
-from compressor.stages.distill.deepspeed_config import effective_zero_stage
+from compressor.stages.distill.deepspeed_config import effective_zero_stage, student_config, teacher_config
 from compressor.stages.distill.layout import FeaturePair, feature_pairs
 from compressor.stages.distill.loss import LossTerms, Outputs, distill_loss
 from compressor.stages.distill.spec import DistillSpec
@@ -135,9 +134,9 @@ def build_engines(
     bf16 = use_bf16(spec)
     dtype = torch.bfloat16 if bf16 else torch.float32
     trust = remote_code.enabled()  # off unless the pipeline sets teacher.trust_remote_code
-    student_config = AutoConfig.from_pretrained(student_path, trust_remote_code=trust)
-    teacher_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust)
-    features = feature_pairs(spec.loss, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
+    student_shape = AutoConfig.from_pretrained(student_path, trust_remote_code=trust)
+    teacher_shape = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust)
+    features = feature_pairs(spec.loss, student_shape.num_hidden_layers, teacher_shape.num_hidden_layers)
     hidden, attentions = wanted_outputs(spec, features)
     # Attention maps come only from the eager implementation (SDPA and flash attention never form them).
     attention = {"attn_implementation": "eager"} if attentions else {}
@@ -145,7 +144,7 @@ def build_engines(
     teacher = teacher.eval().requires_grad_(False)
     teacher_states = TeacherStates(teacher, hidden, attentions)
     if world_size > 1:  # shard the frozen teacher: each worker holds 1/N of it
-        teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=deepspeed_config.teacher_config(micro_batch, bf16))
+        teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=teacher_config(micro_batch, bf16))
     teacher_states.eval()
 
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype, trust_remote_code=trust, **attention)
@@ -153,9 +152,9 @@ def build_engines(
         # Each decoder layer keeps only its input and recomputes the rest in backward. Non-reentrant: it works under
         # ZeRO-3's gather hooks and needs no input that requires grad.
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = StudentWithLoss(student, teacher.get_output_embeddings(), spec, features, teacher_config.hidden_size)
+    model = StudentWithLoss(student, teacher.get_output_embeddings(), spec, features, teacher_shape.hidden_size)
     model.projectors.to(dtype)
-    config = deepspeed_config.student_config(spec, world_size, micro_batch, grad_accum, bf16, torch.cuda.is_available())
+    config = student_config(spec, world_size, micro_batch, grad_accum, bf16, torch.cuda.is_available())
     groups = model.parameter_groups()
     if "optimizer" in config:  # DeepSpeed builds it (ZeRO-Offload)
         student_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)

@@ -58,12 +58,13 @@ def _chunk_sums(h_student, h_teacher, targets, student_head: Head, teacher_head:
     t = spec.temperature
     student_logits = student_head(h_student).float()
     with torch.no_grad():
-        # A teacher whose vocabulary is a padded superset of the student's (layout.check_vocabulary allows only
+        # A teacher whose vocabulary is a padded superset of the student's (driver.check_vocabulary allows only
         # that): its extra rows are ids the tokenizer never produces, so they are dropped.
         teacher_logits = teacher_head(h_teacher)[..., : student_logits.shape[-1]]
         teacher_log_probs = F.log_softmax(teacher_logits.float() / t, dim=-1)
     student_log_probs = F.log_softmax(student_logits / t, dim=-1)
-    kd = divergence(student_log_probs, teacher_log_probs, spec.kind, spec.beta) * (t * t)  # keeps the soft-target gradients on the scale of the hard-label ones (Hinton et al.)
+    # T^2 keeps the soft-target gradients on the scale of the hard-label ones (Hinton et al.).
+    kd = divergence(student_log_probs, teacher_log_probs, spec.kind, spec.beta) * (t * t)
     with torch.set_grad_enabled(ce_grad and torch.is_grad_enabled()):
         log_probs = student_log_probs if t == 1.0 else F.log_softmax(student_logits, dim=-1)
         ce = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()

@@ -8,7 +8,6 @@ from pydantic import Field, model_validator
 
 from compressor.config.base import Strict, neutral
 
-
 FeatureKind = Literal["hidden_mse", "hidden_cosine", "attention_mse"]
 
 

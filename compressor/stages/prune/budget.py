@@ -125,14 +125,9 @@ def _widths(spec: PruneSpec, name: str, source: int, align: int) -> list[int]:
     if value is not None and value != source and value % align:
         raise UserError(
             f"prune.target.{name}: {value} is not a multiple of align={align}; round it "
-            f"(e.g. {max(align, value // align * align)}){_or_set_align(spec)}"
+            f"(e.g. {max(align, value // align * align)}){shapes.or_set_align(spec)}"
         )
     return _allowed(spec, name, source, sorted({*range(align, source + 1, align), source}), align)
-
-
-def _or_set_align(spec: PruneSpec) -> str:
-    """The hint to set prune.align, unless the user already set it (never suggest what is in place)."""
-    return "" if "align" in spec.model_fields_set else " or set prune.align"
 
 
 def _heads(spec: PruneSpec, src, align: int) -> list[int]:
@@ -144,9 +139,11 @@ def _heads(spec: PruneSpec, src, align: int) -> list[int]:
         raise UserError(
             f"prune.target.num_attention_heads: {value} heads x head_dim {src.head_dim} = "
             f"{value * src.head_dim} is not a multiple of align={align}; use a multiple of "
-            f"{align // math.gcd(align, src.head_dim)} heads{_or_set_align(spec)}"
+            f"{align // math.gcd(align, src.head_dim)} heads{shapes.or_set_align(spec)}"
         )
-    return _allowed(spec, "num_attention_heads", src.num_attention_heads, sorted({*aligned, src.num_attention_heads}), align)
+    return _allowed(
+        spec, "num_attention_heads", src.num_attention_heads, sorted({*aligned, src.num_attention_heads}), align
+    )
 
 
 def _nearest_width(budget: Budget, count, widths: list[int]) -> Optional[int]:
@@ -307,7 +304,7 @@ def check_group_size(space: Space, spec: PruneSpec) -> None:
         f"set prune.align to {math.lcm(group, align)} so every shape the search may choose quantizes"
         if math.lcm(group, align) != align
         else "the misaligned width is one the source has and the search keeps whole; bound that dimension "
-        f"below it in prune.target (e.g. a [lo, hi] range) or give the quantize stage a group size that divides it"
+        "below it in prune.target (e.g. a [lo, hi] range) or give the quantize stage a group size that divides it"
     )
     raise UserError(
         f"prune.align: {len(odd)} of the {len(space.candidates)} candidate shapes have widths the later quantize "

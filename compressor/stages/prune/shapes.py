@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from typing import Optional
 
 from compressor.errors import UserError
@@ -89,14 +88,14 @@ def target_shape(spec: PruneSpec, config: dict) -> Shape:
         if new != old and new % spec.align:
             raise UserError(
                 f"prune.target.{field}: {new} is not a multiple of align={spec.align}; "
-                f"round it (e.g. {max(spec.align, new // spec.align * spec.align)}) or set prune.align"
+                f"round it (e.g. {max(spec.align, new // spec.align * spec.align)}){or_set_align(spec)}"
             )
     attention = out.num_attention_heads * out.head_dim  # o_proj's input width, which quantize groups too
     if out.num_attention_heads != src.num_attention_heads and attention % spec.align:
         raise UserError(
             f"prune.target.num_attention_heads: {out.num_attention_heads} heads x head_dim {out.head_dim} = "
             f"{attention} is not a multiple of align={spec.align}; use a multiple of "
-            f"{spec.align // math.gcd(spec.align, out.head_dim)} heads or set prune.align"
+            f"{spec.align // math.gcd(spec.align, out.head_dim)} heads{or_set_align(spec)}"
         )
     if SUPPORTED[architecture(config)] and out.hidden_size % out.num_attention_heads:
         raise UserError(
@@ -104,6 +103,11 @@ def target_shape(spec: PruneSpec, config: dict) -> Shape:
             f"{out.num_attention_heads}; transformers' LlamaConfig refuses to load such a checkpoint"
         )
     return out
+
+
+def or_set_align(spec: PruneSpec) -> str:
+    """The hint to set prune.align, unless the user already set it (never suggest what is in place)."""
+    return "" if "align" in spec.model_fields_set else " or set prune.align"
 
 
 def group_size_warnings(shape: Shape, group_size: Optional[int]) -> list[str]:
