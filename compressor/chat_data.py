@@ -287,3 +287,20 @@ def for_distill(source: str, tokenizer_dir: str, seq_len: int, template, truncat
 
 def is_chat_dir(directory: str) -> bool:
     return storage.exists(storage.join(directory, COUNTS))
+
+
+def side_readers(directory: str) -> dict:
+    """ShardReaders of a chat shard directory, by side (tokens, loss_mask, positions)."""
+    from compressor.shards import ShardReader
+
+    return {side: ShardReader(storage.join(directory, side)) for side in SIDES}
+
+
+def packed_inputs(model, positions) -> dict:
+    """Forward kwargs for packed sequences: position ids restarting per example, and attention kept inside each
+    example (flash attention finds the examples from the position ids alone; eager and SDPA need the 4D mask)."""
+    if positions is None:
+        return {}
+    if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+        return {"position_ids": positions}
+    return {"position_ids": positions, "attention_mask": attention_mask(positions, model.dtype)}

@@ -296,6 +296,36 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
         else:
             check_data(source, f"data.{name}.source")
     check_gate_metrics(spec, path)
+    check_chat_templates(spec)
+
+
+def has_chat_template(model: str) -> Optional[bool]:
+    """Whether the tokenizer of a zoo name or local checkpoint has a chat template; None: not knowable offline."""
+    if model.startswith("zoo:"):
+        from compressor.zoo import recipe
+
+        return recipe(model[len("zoo:") :]).finetune_of is not None  # task models ship the zoo chat template
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        return None  # a hub id: checked by the stage, once the tokenizer is there
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return bool(config.get("chat_template")) or (path / "chat_template.jinja").is_file()
+
+
+def check_chat_templates(spec) -> None:
+    """A distill stage on chat data without `chat.template` needs a tokenizer with a chat template."""
+    for i, entry in enumerate(spec.stages):
+        chat = getattr(entry.spec, "chat", None)
+        if entry.kind != "distill" or chat is None or chat.template is not None:
+            continue
+        teacher = getattr(entry.spec, "teacher", None) or spec.teacher.model
+        if has_chat_template(teacher) is False:
+            raise UserError(
+                f"stages.{i}.distill.chat: the data is rendered with the tokenizer's chat template, and the tokenizer "
+                f"of {teacher} has none: set `chat.template` to a plain template with a {{prompt}} placeholder "
+                '(e.g. "{prompt}\\nAnswer: "), or use a model whose tokenizer has a chat template'
+            )
 
 
 def check_prompts(source, flag: str) -> None:

@@ -27,6 +27,7 @@ and range-reads remote ones, only the ids asked for (each distill worker its own
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
@@ -39,7 +40,9 @@ from compressor.errors import UserError
 
 FORMAT = 1
 INDEX = "index.json"
-PART_SEQUENCES = 256  # sequences per part: 256 x 8192 positions x 320 B = 670 MB at the flagship's seq_len, k=64
+# Sequences per part: 256 x 8192 positions x 320 B = 670 MB at the flagship's seq_len and k=64. Recorded in each
+# index (readers follow the index); the variable sets it for new targets (tests use small parts).
+PART_SEQUENCES = int(os.environ.get("COMPRESSOR_TARGETS_PART_SEQUENCES", "256"))
 OPEN_MAPS = 64
 
 Kind = Literal["topk", "sampled"]
@@ -58,6 +61,7 @@ class TargetsIndex:
     seq_len: int
     id_dtype: str
     parts: dict[str, int] = field(default_factory=dict)  # first sequence id (as text) -> sequences in that part
+    part_sequences: int = field(default_factory=lambda: PART_SEQUENCES)
     format: int = FORMAT
 
     def bytes_per_position(self) -> int:
@@ -106,7 +110,8 @@ def missing_parts(index: Optional[TargetsIndex], sequences: int) -> list[tuple[i
     """(first id, count) of the parts that `sequences` sequences need and the index does not list whole. The last
     part of a shorter request is computed again, longer, under new file names (readers of the old one go on)."""
     done = index.parts if index else {}
-    needed = [(first, min(PART_SEQUENCES, sequences - first)) for first in range(0, sequences, PART_SEQUENCES)]
+    size = index.part_sequences if index else PART_SEQUENCES
+    needed = [(first, min(size, sequences - first)) for first in range(0, sequences, size)]
     return [(first, count) for first, count in needed if done.get(str(first), 0) < count]
 
 
@@ -157,7 +162,7 @@ class TargetsReader:
             name: np.empty((len(ids), seq_len, *self.shapes[name]), dtype=self.dtypes[name])
             for name in part_files(0, 0, kind)
         }
-        first_of = (ids // PART_SEQUENCES) * PART_SEQUENCES
+        first_of = (ids // self.index.part_sequences) * self.index.part_sequences
         for first in np.unique(first_of):
             mask = first_of == first
             local = ids[mask] - first

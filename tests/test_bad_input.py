@@ -171,6 +171,10 @@ CASES: dict[str, tuple] = {
         ],
         "stages.0.gate.mod.accuracy: accuracy needs the label set",
     ),
+    "distill-chat-without-chat-template": (  # the test teacher's tokenizer has no chat template
+        lambda e: e.validate("  - quantize:", "  - distill: {data: calib, chat: {}, steps: 2}\n  - quantize:"),
+        "stages.1.distill.chat: the data is rendered with the tokenizer's chat template",
+    ),
     # ------------------------------------------------------------------ pipeline YAML (validate)
     "yaml-syntax": (lambda e: e.validate("stages:\n", "stages: [\n"), "p.yaml:"),
     "yaml-not-a-mapping": (lambda e: ["validate", e.pipeline("- prune\n- quantize\n")], "must be a mapping"),
@@ -218,11 +222,11 @@ CASES: dict[str, tuple] = {
     ),
     "yaml-budget-below-every-shape": (
         lambda e: e.validate("{intermediate_size: 192}", "{params: 0.001}"),
-        "the smallest aligned shape has 11,360",
+        "the smallest aligned shape has 28,864",  # aligned heads too (issue 23): 2 heads of 32
     ),
     "yaml-budget-conflicting-constraints": (
         lambda e: e.validate("{intermediate_size: 192}", "{params: 0.2, hidden_size: 128, num_layers: 4}"),
-        "the smallest aligned shape with hidden_size 128, num_layers 4 has 181,376",
+        "the smallest aligned shape with hidden_size 128, num_layers 4 has 230,528",  # heads aligned too
     ),
     "yaml-negative-seed": (lambda e: e.validate("seed: 0", "seed: -1"), "p.yaml:3: seed"),
     "yaml-huge-seed": (lambda e: e.validate("seed: 0", "seed: 1e30"), "p.yaml:3: seed: 1e30 is out of range"),

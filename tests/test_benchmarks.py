@@ -26,11 +26,14 @@ KEYS = {
     "prune.py": {"quick", "benchmark", "time_ratio", "rss_ratio", "source_shape", "target_shape"},
     "quantize.py": {"quick", "model", "stage_s", "direct_gptqmodel_s", "ratio"},
     "search.py": {"quick", "chosen_shape", "hand_picked_shape", "heldout_bits_per_byte", "equal_compute_steps"},
+    "task.py": {"quick", "test_accuracy", "gap_recovered", "student_param_fraction", "seconds", "white_vs_black_box"},
+    "targets.py": {"quick", "bytes", "speed", "quality"},
     "teacher.py": {"quick", "name", "params", "heldout_ppl", "ref_next", "ref_ppl"},
 }
 # The longest first: two run at a time (2 cores), and much of a pipeline run is Ray starting processes.
 ORDER = [
     "search.py",
+    "task.py",
     "overhead.py",
     "generate.py",
     "quantize.py",
@@ -38,6 +41,7 @@ ORDER = [
     "distill.py",
     "prune.py",
     "losses.py",
+    "targets.py",
     "teacher.py",
 ]
 

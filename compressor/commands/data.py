@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
                 f"{stage.name}: {index.sequences:,} sequences of {need.seq_len} tokens ({index.tokens:,} tokens"
                 f"{', the whole source' if index.exhausted else ''}) at {directory}"
             )
-            run_data(
+            data = run_data(
                 directory,
                 index,
                 need.steps,
@@ -161,3 +161,48 @@ def register(app: typer.Typer) -> None:
                 stage.entry.spec.max_epochs,
                 need.source.source,
             )  # a source too small for the budget: the same exit 2 the run would give
+            if distill.loss.targets is not None:  # the teacher's one pass, ahead of the run too
+                from compressor.raylocal import ensure_ray
+                from compressor.stages.context import StageContext
+                from compressor.stages.distill.targets_compute import prepare_targets
+
+                ensure_ray(None)
+                found = prepare_targets(distill, need.teacher, directory, data.sequences, StageContext())
+                typer.echo(f"{stage.name}: teacher targets for {data.sequences:,} sequences at {found}")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e12:,.1f} TB" if n >= 1e12 else f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+def targets_status(plan, stage) -> Optional[str]:
+    """One line for `plan` when the stage distils from teacher targets (loss.targets): their size and whether the
+    teacher's one pass over the data is still to run."""
+    from compressor import estimate, models
+    from compressor import targets as tg
+    from compressor.shards import read_index, shard_dir, tokenizer_digest
+
+    wanted = stage.entry.spec.loss.targets
+    if wanted is None:
+        return None
+    need = stage_data(plan, stage)
+    config = models.read_config(need.teacher)
+    vocab = config.get("vocab_size") or 0
+    per_position = tg.bytes_per_position(wanted.kind, wanted.k, vocab)
+    tokens = need.sequences * need.seq_len
+    teacher_flops = tokens * estimate.forward_flops_per_token(config, need.seq_len) if config else 0.0
+    state = "to compute"
+    tokenizer = local_tokenizer(need.teacher)
+    if tokenizer is not None:
+        directory = shard_dir(need.data_root, need.source, tokenizer_digest(tokenizer), need.seq_len)
+        t = stage.entry.spec.loss.temperature
+        found = wanted.path or tg.targets_dir(directory, wanted.kind, wanted.k, t, wanted.seed, need.teacher.key)
+        index = tg.read_index(found) if read_index(directory) is not None else None
+        if index is not None and not tg.missing_parts(index, need.sequences):
+            state = "cached: no teacher pass"
+    return (
+        f"{stage.name} targets: {wanted.kind} k={wanted.k}, {per_position} B/token "
+        f"({per_position / (2 * vocab):.2%} of dense fp16 logits), {_size(per_position * tokens)} for "
+        f"{tokens:,} tokens; the teacher's pass over them ({teacher_flops:.2e} FLOPs, in the GPU-hours above) runs "
+        f"once: {state}"
+    )

@@ -3,7 +3,8 @@
     <user turn>\n ... Answer: <answer></s>\n
 
 Rendering with `add_generation_prompt` ends at "Answer:", a prefix of the rendered conversation with the answer,
-so the answer tokens of a rendered example are exactly those after the prompt's (compressor/chat_data.py)."""
+so the answer tokens of a rendered example are exactly those after the prompt's (compressor/chat_data.py). An
+answer is trimmed: the model generates " os" after "Answer:", a labelled row says "os"; both render "Answer: os"."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}Answer: {{ m['content'] }}{{ eos_token }}\n"
+    "{% if m['role'] == 'assistant' %}Answer: {{ m['content'] | trim }}{{ eos_token }}\n"
     "{% else %}{{ m['content'] }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Answer:{% endif %}"

@@ -7,8 +7,8 @@ import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from functools import cache
-from typing import Optional
 from importlib import metadata
+from typing import Optional
 
 from compressor.errors import UserError
 
@@ -97,7 +97,7 @@ RECIPES["tiny-modules"] = _task_model(
     "tiny", "task teacher: tiny fine-tuned to name a stdlib function's module from its docs", steps=300, lr=1e-3
 )
 RECIPES["tiny-test-modules"] = _task_model(
-    "tiny-test", "for tests: tiny-test fine-tuned on the stdlib-module task", steps=150, lr=2e-3
+    "tiny-test", "for tests: tiny-test fine-tuned on the stdlib-module task", steps=100, lr=2e-3
 )
 
 
@@ -136,7 +136,11 @@ def corpus_key(name: str) -> str:
 def model_key(name: str) -> str:
     """Hash of the recipe, the corpus and the versions of the libraries that shape the trained weights."""
     r = recipe(name)
-    task = {"base": model_key(r.finetune_of), "task": task_key()} if r.finetune_of else {}
+    task = {}
+    if r.finetune_of:
+        from compressor.zoo.chat import CHAT_TEMPLATE
+
+        task = {"base": model_key(r.finetune_of), "task": task_key(), "chat_template": CHAT_TEMPLATE}
     return _digest(
         {
             "recipe": r.key_fields(),

@@ -19,6 +19,10 @@ def check(spec: DistillSpec, config: dict) -> CheckResult:
     batch_layout(spec)
     if spec.steps is not None or spec.seq_len is not None:  # a token budget may need the data source's seq_len
         budget_steps(spec, spec.seq_len or 1)
+    if spec.loss.targets is not None and config.get("vocab_size"):  # the student's width: the teacher's or less
+        from compressor.targets import check_settings
+
+        check_settings(spec.loss.targets.kind, spec.loss.targets.k, config["vocab_size"], "distill.loss.targets")
     warnings = []
     if spec.deepspeed.bf16 and spec.gpus_per_worker == 0:
         warnings.append("distill.deepspeed.bf16 on CPU workers: works, but usually slower than fp32 on CPUs")
@@ -69,9 +73,10 @@ def plan_notes(plan, stage) -> list[str]:
         return []
     if stage.entry.spec.data not in plan.spec.data:
         return [f"{stage.name} data: the dataset of stage {stage.entry.spec.data!r}, tokenized once it is made"]
-    from compressor.commands.data import shard_status
+    from compressor.commands.data import shard_status, targets_status
 
-    return [f"{stage.name} data: {shard_status(plan, stage)}"]
+    targets = targets_status(plan, stage)
+    return [f"{stage.name} data: {shard_status(plan, stage)}"] + ([targets] if targets else [])
 
 
 def result_line(manifest) -> str:

@@ -188,15 +188,31 @@ class BatchPlan:
         return [ids[i : i + self.micro_batch] for i in range(0, len(ids), self.micro_batch)]
 
 
+_TORCH_SAFE = {"<u2": np.int32, "<u4": np.int64}  # torch has no uint16/uint32 tensors worth gathering with
+
+
 class WorkerData:
     """One worker's batches: its ids of each step (BatchPlan), read from the shards, the next step prefetched."""
 
     def __init__(
-        self, directory: str, sequences: int, plan: BatchPlan, rank: int, steps: int, trace_dir: Optional[str] = None
+        self,
+        directory: str,
+        sequences: int,
+        plan: BatchPlan,
+        rank: int,
+        steps: int,
+        trace_dir: Optional[str] = None,
+        targets: Optional[str] = None,
     ):
         from compressor.shards import ShardReader
 
         self.reader = ShardReader(directory)
+        if targets is not None:  # the teacher's sparse targets of the same sequence ids (compressor/targets.py)
+            from compressor.targets import TargetsReader
+
+            self.targets = TargetsReader(targets, sequences)
+        else:
+            self.targets = None
         if len(self.reader) < sequences:
             raise UserError(
                 f"token shards {directory} hold {len(self.reader):,} sequences, the run needs {sequences:,}"
@@ -207,18 +223,19 @@ class WorkerData:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-data")
         self._next: Optional[tuple[int, object]] = None
 
-    def _read(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, step: int) -> tuple[np.ndarray, np.ndarray, Optional[dict]]:
         ids = self.plan.rank_ids(step, self.rank)
-        return ids, self.reader.read(ids)
+        return ids, self.reader.read(ids), self.targets.read(ids) if self.targets is not None else None
 
     def batch(self, step: int) -> list:
-        """This worker's micro-batches of `step` (0-based) as int64 torch tensors; starts reading step + 1."""
+        """This worker's micro-batches of `step` (0-based) as int64 torch tensors, or with teacher targets
+        (tokens, {name: tensor}) pairs; starts reading step + 1."""
         import torch
 
         if self._next is not None and self._next[0] == step:
-            ids, tokens = self._next[1].result()
+            ids, tokens, sparse = self._next[1].result()
         else:
-            ids, tokens = self._read(step)
+            ids, tokens, sparse = self._read(step)
         self._next = (step + 1, self._pool.submit(self._read, step + 1)) if step + 1 < self.steps else None
         if self.trace is not None:
             self.trace.parent.mkdir(parents=True, exist_ok=True)
@@ -226,8 +243,16 @@ class WorkerData:
                 fh.write(
                     json.dumps({"step": step + 1, "rank": self.rank, "pid": os.getpid(), "ids": ids.tolist()}) + "\n"
                 )
-        tokens = torch.from_numpy(tokens.astype(np.int64))
-        return list(tokens.split(self.plan.micro_batch))
+        micro = self.plan.micro_batch
+        tokens = list(torch.from_numpy(tokens.astype(np.int64)).split(micro))
+        if sparse is None:
+            return tokens
+        # fp16 and small integer types as stored; the loss widens them per chunk
+        parts = {
+            name: torch.from_numpy(np.ascontiguousarray(a).astype(_TORCH_SAFE.get(a.dtype.str, a.dtype))).split(micro)
+            for name, a in sparse.items()
+        }
+        return [(t, {name: parts[name][i] for name in parts}) for i, t in enumerate(tokens)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -110,6 +110,12 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         f"{data.sequences:,} distinct sequences of {source.source} ({data.epochs:.2f} epochs)"
     )
 
+    targets = None
+    if spec.loss.targets is not None:  # the teacher's one pass over the data; then training runs without it
+        from compressor.stages.distill.targets_compute import prepare_targets
+
+        targets = prepare_targets(spec, teacher, shards, data.sequences, ctx)
+
     from ray.util.queue import Queue
 
     from compressor import interrupt
@@ -133,6 +139,7 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         progress=progress,
         trace_dir=os.environ.get(TRACE_ENV),
         stop=stop_flag,
+        targets=targets,
     )
     try:
         with interrupt.graceful_stop("distill") as request:

@@ -68,7 +68,9 @@ class StudentWithLoss(torch.nn.Module):
         # A plain attribute, not a submodule: the teacher's weights must not join the student's optimizer.
         self.__dict__["teacher_head"] = teacher_head
 
-    def forward(self, tokens: torch.Tensor, teacher_outputs) -> LossTerms:
+    def forward(self, tokens: torch.Tensor, teacher_outputs, sparse: Optional[dict] = None) -> LossTerms:
+        if sparse is not None:  # teacher targets (loss.targets): no teacher outputs, no feature terms
+            return self._sparse_loss(tokens, sparse)
         hidden, attentions = wanted_outputs(self.spec, self.features)
         out = self.student.base_model(
             input_ids=tokens, output_hidden_states=hidden, output_attentions=attentions, use_cache=False
@@ -78,6 +80,24 @@ class StudentWithLoss(torch.nn.Module):
         return distill_loss(
             states, teacher_outputs, tokens, head, self.teacher_head, self.spec.loss, self.features, self.projectors
         )
+
+    def _sparse_loss(self, tokens: torch.Tensor, sparse: dict) -> LossTerms:
+        from compressor.stages.distill.sparse_loss import sparse_kd_loss
+
+        hidden = self.student.base_model(input_ids=tokens, use_cache=False).last_hidden_state
+        width = hidden.shape[-1]
+        # positions 0..L-2 predict tokens 1..L-1; the teacher's targets at position p are its next-token distribution
+        flat = {name: t[:, :-1].reshape(-1, *t.shape[2:]) for name, t in sparse.items()}
+        loss, kd, ce = sparse_kd_loss(
+            hidden[:, :-1].reshape(-1, width),
+            flat,
+            tokens[:, 1:].reshape(-1),
+            self.student.get_output_embeddings(),
+            self.spec.loss,
+            self.spec.loss.targets.kind,
+        )
+        zero = torch.zeros((), device=loss.device)
+        return LossTerms(loss, kd, ce, zero, zero)
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: the student's, and the projectors' with their own peak lr (train_step scales the schedule)."""
@@ -110,7 +130,7 @@ class TeacherStates(torch.nn.Module):
 @dataclass
 class Engines:
     student: deepspeed.DeepSpeedEngine  # noqa: F821  (wraps StudentWithLoss)
-    teacher: torch.nn.Module  # TeacherStates; inside a ZeRO-3 engine when there are several workers
+    teacher: Optional[torch.nn.Module]  # TeacherStates, in a ZeRO-3 engine with several workers; None with targets
     device: torch.device
     bf16: bool
     zero_stage: int  # the student's ZeRO stage as run (see effective_zero_stage)
@@ -140,19 +160,19 @@ def build_engines(
     hidden, attentions = wanted_outputs(spec, features)
     # Attention maps come only from the eager implementation (SDPA and flash attention never form them).
     attention = {"attn_implementation": "eager"} if attentions else {}
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=trust, **attention)
-    teacher = teacher.eval().requires_grad_(False)
-    teacher_states = TeacherStates(teacher, hidden, attentions)
-    if world_size > 1:  # shard the frozen teacher: each worker holds 1/N of it
-        teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=teacher_config(micro_batch, bf16))
-    teacher_states.eval()
+    teacher_states = teacher_head = None
+    if spec.loss.targets is None:  # with teacher targets the teacher never enters the loop: no memory, no compute
+        teacher_states, teacher_head = build_teacher(teacher_path, dtype, trust, attention, hidden, attentions)
+        if world_size > 1:  # shard the frozen teacher: each worker holds 1/N of it
+            teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=teacher_config(micro_batch, bf16))
+        teacher_states.eval()
 
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype, trust_remote_code=trust, **attention)
     if spec.gradient_checkpointing:
         # Each decoder layer keeps only its input and recomputes the rest in backward. Non-reentrant: it works under
         # ZeRO-3's gather hooks and needs no input that requires grad.
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = StudentWithLoss(student, teacher.get_output_embeddings(), spec, features, teacher_shape.hidden_size)
+    model = StudentWithLoss(student, teacher_head, spec, features, teacher_shape.hidden_size)
     model.projectors.to(dtype)
     config = student_config(spec, world_size, micro_batch, grad_accum, bf16, torch.cuda.is_available())
     groups = model.parameter_groups()
@@ -162,10 +182,19 @@ def build_engines(
         optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
         student_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     student_engine.train()
-    if world_size == 1:  # no engine placed the unsharded teacher
+    if world_size == 1 and teacher_states is not None:  # no engine placed the unsharded teacher
         teacher_states.to(student_engine.device)
     zero_stage = effective_zero_stage(spec.deepspeed.zero_stage, world_size)
     return Engines(student_engine, teacher_states, student_engine.device, bf16, zero_stage)
+
+
+def build_teacher(path: str, dtype, trust: bool, attention: dict, hidden: bool, attentions: bool):
+    """(TeacherStates, the teacher's output head) of the frozen teacher."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **attention)
+    teacher = teacher.eval().requires_grad_(False)
+    return TeacherStates(teacher, hidden, attentions), teacher.get_output_embeddings()
 
 
 def lr_at(step: int, spec: DistillSpec, steps: int) -> float:
@@ -197,11 +226,15 @@ def train_step(engines: Engines, micro_batches: list[torch.Tensor], lr: float) -
     for group in engines.student.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     sums = torch.zeros(5)
-    for tokens in micro_batches:
+    for batch in micro_batches:
+        tokens, sparse = batch if isinstance(batch, tuple) else (batch, None)  # (tokens, teacher targets)
         tokens = tokens.to(engines.device)
-        with torch.no_grad():
-            teacher_states = engines.teacher(tokens)
-        terms = engines.student(tokens, teacher_states)
+        if sparse is not None:
+            terms = engines.student(tokens, None, {name: t.to(engines.device) for name, t in sparse.items()})
+        else:
+            with torch.no_grad():
+                teacher_states = engines.teacher(tokens)
+            terms = engines.student(tokens, teacher_states)
         engines.student.backward(terms.loss)
         engines.student.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
         sums += torch.stack([t.detach().float().cpu() for t in terms])

@@ -31,6 +31,25 @@ class FeatureTerm(Strict):
     weight: float = Field(1.0, ge=0, description="Weight of this term in the loss.")
 
 
+class TargetsSpec(Strict):
+    """The teacher's distribution computed once over the distill data and stored sparsely (compressor/targets.py):
+    distillation then runs without the teacher, and every student, prune candidate and re-run on the same data and
+    teacher reads the same targets."""
+
+    kind: Literal["sampled", "topk"] = Field(
+        "sampled",
+        description="sampled: k draws from the teacher's distribution at T, kept as ids with counts (unbiased "
+        "gradients; Gemma, RS-KD); topk: the k most likely tokens and the tail mass (DistillKit; biased).",
+    )
+    k: int = Field(64, ge=1, description="Tokens (topk) or draws (sampled) per position; at most the vocabulary.")
+    seed: int = Field(0, ge=0, description="Seed of the draws (sampled); part of the targets' key.")
+    path: Optional[str] = Field(
+        None,
+        description="Targets computed elsewhere (a directory or URI holding index.json); they must have been made "
+        "with this teacher and this tokenizer. Default: found or computed beside the token shards.",
+    )
+
+
 class KDLoss(Strict):
     """The distillation loss: (1 - alpha) * T^2 * divergence + alpha * CE (+ hidden_weight * hidden-state MSE)
     (+ the weighted feature terms)."""
@@ -80,6 +99,24 @@ class KDLoss(Strict):
         gt=0,
         description="Tokens per chunk of the KD loss; only one chunk's [tokens, vocab] logits exist at a time.",
     )
+    targets: Optional[TargetsSpec] = neutral(
+        None,
+        description="Distill from teacher targets computed once (no teacher in the training loop); forward_kl or "
+        "reverse_kl, with alpha's CE term.",
+    )
+
+    @model_validator(mode="after")
+    def _targets_need_no_live_teacher(self):
+        if self.targets is None:
+            return self
+        if self.kind == "gjsd":
+            raise ValueError("targets: gjsd needs the teacher's whole distribution; use forward_kl or reverse_kl")
+        if self.hidden_mse or self.features:
+            raise ValueError(
+                "targets: hidden-state and feature terms need the live teacher, which targets leave out of the "
+                "loop; drop `targets` or the hidden_mse / features terms"
+            )
+        return self
 
     @model_validator(mode="after")
     def _layers_match_the_map(self):

@@ -44,10 +44,11 @@ class DistillJob:
     progress: Any = None  # a ray.util.queue.Queue the driver reads for its progress line
     trace_dir: Optional[str] = None  # COMPRESSOR_DATA_TRACE of the driver: where workers log the ids they read
     stop: Any = None  # the driver's compressor.interrupt.StopFlag actor: rank 0 asks it once per step
+    targets: Optional[str] = None  # teacher targets beside the shards (loss.targets): read instead of a teacher
 
     def open_data(self, rank: int, world: int) -> WorkerData:
         plan = BatchPlan(self.sequences, self.spec.global_batch, world, self.micro_batch, self.seed)
-        return WorkerData(self.data, self.sequences, plan, rank, self.steps, self.trace_dir)
+        return WorkerData(self.data, self.sequences, plan, rank, self.steps, self.trace_dir, self.targets)
 
 
 def train_func(config: dict) -> None:

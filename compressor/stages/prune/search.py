@@ -285,16 +285,19 @@ def heldout_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict, 
 
 def prepare_data(distill_spec, teacher: ModelRef, ctx: StageContext) -> None:
     """Tokenize the distillation source into its token shards once (distill's own path; runs starting together
-    would each try to write them)."""
+    would each try to write them), and compute teacher targets once when the distillations read them."""
     from compressor.data import normalized
     from compressor.stages.distill.data import prepare_task
     from compressor.stages.distill.layout import budget_steps
 
     source = normalized(ctx.data_source(distill_spec.data))
     seq_len = distill_spec.seq_len or source.seq_len
-    prepare_task(
-        source, teacher, seq_len, budget_steps(distill_spec, seq_len) * distill_spec.global_batch, ctx.shards_root
-    )
+    sequences = budget_steps(distill_spec, seq_len) * distill_spec.global_batch
+    shard_dir, index = prepare_task(source, teacher, seq_len, sequences, ctx.shards_root)
+    if distill_spec.loss.targets is not None:  # the teacher's one pass for every candidate (and the distill stage)
+        from compressor.stages.distill.targets_compute import prepare_targets
+
+        prepare_targets(distill_spec, teacher, shard_dir, min(sequences, index.sequences), ctx)
 
 
 def _distill_task(spec, student: ModelRef, ctx: StageContext) -> dict:
