@@ -85,6 +85,19 @@ echo "gpu_smoke.sh: $gpu_count x $gpu_name; work dir $work" >&2
 run zero2 "stages.distill.deepspeed.zero_stage=2" "stages.distill.workers=1"
 run zero3 "stages.distill.deepspeed.zero_stage=3" "stages.distill.workers=$zero3_workers"
 
+# The generate stage's vLLM backend (ray.data.llm), GPU-only, when vLLM is installed: the test teacher answers the
+# documented prompts; its seconds go into the JSON below ("generate_vllm"; null without vLLM).
+if "$python" -c 'import vllm' 2>/dev/null; then
+    start=$(date +%s)
+    if "${compressor[@]}" generate --teacher zoo:tiny-test --prompts "$repo/docs/stages/generate-prompts.jsonl"         --out "$work/generate-vllm" --backend vllm --max-new-tokens 32 >"$work/generate-vllm.log" 2>&1; then
+        echo "$(($(date +%s) - start))" >"$work/generate-vllm.seconds"
+    else
+        tail -n 40 "$work/generate-vllm.log" >&2
+        echo "gpu_smoke.sh: the vllm generate run failed (log: $work/generate-vllm.log)" >&2
+        echo "failed" >"$work/generate-vllm.seconds"
+    fi
+fi
+
 "$python" - "$work" "$storage" "$gpu_name" "$gpu_count" <<'PY'
 import json
 import sys
@@ -145,5 +158,7 @@ for run in ("zero2", "zero3"):
     entry["evaluation_and_other_seconds"] = summary["seconds"] - sum(s["seconds"] or 0 for s in summary["stages"]
                                                                      if s["status"] != "cached")
     report["runs"][run] = entry
+vllm = work / "generate-vllm.seconds"
+report["generate_vllm"] = vllm.read_text().strip() if vllm.exists() else None  # seconds, "failed", or no vLLM
 print(json.dumps(report, indent=2))
 PY
