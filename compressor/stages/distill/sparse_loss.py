@@ -3,9 +3,10 @@
 Per position the teacher is known only on k ids. With `topk` targets the divergence is taken over k + 1 buckets:
 the k ids and one tail bucket holding everything else, on both sides (the teacher's stored tail mass, the student's
 mass outside the k ids). With `sampled` targets the k ids are draws from the teacher's distribution p, kept with
-their counts c and log p, and expectations under p become averages over the draws:
-    KL(p || q) = E_p[log p - log q]            ~ sum_i (c_i / k) (log p_i - log q_i)
-    KL(q || p) = E_p[(q/p) log(q/p)]           ~ sum_i (c_i / k) (q_i / p_i) log(q_i / p_i)
+their counts and log p, and expectations under p become weighted sums over the distinct ids drawn, with
+w_i = p_i / P(i drawn) (see _inclusion_weights):
+    KL(p || q) = E_p[log p - log q]            ~ sum_i w_i (log p_i - log q_i)
+    KL(q || p) = E_p[(q/p) log(q/p)]           ~ sum_i w_i (q_i / p_i) log(q_i / p_i)
 Both estimates, and their gradients in the student's logits, are unbiased (tests/stages/test_distill_targets.py);
 the top-k buckets are not: their mean gradient differs from full KD's by more than sampling noise."""
 
@@ -21,6 +22,16 @@ def _log_tail(log_q_on_ids: torch.Tensor) -> torch.Tensor:
     """log of the student's mass outside the k ids (k distinct ids per row)."""
     inside = torch.logsumexp(log_q_on_ids, dim=-1).clamp(max=-TINY)
     return torch.log(-torch.expm1(inside))  # log(1 - e^inside), exact near 0 and near 1
+
+
+def _inclusion_weights(counts: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Per drawn id, p_i / P(i is among the draws) = p_i / (1 - (1 - p_i)^k) (Horvitz-Thompson), 0 in unused slots.
+    sum_i w_i f(i) over the distinct ids drawn is an unbiased estimate of E_p[f], like (1/k) sum_draws f, but a likely
+    token, drawn almost surely, gets its exact weight p_i instead of a noisy count / k: far less variance at equal k."""
+    k = counts.sum(-1, keepdim=True).float()
+    p = log_p.exp().clamp(max=1.0)
+    drawn = -torch.expm1(k * torch.log1p(-p.clamp(max=1.0 - 1e-7)))  # 1 - (1 - p)^k, exact for tiny p
+    return torch.where(counts > 0, p / drawn.clamp_min(TINY), torch.zeros_like(p))
 
 
 def sparse_kd_sum(student_logits: torch.Tensor, targets: dict, kind: str, divergence: str, temperature: float):
@@ -41,7 +52,7 @@ def sparse_kd_sum(student_logits: torch.Tensor, targets: dict, kind: str, diverg
             q_tail = log_q_tail.exp()
             kd = (log_q.exp() * (log_q - log_p)).sum() + (q_tail * (log_q_tail - log_p_tail)).sum()
     else:
-        weights = targets["cnt"].float() / targets["cnt"].sum(-1, keepdim=True).float()  # c_i / k; 0 in unused slots
+        weights = _inclusion_weights(targets["cnt"], log_p)
         if divergence == "forward_kl":
             kd = (weights * (log_p - log_q)).sum()
         else:
