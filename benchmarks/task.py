@@ -13,6 +13,7 @@ the suite: its numbers mean nothing, and it takes about a minute (a whole pipeli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -80,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     overrides = QUICK if args.quick else []
     teacher_name = "tiny-test-modules" if args.quick else "tiny-modules"
-    with tempfile.TemporaryDirectory() as tmp:
+    # stdout carries the JSON alone: libraries imported on the way (DeepSpeed's logger) print there
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         storage = Path(args.storage or tmp).resolve()
         storage.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

@@ -81,7 +81,14 @@ def materialize(ref: ModelRef) -> ModelRef:
 
 
 # What a tokenizer is made of, beside `tokenizer*` files: enough for AutoTokenizer, and what shards key on.
-TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
+TOKENIZER_FILES = (
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+)
 
 
 def is_tokenizer_file(name: str) -> bool:

@@ -23,7 +23,7 @@ DOC_CHARS = 160  # the first paragraph of a docstring, cut here: prompts stay wi
 
 def items() -> list[dict]:
     """{prompt, answer} for every documented public function of the LABELS modules, in a fixed order."""
-    out = []
+    out, seen = [], set()
     for module_name in LABELS:
         module = importlib.import_module(module_name)
         found = []
@@ -31,8 +31,11 @@ def items() -> list[dict]:
             if name.startswith("_") or not inspect.isroutine(obj):
                 continue
             doc = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ").strip()
-            if len(doc) >= 12:
-                found.append({"prompt": f"{name}: {doc[:DOC_CHARS]}\nWhich module?", "answer": module_name})
+            prompt = f"{name}: {doc[:DOC_CHARS]}\nWhich module?"
+            # statistics imports sqrt, exp, ... from math: the first module (LABELS order) that has it keeps it
+            if len(doc) >= 12 and prompt not in seen:
+                seen.add(prompt)
+                found.append({"prompt": prompt, "answer": module_name})
         out.extend(found[:PER_LABEL])
     return out
 

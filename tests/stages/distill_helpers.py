@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Optional
+
+import pytest
 
 from compressor.config.schema import DataSource
 from compressor.manifest import ModelRef
@@ -126,6 +129,27 @@ def context(
         sink=sink,
         quiet=True,
     )
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    # Leave no rank variables behind: later tests start subprocesses (lm_eval) that would join a process group.
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _ship_by_value() -> None:

@@ -7,30 +7,11 @@ import socket
 
 import pytest
 import torch
-from distill_helpers import build_llama, build_tokenizer
+from distill_helpers import build_llama, build_tokenizer, single_process_group  # noqa: F401 (fixture)
 
 from compressor.stages.distill.engines import build_engines, lr_at, train_step
 from compressor.stages.distill.loss import distill_loss
 from compressor.stages.distill.spec import DistillSpec
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    # Leave no rank variables behind: later tests start subprocesses (lm_eval) that would join a process group.
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def test_deepspeed_step_matches_plain_pytorch(single_process_group, tmp_path):
@@ -87,6 +68,29 @@ def pair(tmp_path_factory):
     teacher = build_llama(root / "teacher", tokenizer, hidden=64, intermediate=128, layers=2, seed=1)
     student = build_llama(root / "student", tokenizer, hidden=64, intermediate=64, layers=2, seed=2)
     return str(teacher), str(student)
+
+
+def test_a_step_with_teacher_targets_builds_no_teacher(single_process_group, pair, monkeypatch):
+    """With loss.targets the engines load the student only (a spy on the loader), and a step trains from targets."""
+    from transformers import AutoModelForCausalLM
+
+    teacher, student = pair
+    loaded = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda path, **kw: loaded.append(str(path)) or real(path, **kw)
+    )
+    spec = DistillSpec(data="x", steps=2, global_batch=2, micro_batch=2, loss={"targets": {"kind": "topk", "k": 4}})
+    engines = build_engines(spec, student, teacher, world_size=1, micro_batch=2, grad_accum=1)
+    assert engines.teacher is None and loaded == [student]
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    sparse = {
+        "ids": torch.randint(0, 320, (2, 16, 4)),
+        "val": torch.full((2, 16, 4), -3.0),
+        "tail": torch.full((2, 16), 0.8),
+    }
+    result = train_step(engines, [(tokens, sparse)], 1e-3)
+    assert result.kd_loss > 0 and result.grad_norm
 
 
 def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same(single_process_group, pair):

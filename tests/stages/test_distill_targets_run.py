@@ -123,31 +123,6 @@ def test_targets_made_with_another_teacher_or_k_beyond_the_vocabulary_are_refuse
         distill.KIND.check(spec(loss={"targets": {"kind": "topk", "k": 4096}}), {"vocab_size": 1024})
 
 
-def test_a_step_with_targets_builds_no_teacher(models, monkeypatch):
-    """The engine build with loss.targets loads the student only (a spy on the loader)."""
-    import socket
-
-    from transformers import AutoModelForCausalLM
-
-    from compressor.stages.distill.engines import build_engines
-
-    teacher, student, _ = models
-    loaded = []
-    real = AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(
-        AutoModelForCausalLM, "from_pretrained", lambda path, **kw: loaded.append(str(path)) or real(path, **kw)
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    ).items():
-        monkeypatch.setenv(key, value)
-    engines = build_engines(spec(workers=1, deepspeed={"zero_stage": 2}), str(student), str(teacher), 1, 2, 2)
-    assert engines.teacher is None and loaded == [str(student)]
-
-
 def test_a_search_over_three_prune_candidates_runs_the_teacher_over_the_data_once(
     two_nodes, tiny_teacher, tmp_path, monkeypatch
 ):

@@ -204,9 +204,12 @@ class WorkerData:
         trace_dir: Optional[str] = None,
         targets: Optional[str] = None,
     ):
+        from compressor.chat_data import is_chat_dir, side_readers
         from compressor.shards import ShardReader
 
-        self.reader = ShardReader(directory)
+        # Chat data: the tokens' reader, and the loss mask and positions beside them (compressor.chat_data).
+        self.chat = side_readers(directory) if is_chat_dir(directory) else {}
+        self.reader = self.chat.pop("tokens") if self.chat else ShardReader(directory)
         if targets is not None:  # the teacher's sparse targets of the same sequence ids (compressor/targets.py)
             from compressor.targets import TargetsReader
 
@@ -245,6 +248,9 @@ class WorkerData:
                 )
         micro = self.plan.micro_batch
         tokens = list(torch.from_numpy(tokens.astype(np.int64)).split(micro))
+        if self.chat:  # {tokens, loss_mask, positions} per micro-batch; 1-2 bytes per token, memory-mapped
+            sides = {name: torch.from_numpy(r.read(ids).astype(np.int64)).split(micro) for name, r in self.chat.items()}
+            return [{"tokens": t, **{name: sides[name][i] for name in sides}} for i, t in enumerate(tokens)]
         if sparse is None:
             return tokens
         # fp16 and small integer types as stored; the loss widens them per chunk

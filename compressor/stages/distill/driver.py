@@ -67,9 +67,17 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     # The data: token shards under ctx.shards_root, keyed by source, tokenizer and seq_len (compressor.shards).
     needed = steps * spec.global_batch
     tokenizer_dir = tokenizer_files(teacher)  # not the weights: only the tokenizer keys and writes the shards
-    shards = shard_dir(ctx.shards_root, source, tokenizer_digest(tokenizer_dir), seq_len)
-    index = read_index(shards)
-    ready = index is not None and (index.exhausted or index.sequences >= needed)
+    chat = None  # chat rows: tokens, loss mask and positions, packed whole (compressor.chat_data), small data
+    if spec.chat is not None:
+        from compressor.chat_data import for_distill
+
+        shards, index, chat = for_distill(
+            source.source, tokenizer_dir, seq_len, spec.chat.template, spec.chat.truncate, ctx.shards_root
+        )
+    else:
+        shards = shard_dir(ctx.shards_root, source, tokenizer_digest(tokenizer_dir), seq_len)
+        index = read_index(shards)
+    ready = chat is not None or (index is not None and (index.exhausted or index.sequences >= needed))
     # A source its first shard shows too small for the budget is refused then, not after tokenizing all of it.
     check = functools.partial(
         check_fit,
@@ -165,6 +173,7 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     final = result.metrics or {}
     metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
     metrics.update(distinct_tokens=float(data.distinct_tokens), epochs=data.epochs)
+    metrics.update({f"chat_{name}": float(count) for name, count in (chat or {}).items()})
     ctx.log_metrics(
         {
             "tokens": float(steps * spec.global_batch * seq_len),
@@ -180,6 +189,7 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         "epochs": data.epochs,
         "data": data.directory,
         "data_revision": source.revision,  # hf: the commit read (None for local and zoo data)
+        "chat": chat,  # examples, kept, truncated, dropped, sequences, answer tokens (None: plain text)
         "workers": spec.workers,
         "worker_nodes": final.get("worker_nodes"),
         "zero_stage": effective_zero_stage(spec.deepspeed.zero_stage, spec.workers),

@@ -68,17 +68,34 @@ class StudentWithLoss(torch.nn.Module):
         # A plain attribute, not a submodule: the teacher's weights must not join the student's optimizer.
         self.__dict__["teacher_head"] = teacher_head
 
-    def forward(self, tokens: torch.Tensor, teacher_outputs, sparse: Optional[dict] = None) -> LossTerms:
+    def forward(
+        self, tokens: torch.Tensor, teacher_outputs, sparse: Optional[dict] = None, positions=None, loss_mask=None
+    ) -> LossTerms:
+        """`positions` and `loss_mask` come with packed chat data (compressor.chat_data)."""
+        from compressor.chat_data import packed_inputs, target_mask
+
         if sparse is not None:  # teacher targets (loss.targets): no teacher outputs, no feature terms
             return self._sparse_loss(tokens, sparse)
         hidden, attentions = wanted_outputs(self.spec, self.features)
         out = self.student.base_model(
-            input_ids=tokens, output_hidden_states=hidden, output_attentions=attentions, use_cache=False
+            input_ids=tokens,
+            output_hidden_states=hidden,
+            output_attentions=attentions,
+            use_cache=False,
+            **packed_inputs(self.student, positions),
         )
         states = Outputs(out.hidden_states if hidden else (out.last_hidden_state,), out.attentions)
         head = self.student.get_output_embeddings()
         return distill_loss(
-            states, teacher_outputs, tokens, head, self.teacher_head, self.spec.loss, self.features, self.projectors
+            states,
+            teacher_outputs,
+            tokens,
+            head,
+            self.teacher_head,
+            self.spec.loss,
+            self.features,
+            self.projectors,
+            loss_mask=None if loss_mask is None else target_mask(loss_mask),
         )
 
     def _sparse_loss(self, tokens: torch.Tensor, sparse: dict) -> LossTerms:
@@ -120,9 +137,15 @@ class TeacherStates(torch.nn.Module):
         self.teacher = teacher
         self.hidden, self.attentions = hidden, attentions
 
-    def forward(self, tokens: torch.Tensor) -> Outputs:
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> Outputs:
+        from compressor.chat_data import packed_inputs
+
         out = self.teacher.base_model(
-            input_ids=tokens, output_hidden_states=self.hidden, output_attentions=self.attentions, use_cache=False
+            input_ids=tokens,
+            output_hidden_states=self.hidden,
+            output_attentions=self.attentions,
+            use_cache=False,
+            **packed_inputs(self.teacher, positions),
         )
         return Outputs(out.hidden_states if self.hidden else (out.last_hidden_state,), out.attentions)
 
@@ -227,14 +250,17 @@ def train_step(engines: Engines, micro_batches: list[torch.Tensor], lr: float) -
         group["lr"] = lr * group.get("lr_scale", 1.0)
     sums = torch.zeros(5)
     for batch in micro_batches:
+        packed = batch if isinstance(batch, dict) else {}  # chat data: {tokens, loss_mask, positions}
+        batch = packed.pop("tokens", batch)
         tokens, sparse = batch if isinstance(batch, tuple) else (batch, None)  # (tokens, teacher targets)
         tokens = tokens.to(engines.device)
         if sparse is not None:
             terms = engines.student(tokens, None, {name: t.to(engines.device) for name, t in sparse.items()})
         else:
+            packed = {name: t.to(engines.device) for name, t in packed.items()}
             with torch.no_grad():
-                teacher_states = engines.teacher(tokens)
-            terms = engines.student(tokens, teacher_states)
+                teacher_states = engines.teacher(tokens, packed.get("positions"))
+            terms = engines.student(tokens, teacher_states, None, **packed)
         engines.student.backward(terms.loss)
         engines.student.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
         sums += torch.stack([t.detach().float().cpu() for t in terms])

@@ -133,17 +133,23 @@ def distill_loss(
     spec: KDLoss,
     features: Sequence[FeaturePair] = (),
     projectors: Optional[Mapping[str, torch.nn.Module]] = None,
+    loss_mask: Optional[torch.Tensor] = None,
 ) -> LossTerms:
     """The stage's whole loss over [B, L] `tokens`. `*_states` are Outputs, or bare HF `hidden_states` tuples.
     `features` are the resolved layer pairs of spec.features (layout.feature_pairs), `projectors` keyed by
-    FeaturePair.name for the pairs whose widths differ."""
+    FeaturePair.name for the pairs whose widths differ. `loss_mask` ([B, L] bool, chat data: compressor.chat_data
+    .target_mask) keeps the KD and CE terms to the positions that predict an answer token."""
     student, teacher = _outputs(student_states), _outputs(teacher_states)
 
     def final(states):  # positions 0..L-2 predict tokens 1..L-1
         return states[-1][:, :-1].reshape(-1, states[-1].shape[-1])
 
     targets = tokens[:, 1:].reshape(-1)
-    terms = kd_loss(final(student.hidden), final(teacher.hidden), targets, student_head, teacher_head, spec)
+    student_final, teacher_final = final(student.hidden), final(teacher.hidden)
+    if loss_mask is not None:  # prompt positions are left out: no term, so no gradient, comes from them
+        keep = loss_mask[:, :-1].reshape(-1)
+        student_final, teacher_final, targets = student_final[keep], teacher_final[keep], targets[keep]
+    terms = kd_loss(student_final, teacher_final, targets, student_head, teacher_head, spec)
     if spec.hidden_mse:
         mse = hidden_mse(student.hidden, teacher.hidden, spec.hidden_mse)
         terms = terms._replace(loss=terms.loss + spec.hidden_weight * mse, hidden=mse.detach())

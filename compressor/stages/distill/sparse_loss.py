@@ -27,7 +27,7 @@ def _log_tail(log_q_on_ids: torch.Tensor) -> torch.Tensor:
 def _inclusion_weights(counts: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     """Per drawn id, p_i / P(i is among the draws) = p_i / (1 - (1 - p_i)^k) (Horvitz-Thompson), 0 in unused slots.
     sum_i w_i f(i) over the distinct ids drawn is an unbiased estimate of E_p[f], like (1/k) sum_draws f, but a likely
-    token, drawn almost surely, gets its exact weight p_i instead of a noisy count / k: far less variance at equal k."""
+    token, drawn almost surely, gets its exact weight p_i instead of a noisy count / k (less variance at equal k)."""
     k = counts.sum(-1, keepdim=True).float()
     p = log_p.exp().clamp(max=1.0)
     drawn = -torch.expm1(k * torch.log1p(-p.clamp(max=1.0 - 1e-7)))  # 1 - (1 - p)^k, exact for tiny p

@@ -151,6 +151,20 @@ class DeepSpeedOptions(Strict):
     )
 
 
+class ChatData(Strict):
+    """Chat rows as the data (a generate stage's answers, or `messages` / `prompt` + `response` rows): rendered with
+    the tokenizer's chat template or `template`, the loss on the answer tokens only, packed whole (docs/task.md)."""
+
+    template: Optional[str] = Field(
+        None,
+        description="A plain template with a {prompt} placeholder, for a tokenizer without a chat template "
+        '(e.g. "{prompt}\\nAnswer: "); the answer follows it, then EOS. Unset: the tokenizer\'s chat template.',
+    )
+    truncate: Literal["drop", "prompt"] = Field(
+        "drop", description="An example longer than seq_len: dropped, or the start of its prompt cut (both counted)."
+    )
+
+
 class DistillSpec(Strict):
     """Knowledge distillation from the frozen teacher into the previous stage's output, in Ray Train with DeepSpeed."""
 
@@ -169,6 +183,9 @@ class DistillSpec(Strict):
     )
 
     data: str = Field(description="Name of a data source under `data:`; tokenized with the teacher's tokenizer.")
+    chat: Optional[ChatData] = neutral(
+        None, description="The data is chat rows: the loss on the answer tokens only (docs/task.md)."
+    )
     teacher: Optional[str] = Field(
         None, description="Teacher model (directory or hub id); default: the pipeline teacher."
     )
@@ -240,6 +257,15 @@ class DistillSpec(Strict):
             raise ValueError(
                 f"deepspeed.zero_hpz_partition_size {hpz} does not divide workers {self.workers}: the "
                 "workers split into groups of that size (the GPUs of one node)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _chat_with_a_live_teacher(self):
+        if self.chat is not None and self.loss.targets is not None:
+            raise ValueError(
+                "chat: teacher targets are computed over plain token shards, not over packed chat data with its "
+                "loss mask; drop `loss.targets` (the teacher runs in the loop) or `chat`"
             )
         return self
 
