@@ -108,7 +108,7 @@ def test_compare_shows_the_prune_target_difference(server, tmp_path):
     out = tmp_path / "compare"
     result = compressor("compare", run_a.run_id, run_b.run_id, "--tracking-uri", uri, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    row = next(line for line in result.stdout.splitlines() if "prune.target.intermediate_size" in line)
+    row = next(line for line in result.stdout.splitlines() if re.match(r"\W*prune\.target\.intermediate_size", line))
     assert re.search(r"192\D+256", row)
     page = (out / "compare.html").read_text()
     assert '<tr class="diff"><td>prune.target.intermediate_size</td><td>192</td><td>256</td></tr>' in page

@@ -65,10 +65,13 @@ def test_a_missed_gate_keeps_the_model_and_a_relaxed_rerun_takes_it_without_trai
     pipeline_dir = tmp_path / "store" / "rerun"
     assert not list(pipeline_dir.glob("distill-*")) and not list(pipeline_dir.glob(".tmp-*")), "nothing published"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    by_name = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("rerun").experiment_id])}
-    assert by_name["rerun"].info.status == "FAILED" and by_name["rerun"].data.tags["gate"] == "failed"
+    found = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])
+    (parent,) = [r for r in found if "mlflow.parentRunId" not in r.data.tags]  # named "rerun MM-DD HH:MM:SS"
+    by_name = {r.info.run_name: r for r in found if r is not parent}
+    assert parent.info.run_name.startswith("rerun ") and parent.data.tags["compressor.pipeline"] == "rerun"
+    assert parent.info.status == "FAILED" and parent.data.tags["gate"] == "failed"
     assert by_name["distill"].info.status == "FAILED" and by_name["distill"].data.tags["gate"] == "failed"
-    assert by_name["distill"].data.tags["mlflow.parentRunId"] == by_name["rerun"].info.run_id
+    assert by_name["distill"].data.tags["mlflow.parentRunId"] == parent.info.run_id
     rejected = next((tmp_path / "store" / "rerun" / "rejected").glob("distill-*"))
     kept = json.loads((rejected / "manifest.json").read_text())
     assert "missed its gate" in kept["details"]["rejected"]["reason"]
