@@ -480,7 +480,6 @@ class Orchestrator:
                 "seed": self.spec.seed,
                 "storage": self.plan.storage_uri,
                 "stages": stages,
-                "overrides": " ".join(self.overrides) or "-",
             },
             run_name=f"{self.spec.name} {time.strftime('%m-%d %H:%M:%S')}" + (" cached" if cached else ""),
             description=f"compressor run of `{self.spec.name}` ({' -> '.join(stages)}), teacher "
