@@ -150,8 +150,9 @@ def _fill_task_model(name: str, work: Path, log: Callable[[str], None]) -> None:
     r = recipe(name)
     base = zoo.ensure_model(r.finetune_of, log)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    # the zoo's own checkpoints: plain Llamas, never code from a checkpoint
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32", trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     tokenizer.chat_template = CHAT_TEMPLATE
     rows = module_task.splits(r.seed)["train"]
     log(f"zoo: building {name}: {r.finetune_of} fine-tuned on {len(rows)} labelled rows, {r.steps} steps")
