@@ -12,6 +12,15 @@ paragraphs (each up to seq_len tokens; the bytes of the predicted tokens).
 
     python benchmarks/losses.py [--steps 120]   # the zoo tiny teacher (built on first use, ~5 min)
     python benchmarks/losses.py --quick         # random 2-layer models, 2 steps: checks it runs (< 15 s)
+
+--search measures a distill stage's `search:` (Ray Tune trials of the stage's Ray Train runs, in a local 2-CPU Ray):
+the wall time of a 4-trial grid (lr 1e-4 / 1e-3 x temperature 1 / 2, each on `fraction` of the steps) against one
+full run with the stage's defaults (lr 1e-4, T 1), and the held-out bits per byte of the student trained with the
+searched settings against the defaults'. The held-out paragraphs are the zoo corpus's (the evaluation tasks' text),
+which the search never reads: it picks on the sequences of the distill data after the full run's.
+
+    python benchmarks/losses.py --search [--steps 120]   # zoo tiny-test teacher, width-pruned student
+    python benchmarks/losses.py --search --quick         # random 2-layer models, a few steps (about 2 min)
 """
 
 from __future__ import annotations
@@ -149,12 +158,93 @@ def distill(teacher_dir: Path, student_dir: Path, loss: dict, data: torch.Tensor
     return student.eval(), (time.perf_counter() - start) / steps
 
 
+def search_benchmark(quick: bool, steps: int) -> dict:
+    """A 4-trial search against one full run with the defaults, both through the distill stage itself."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from compressor.config.schema import DataSource
+    from compressor.manifest import ModelRef
+    from compressor.modeling import load_tokenizer
+    from compressor.stages import distill as distill_stage
+    from compressor.stages.context import StageContext
+    from compressor.stages.distill.spec import DistillSpec
+
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if quick:
+            teacher_dir, train, heldout = quick_teacher(root)
+            hidden, steps, seq_len, heldout = 32, 8, 64, heldout[:8]
+        else:
+            from compressor import zoo
+
+            corpus = zoo.corpus_dir("tiny-test")
+            teacher_dir = zoo.ensure_model("tiny-test")
+            train = [p for p in (corpus / "train.txt").read_text().split("\n\n") if p.strip()]
+            heldout = [p for p in (corpus / "heldout.txt").read_text().split("\n\n") if p.strip()][:200]
+            hidden, seq_len = 64, 128
+        (root / "train.txt").write_text("\n\n".join(train))
+        student = prune_width(teacher_dir, train, hidden, root, 16 if quick else 64)
+        tokenizer = load_tokenizer(teacher_dir)
+        common = dict(data="text", steps=steps, global_batch=8, micro_batch=8, cpus_per_worker=1,
+                      deepspeed={"zero_stage": 2})  # fmt: skip
+        space = {"lr": [1e-4, 1e-3], "loss.temperature": [1.0, 2.0]}  # the defaults are one of the 4 trials
+        runs = {
+            "defaults": DistillSpec(**common),
+            "searched": DistillSpec(**common, search={"space": space, "fraction": 0.25, "validation_samples": 32}),
+        }
+        out: dict = {"quick": quick, "search": {}}
+        for name, spec in runs.items():
+            ctx = StageContext(
+                work_dir=root / name,
+                teacher=ModelRef(path=str(teacher_dir), key="bench-teacher"),
+                data={"text": DataSource(source=str(root / "train.txt"), seq_len=seq_len)},
+                storage_path=str(root / "ray"),
+                run_name=f"bench-{name}",
+                quiet=True,
+            )
+            (root / name).mkdir()
+            start = time.perf_counter()
+            result = distill_stage.run(spec, ModelRef(path=str(student), key="bench-student"), ctx)
+            seconds = time.perf_counter() - start
+            model = AutoModelForCausalLM.from_pretrained(ctx.model_dir).eval()
+            row = {"seconds": round(seconds, 1), "heldout_bits_per_byte": round(
+                bits_per_byte(model, tokenizer, heldout, seq_len), 4)}  # fmt: skip
+            if "search" in result.details:
+                search = result.details["search"]
+                row.update(
+                    search_seconds=search["seconds"],
+                    trials=[
+                        {"settings": t["settings"], "validation_loss": round(t["validation_loss"], 4)}
+                        for t in search["trials"]
+                    ],  # fmt: skip
+                    best_settings=search["best_settings"],
+                )
+            out["search"][name] = row
+        d, s = out["search"]["defaults"], out["search"]["searched"]
+        out["setup"] = (
+            f"{'random 2-layer Llama (quick)' if quick else 'zoo tiny-test teacher'}, hidden -> {hidden} by the prune "
+            f"stage; {steps} steps x 8 x {seq_len} tokens on 1 CPU worker; search: 4 trials of {max(1, steps // 4)} "
+            "steps, 2 at a time, then the full run with the best settings"
+        )
+        out["search_over_full_run"] = round(s["search_seconds"] / d["seconds"], 2)
+        out["searched_beats_defaults"] = s["heldout_bits_per_byte"] < d["heldout_bits_per_byte"]
+    ray.shutdown()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="random tiny models, 2 steps: checks the code runs")
     parser.add_argument("--steps", type=int, default=120, help="distillation steps per variant")
+    parser.add_argument("--search", action="store_true", help="a 4-trial distill search against one full run")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.search:
+        print(json.dumps(search_benchmark(args.quick, args.steps)))
+        return
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -43,8 +43,17 @@ COUNTS = "chat.json"
 
 
 # ----------------------------------------------------------------------------- rows
-def rows(source: str) -> Iterator[tuple[list[dict], str, str]]:
-    """(messages, response, where) of each row of a .jsonl / .parquet file or directory (local or on storage)."""
+@dataclass
+class ChatRow:
+    messages: list[dict]
+    response: str
+    where: str  # file and line (or row), for errors
+    top_logprobs: Optional[list] = None  # an API teacher's alternatives per answer token (compressor.soft_labels)
+    answer_tokens: Optional[list] = None  # the tokens it chose
+
+
+def rows(source: str) -> Iterator[ChatRow]:
+    """The rows of a .jsonl / .parquet file or directory (local or on storage)."""
     from compressor.data import _files
 
     fs, infos = _files(source)
@@ -76,21 +85,21 @@ def _parquet_batches(parquet) -> Iterator[tuple[int, list[dict]]]:
         start += len(listed)
 
 
-def _chat_row(row, where: str) -> tuple[list[dict], str, str]:
+def _chat_row(row, where: str) -> ChatRow:
     from compressor.stages.generate.prompts import normalize
 
     if not isinstance(row, dict):
         raise UserError(f"{where}: a chat row must be an object with `messages` or `prompt`, and `response`")
-    response = row.get("response")
+    response = row.get("response", row.get("answer"))  # `answer`: the labelled rows of a held-out set's format
     messages = normalize(row, where)["messages"]
     if response is None and messages[-1]["role"] == "assistant":
         messages, response = messages[:-1], messages[-1]["content"]
     if not isinstance(response, str) or not messages:
         raise UserError(
-            f"{where}: no answer: give `response` (text) beside `messages` or `prompt`, or end `messages` with "
-            "the assistant's turn"
+            f"{where}: no answer: give `response` (or `answer`, text) beside `messages` or `prompt`, or end "
+            "`messages` with the assistant's turn"
         )
-    return messages, response, where
+    return ChatRow(messages, response, where, row.get("top_logprobs"), row.get("answer_tokens"))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -106,6 +115,13 @@ def check_template(tokenizer, template: Optional[str], where: str) -> None:
 
 def encode(tokenizer, messages: list[dict], response: str, template: Optional[str]) -> tuple[list[int], list[int]]:
     """(prompt token ids, answer token ids) of one example."""
+    prompt_ids, answer_ids, _ = encode_with_starts(tokenizer, messages, response, template)
+    return prompt_ids, answer_ids
+
+
+def encode_with_starts(tokenizer, messages: list[dict], response: str, template: Optional[str]):
+    """(prompt token ids, answer token ids, where each answer token starts in `response`: None for those outside it,
+    such as the template's end-of-turn tokens and EOS)."""
     if template is None:
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
@@ -115,11 +131,17 @@ def encode(tokenizer, messages: list[dict], response: str, template: Optional[st
                 "answer, so the answer tokens cannot be told apart; set `chat.template` to a plain template"
             )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return prompt_ids, tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        answer_text = full[len(prompt) :]
+        answer = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
+        shift = answer_text.find(response) if response else -1
+        starts = [a - shift if shift >= 0 and shift <= a < shift + len(response) else None
+                  for a, _ in answer["offset_mapping"]]  # fmt: skip
+        return prompt_ids, answer["input_ids"], starts
     text = template.replace("{prompt}", "\n".join(m["content"] for m in messages))
-    answer = tokenizer(response, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return tokenizer(text)["input_ids"], answer + eos
+    starts = [a for a, _ in answer["offset_mapping"]] + [None] * len(eos)
+    return tokenizer(text)["input_ids"], answer["input_ids"] + eos, starts
 
 
 def fit(prompt: list[int], answer: list[int], seq_len: int, truncate: str) -> tuple[Optional[list[int]], str]:
@@ -137,28 +159,32 @@ class Packed:
     tokens: np.ndarray  # [seq_len]
     loss_mask: np.ndarray  # [seq_len] uint8: 1 where the token is an answer token
     positions: np.ndarray  # [seq_len]: restart at 0 with every example
+    soft: Optional[list] = None  # [seq_len]: per position, the teacher's alternatives for the next token, or None
 
 
 def pack(examples, seq_len: int, pad_id: int) -> Iterator[Packed]:
-    """Sequences from (ids, answer_length) examples laid end to end; none is split across two sequences."""
-    tokens, mask, positions = [], [], []
-    for ids, answer_length in examples:
+    """Sequences from (ids, answer_length[, soft targets per position]) examples laid end to end; none is split
+    across two sequences."""
+    tokens, mask, positions, soft = [], [], [], []
+    for ids, answer_length, *given in examples:
         if len(tokens) + len(ids) > seq_len:
-            yield _padded(tokens, mask, positions, seq_len, pad_id)
-            tokens, mask, positions = [], [], []
+            yield _padded(tokens, mask, positions, soft, seq_len, pad_id)
+            tokens, mask, positions, soft = [], [], [], []
         tokens += ids
         mask += [0] * (len(ids) - answer_length) + [1] * answer_length
         positions += range(len(ids))
+        soft += given[0] if given and given[0] is not None else [None] * len(ids)
     if tokens:
-        yield _padded(tokens, mask, positions, seq_len, pad_id)
+        yield _padded(tokens, mask, positions, soft, seq_len, pad_id)
 
 
-def _padded(tokens, mask, positions, seq_len, pad_id) -> Packed:
+def _padded(tokens, mask, positions, soft, seq_len, pad_id) -> Packed:
     pad = seq_len - len(tokens)
     return Packed(
         np.array(tokens + [pad_id] * pad, dtype=np.int64),
         np.array(mask + [0] * pad, dtype=np.uint8),
         np.array(positions + list(range(pad)), dtype=np.int64),
+        soft + [None] * pad,
     )
 
 
@@ -185,7 +211,7 @@ def target_mask(loss_mask):
 
 
 # ----------------------------------------------------------------------------- shards
-def chat_dir(data_root: str, source: str, tokenizer_key: str, seq_len: int, template, truncate: str) -> str:
+def chat_dir(data_root: str, source: str, tokenizer_key: str, seq_len: int, template, truncate: str, soft=False) -> str:
     from compressor.config.schema import DataSource
     from compressor.data import source_identity
 
@@ -193,6 +219,7 @@ def chat_dir(data_root: str, source: str, tokenizer_key: str, seq_len: int, temp
     key = digest(
         {"format": FORMAT, "source": ident, "tokenizer": tokenizer_key, "seq_len": seq_len}
         | {"template": template, "truncate": truncate}
+        | ({"soft_labels": True} if soft else {})
     )
     return storage.join(data_root, f"chat-{key[:12]}")
 
@@ -202,36 +229,65 @@ def read_counts(directory: str) -> Optional[dict]:
     return json.loads(text) if text else None
 
 
-def prepare(source: str, tokenizer_dir: str, seq_len: int, template, truncate: str, data_root: str) -> str:
-    """Write (once per key) the chat shards of `source`; returns their directory. Streams: one shard in memory."""
+def prepare(
+    source: str, tokenizer_dir: str, seq_len: int, template, truncate: str, data_root: str, soft: bool = False
+) -> str:
+    """Write (once per key) the chat shards of `source`; returns their directory. Streams: one shard in memory.
+    `soft`: rows that carry an API teacher's `top_logprobs` also give sparse targets (compressor.soft_labels)."""
+    from compressor import soft_labels
     from compressor.modeling import load_tokenizer
     from compressor.shards import tokenizer_digest
 
     tokenizer = load_tokenizer(tokenizer_dir)
     check_template(tokenizer, template, f"data {source}")
     template_key = template if template is not None else tokenizer.chat_template
-    directory = chat_dir(data_root, source, tokenizer_digest(tokenizer_dir), seq_len, template_key, truncate)
+    digest_ = tokenizer_digest(tokenizer_dir)
+    k = soft_labels.width(rows(source)) if soft else 0
+    directory = chat_dir(data_root, source, digest_, seq_len, template_key, truncate, soft=k > 0)
     if read_counts(directory) is not None:
         return directory
     counts = {"examples": 0, "kept": 0, "truncated": 0, "dropped": 0, "answer_tokens": 0}
+    vocab = soft_labels.VocabMap(tokenizer) if k else None
+    soft_counts = soft_labels.SoftCounts()
 
     def examples():
-        for messages, response, _where in rows(source):
-            prompt, answer = encode(tokenizer, messages, response, template)
+        for row in rows(source):
+            prompt, answer, starts = encode_with_starts(tokenizer, row.messages, row.response, template)
             ids, status = fit(prompt, answer, seq_len, truncate)
             counts["examples"] += 1
             counts[status] += 1
-            if ids is not None:
-                counts["answer_tokens"] += len(answer)
-                yield ids, len(answer)
+            if ids is None:
+                continue
+            counts["answer_tokens"] += len(answer)
+            targets = None
+            if vocab is not None and row.top_logprobs:
+                # the alternatives for answer token j sit at the position that predicts it
+                per_token = soft_labels.align(
+                    row.top_logprobs, row.answer_tokens, row.response, starts, vocab, soft_counts
+                )
+                targets = [None] * len(ids)
+                for j, alternatives in enumerate(per_token):
+                    targets[len(ids) - len(answer) + j - 1] = alternatives
+            yield ids, len(answer), targets
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     writers = {side: _SideWriter(storage.join(directory, side), seq_len, side, len(tokenizer)) for side in SIDES}
+    soft_writer = None
+    if k:
+        soft_writer = soft_labels.SoftWriter(
+            storage.join(directory, soft_labels.TARGETS), seq_len, k, len(tokenizer), digest_
+        )
+        writers["soft_mask"] = _SideWriter(storage.join(directory, "soft_mask"), seq_len, "loss_mask", len(tokenizer))
     for packed in pack(examples(), seq_len, pad):
         for side in SIDES:
             writers[side].add(getattr(packed, side))
+        if soft_writer is not None:
+            writers["soft_mask"].add(soft_writer.add(packed.soft))
     for writer in writers.values():
         writer.close()
+    if soft_writer is not None:
+        soft_writer.close()
+        counts["soft_labels"] = soft_counts.as_dict()
     if counts["examples"] == 0 or counts["dropped"] == counts["examples"]:
         raise UserError(
             f"data {source}: no example fits seq_len {seq_len} ({counts['examples']} rows, {counts['dropped']} "
@@ -277,11 +333,11 @@ class _SideWriter:
         storage.write_text(storage.join(self.directory, INDEX), self.index.to_json())
 
 
-def for_distill(source: str, tokenizer_dir: str, seq_len: int, template, truncate: str, data_root: str):
+def for_distill(source: str, tokenizer_dir: str, seq_len: int, template, truncate: str, data_root: str, soft=False):
     """(chat shard directory, the tokens' ShardIndex, counts) for a distillation run (prepared on first use)."""
     from compressor.shards import read_index
 
-    directory = prepare(source, tokenizer_dir, seq_len, template, truncate, data_root)
+    directory = prepare(source, tokenizer_dir, seq_len, template, truncate, data_root, soft)
     return directory, read_index(storage.join(directory, "tokens")), read_counts(directory)
 
 
@@ -290,10 +346,12 @@ def is_chat_dir(directory: str) -> bool:
 
 
 def side_readers(directory: str) -> dict:
-    """ShardReaders of a chat shard directory, by side (tokens, loss_mask, positions)."""
+    """ShardReaders of a chat shard directory, by side (tokens, loss_mask, positions, and soft_mask where the
+    rows gave an API teacher's log-probabilities)."""
     from compressor.shards import ShardReader
 
-    return {side: ShardReader(storage.join(directory, side)) for side in SIDES}
+    sides = SIDES + (("soft_mask",) if storage.exists(storage.join(directory, "soft_mask", "index.json")) else ())
+    return {side: ShardReader(storage.join(directory, side)) for side in sides}
 
 
 def packed_inputs(model, positions) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -196,11 +197,12 @@ def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int | str,
 
     model, tokenizer = _load(model_dir, device, dtype)
     chat_tasks = [t.name for t in tasks if t.data is not None]
-    if chat_tasks and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            f"evaluation task {chat_tasks[0]!r}: the model answers held-out prompts through its chat template, and "
-            f"the tokenizer of {model_dir} has none. Give the tokenizer one (`chat_template` in tokenizer_config.json "
-            "or a chat_template.jinja beside it), as the model will be prompted in use"
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    if chat_tasks and not templated:  # e.g. a base model before it learned the task: prompted as lm-eval would be
+        warnings.warn(
+            f"evaluation task {chat_tasks[0]!r}: the tokenizer of {model_dir} has no chat template, so the model "
+            "answers the plain prompts (lm_eval without --apply_chat_template)",
+            stacklevel=1,
         )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     groups: dict[tuple, list[str]] = defaultdict(list)
@@ -218,7 +220,7 @@ def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int | str,
                 task_manager=manager,
                 bootstrap_iters=BOOTSTRAP_ITERS,
                 log_samples=False,
-                apply_chat_template=chat,  # what `lm_eval --apply_chat_template` does, for the same numbers
+                apply_chat_template=chat and templated,  # `lm_eval --apply_chat_template`, for the same numbers
             )
         results.update(flatten(out["results"]))
     return results

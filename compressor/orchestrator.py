@@ -82,6 +82,7 @@ class Orchestrator:
         )
         self.stage_seconds = 0.0
         self.hub_teacher: Optional[ModelRef] = None  # the snapshot of a hub teacher, once published to the storage
+        self.hub_student: Optional[ModelRef] = None  # and of a hub student
         self.published: dict[str, str] = {}  # model key -> directory, for stages that ran in this run
 
     # ------------------------------------------------------------------ entry point
@@ -137,12 +138,16 @@ class Orchestrator:
         the plan is then re-made with the commit in the teacher's key and the snapshot as every stage's source."""
         from compressor import hub
 
-        teacher = self.spec.teacher
-        if not hub.is_hub_id(teacher.model):
+        published = {}
+        for role, model in (("teacher", self.spec.teacher), ("student", self.spec.student)):
+            if model is None or not hub.is_hub_id(model.model):
+                continue
+            self.console.print(f"[dim]{role} {model.model}: resolving revision {model.revision or 'main'}[/]")
+            published[role] = hub.publish_snapshot(model.model, model.revision, self.plan.storage_uri, model.dtype)
+        if not published:
             return
-        self.console.print(f"[dim]teacher {teacher.model}: resolving revision {teacher.revision or 'main'}[/]")
-        self.hub_teacher = hub.publish_snapshot(teacher.model, teacher.revision, self.plan.storage_uri, teacher.dtype)
-        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=self.hub_teacher)
+        self.hub_teacher, self.hub_student = published.get("teacher"), published.get("student")
+        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=self.hub_teacher, student=self.hub_student)
 
     def _pin_hub_data(self) -> None:
         """An `hf:` data source is read at one commit, resolved now, once: the commit goes into the shard and stage
@@ -159,7 +164,7 @@ class Orchestrator:
                     f"[dim]data {name}: {ds.source} at commit {self.spec.data[name].revision} "
                     f"(set data.{name}.revision to it to pin it)[/]"
                 )
-        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=self.hub_teacher)
+        self.plan = make_plan(self.spec, self.plan.storage_uri, teacher=self.hub_teacher, student=self.hub_student)
 
     # ------------------------------------------------------------------ stages
     def _run_stage(self, stage: PlannedStage, baseline: Optional[Scores], previous: Optional[Scores]) -> StageOutcome:
@@ -203,6 +208,7 @@ class Orchestrator:
             manifest.mlflow_run_id = run_id
             if stage.produces_model:
                 scores = self._scores(ModelRef(path=join(where, manifest.model_uri), key=stage.output.key), run_id)
+                self._score_references(stage, where, manifest, run_id)
             else:  # the stage judged its input: its scores are its result
                 scores = manifest.details.get("scores")
             rows = gates.check_gate(stage.entry.gate, scores or {}, baseline, previous) if stage.entry.gate else []
@@ -393,8 +399,16 @@ class Orchestrator:
         self.tracker.end(run_id)
         return scores
 
-    def _scores(self, model: ModelRef, run_id: str) -> Optional[Scores]:
-        """The model's lm-eval scores: from the cache, or evaluated now as a Ray task. Logged to `run_id`."""
+    def _score_references(self, stage: PlannedStage, where: str, manifest: Manifest, run_id: str) -> None:
+        """Models a stage made beside its output to compare it with (distill's hard-label control): scored like
+        it, their scores kept in the manifest and logged under their name."""
+        for name, reference in (manifest.details.get("references") or {}).items():
+            model = ModelRef(path=join(where, reference["model_uri"]), key=f"{stage.output.key}:{name}")
+            reference["scores"] = self._scores(model, run_id, prefix=f"{name}.")
+
+    def _scores(self, model: ModelRef, run_id: str, prefix: str = "") -> Optional[Scores]:
+        """The model's lm-eval scores: from the cache, or evaluated now as a Ray task. Logged to `run_id` (metric
+        names after `prefix`)."""
         if not self.spec.evaluation.tasks:
             return None
         scores = self._cached_scores(model)
@@ -427,8 +441,8 @@ class Orchestrator:
             self.stage_seconds += seconds
             self._save_scores(model, scores)  # keyed by the model's content: valid whatever its gate says
         sink = self.tracker.sink(run_id)
-        sink.log_metrics({k: float(v) for k, v in flatten(scores).items() if _is_number(v)})
-        self.tracker.log_json(run_id, scores, "eval.json")
+        sink.log_metrics({f"{prefix}{k}": float(v) for k, v in flatten(scores).items() if _is_number(v)})
+        self.tracker.log_json(run_id, scores, f"eval-{prefix.rstrip('.')}.json" if prefix else "eval.json")
         return scores
 
     def _eval_log(self, model: ModelRef) -> str:
@@ -549,7 +563,16 @@ def _ray_resources(resources) -> dict:
 
 
 def summary_dict(summary: RunSummary) -> dict:
+    from compressor.recovery import distillation_rows
+
+    controlled = [o for o in summary.outcomes if o.manifest and o.manifest.details.get("references")]
     return {
+        "distillation": {
+            o.name: distillation_rows(
+                summary.baseline, {"scores": o.scores, "references": o.manifest.details["references"]}
+            )
+            for o in controlled
+        },
         "pipeline": summary.plan.spec.name,
         "seconds": round(summary.seconds, 3),
         "baseline": summary.baseline,

@@ -97,7 +97,7 @@ def _is_path(model: str) -> bool:
 
 
 def resolve_teacher(
-    teacher: TeacherSpec, storage_uri: str, published: Optional[ModelRef] = None
+    teacher: TeacherSpec, storage_uri: str, published: Optional[ModelRef] = None, field: str = "teacher"
 ) -> tuple[ModelRef, dict]:
     """ModelRef + config.json dict of the teacher, with a content key for the cache. A hub teacher's key is its commit
     hash: `published` (the snapshot `run` put on the storage), else the commit the local HF cache knows for the
@@ -109,14 +109,14 @@ def resolve_teacher(
         name = model[len("zoo:") :]
         if name not in zoo.RECIPES:
             raise UserError(
-                f"teacher.model: unknown reference model {name!r} (known: {', '.join(sorted(zoo.RECIPES))})"
+                f"{field}.model: unknown reference model {name!r} (known: {', '.join(sorted(zoo.RECIPES))})"
             )
         return ModelRef(path=model, key=f"zoo:{zoo.model_key(name)}"), zoo.model_config(name)
     if _is_path(model):
         path = Path(model).expanduser().resolve()
         if not (path / "config.json").is_file():
             what = "no such directory" if not path.exists() else "no config.json there (not a Hugging Face checkpoint)"
-            raise UserError(f"teacher.model: {model}: {what}")
+            raise UserError(f"{field}.model: {model}: {what}")
         from compressor.checkpoint import tensor_shapes
 
         config_text = (path / "config.json").read_text()
@@ -128,7 +128,7 @@ def resolve_teacher(
 
     if not hub.is_hub_id(model):
         raise UserError(
-            f"teacher.model: {model!r} is neither a local checkpoint directory, `zoo:NAME`, nor a Hugging "
+            f"{field}.model: {model!r} is neither a local checkpoint directory, `zoo:NAME`, nor a Hugging "
             "Face repo id (ORG/NAME)"
         )
     if published is not None:
@@ -211,14 +211,21 @@ def check_local_tasks(tasks: list[TaskSpec]) -> None:
             )
 
 
-def make_plan(spec: PipelineSpec, storage: Optional[str] = None, teacher: Optional[ModelRef] = None) -> Plan:
-    """`teacher`: the hub snapshot `run` published (see resolve_teacher)."""
+def make_plan(
+    spec: PipelineSpec,
+    storage: Optional[str] = None,
+    teacher: Optional[ModelRef] = None,
+    student: Optional[ModelRef] = None,
+) -> Plan:
+    """`teacher`, `student`: the hub snapshots `run` published (see resolve_teacher)."""
     storage_uri = storage or spec.storage
     remote = storage_mod.is_remote(storage_uri)
     storage_root = storage_mod.local_mirror(storage_uri) if remote else Path(storage_uri).expanduser().resolve()
     storage_uri = storage_uri if remote else str(storage_root)
     teacher, teacher_config = resolve_teacher(spec.teacher, storage_uri, teacher)
     current, config = teacher, teacher_config
+    if spec.student is not None:  # the stages start from it; the teacher still teaches and is the baseline
+        current, config = resolve_teacher(spec.student, storage_uri, student, field="student")
     planned: list[PlannedStage] = []
     datasets: dict[str, str] = {}  # name -> key of the stages so far that made a dataset (a later `data` names one)
     for i, entry in enumerate(spec.stages):

@@ -293,6 +293,8 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
     for name, source in spec.data.items():
         if name in prompt_sources:
             check_prompts(source, f"data.{name}.source")
+        elif name in chat_sources(spec):
+            check_chat_rows(source, f"data.{name}.source")
         else:
             check_data(source, f"data.{name}.source")
     check_gate_metrics(spec, path)
@@ -326,6 +328,35 @@ def check_chat_templates(spec) -> None:
                 f"of {teacher} has none: set `chat.template` to a plain template with a {{prompt}} placeholder "
                 '(e.g. "{prompt}\\nAnswer: "), or use a model whose tokenizer has a chat template'
             )
+
+
+def chat_sources(spec) -> set[str]:
+    """Data sources read as chat rows: a chat distillation's data and its hard-label control's."""
+    names = set()
+    for entry in spec.stages:
+        if getattr(entry.spec, "chat", None) is not None:
+            names.add(entry.spec.data)
+        if (control := getattr(entry.spec, "hard_labels", None)) is not None:
+            names.add(control.data)
+    return names
+
+
+def check_chat_rows(source, flag: str, rows: int = 100) -> None:
+    """The first rows of a chat source parse (`messages` or `prompt`, and an answer); the stage reads the rest."""
+    import itertools
+
+    from compressor import storage
+    from compressor.chat_data import rows as chat_rows
+
+    if source.source.startswith(("hf:", "zoo:")) or storage.is_remote(source.source):
+        return
+    if not Path(source.source).expanduser().exists():
+        raise UserError(f"{flag} {source.source}: no such file or directory")
+    try:
+        if not list(itertools.islice(chat_rows(source.source), rows)):
+            raise UserError(f"{source.source}: no rows")
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
 
 
 def check_prompts(source, flag: str) -> None:

@@ -41,6 +41,7 @@ class PipelineRun:
     final: Optional[str]
     seconds: float
     curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)  # stage -> metric -> points
+    searches: dict[str, dict] = field(default_factory=dict)  # distill stage -> its search.json (trials, best)
     label: str = ""
 
     @property
@@ -212,6 +213,9 @@ def load_run(client, run_id: str) -> PipelineRun:
     for stage in result.stages:  # stages that log training curves (distill)
         if curves := _curves(client, stage.get("run_id")):
             result.curves[stage["name"]] = curves
+        if stage.get("kind") == "distill" and stage.get("run_id"):  # a search's trials (distill `search:`)
+            if found := _artifact_json(client, stage["run_id"], "search.json"):
+                result.searches[stage["name"]] = found
     return result
 
 
@@ -334,8 +338,43 @@ def stage_seconds(runs: list[PipelineRun]) -> Optional[Plot]:
     return Plot("stage_seconds", "Seconds per stage", _png(fig), data)
 
 
+def search_trials(runs: list[PipelineRun]) -> Optional[Plot]:
+    """A distill search's trials: each one's validation loss (lower is better), the best filled, trials ASHA stopped
+    or that failed marked at the axis; one panel per searched stage."""
+    panels = [(f"{run.label}: {name}" if len(runs) > 1 else name, found) for run in runs for name, found in
+              run.searches.items()]  # fmt: skip
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 1.1 * max(len(f["trials"]) for _, f in panels)) *
+                             len(panels), 4.2), squeeze=False, layout="constrained")  # fmt: skip
+    data = {}
+    for ax, (label, found) in zip(axes[0], panels):
+        trials = found["trials"]
+        scored = [t["validation_loss"] for t in trials if t["validation_loss"] is not None]
+        floor = min(scored) if scored else 0.0
+        for i, t in enumerate(trials):
+            value = t["validation_loss"]
+            best = t["index"] == found["best"]
+            if value is None:
+                ax.annotate(t["status"].lower(), (i, floor), ha="center", fontsize=7, rotation=90)
+                continue
+            ax.bar(i, value, color="tab:green" if best else "tab:blue", alpha=1.0 if best else 0.6)
+        ax.set_xticks(range(len(trials)), [t["label"].replace(", ", "\n") for t in trials], fontsize=7)
+        if scored:
+            ax.set_ylim(min(scored) * 0.98, max(scored) * 1.01)
+        ax.set_ylabel("validation loss (lower is better)")
+        ax.set_title(f"{label}: {len(trials)} trials of {found['trial_steps']} steps, best in green", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        data[label] = [{"label": t["label"], "validation_loss": t["validation_loss"], "best": t["index"] ==
+                        found["best"]} for t in trials]  # fmt: skip
+    fig.suptitle("distill search")
+    return Plot("search_trials", "Distill search: the trials", _png(fig), data)
+
+
 def figures(runs: list[PipelineRun]) -> list[Plot]:
-    return [p for p in (score_vs_size(runs), distill_curves(runs), stage_seconds(runs)) if p is not None]
+    plots = (score_vs_size(runs), distill_curves(runs), stage_seconds(runs), search_trials(runs))
+    return [p for p in plots if p is not None]
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -548,6 +587,7 @@ def write_report(run: PipelineRun, out: Path) -> tuple[Path, Path, list[Plot]]:
     plots = figures([run])
     _write_plots(plots, out)
     stages, metrics = stage_table(run), metric_table(run)
+    distillation = distillation_tables(run)
     facts = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _facts(run))
     page = _page(
         f"{run.pipeline}: pipeline run {run.run_id[:8]}",
@@ -556,6 +596,7 @@ def write_report(run: PipelineRun, out: Path) -> tuple[Path, Path, list[Plot]]:
             html_table(*stages),
             "<h2>Evaluation (value ± stderr; gate bars and verdicts below)</h2>",
             html_table(*metrics),
+            *[part for title, t in distillation for part in (f"<h2>{html.escape(title)}</h2>", html_table(*t))],
             *_figures_html(plots),
         ],
     )
@@ -574,10 +615,22 @@ def write_report(run: PipelineRun, out: Path) -> tuple[Path, Path, list[Plot]]:
         "",
         md_table(*metrics),
         "",
+        *[line for title, t in distillation for line in (f"## {title}", "", md_table(*t), "")],
     ]
     md += [line for p in plots for line in (f"## {p.title}", "", f"![{p.title}]({p.name}.png)", "")]
     md_path.write_text("\n".join(md))
     return html_path, md_path, plots
+
+
+def distillation_tables(run: PipelineRun) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """(title, table) of each stage with a hard-label control: teacher, hard labels, distilled, gap recovered."""
+    from compressor.recovery import distillation_rows, table
+
+    return [
+        (f"Distillation: {stage['name']} (teacher, the same student on the labels alone, distilled)", table(rows))
+        for stage in run.stages
+        if (rows := distillation_rows(run.teacher.get("scores"), stage))
+    ]
 
 
 def comparison(runs: list[PipelineRun]) -> tuple[tuple[list, list, list], tuple[list, list, list]]:

@@ -231,6 +231,8 @@ def stage_records(summary) -> list[dict]:
                 "gate": rows,
                 "gate_verdict": _verdict(rows),
                 "run_id": m.mlflow_run_id if m else None,  # the run that made it (an earlier one when cached)
+                # models made beside it to compare it with (distill's hard-label control), with their scores
+                "references": (m.details.get("references") or {}) if m else {},
             }
         )
     return records

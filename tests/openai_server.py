@@ -106,10 +106,11 @@ class OpenAIServer:
             choice["logprobs"] = None
             if logprobs:
                 steps = a.get("top_logprobs") or []
+                chosen = a.get("answer_tokens") or [s[0]["token"] for s in steps]
                 choice["logprobs"] = {
                     "content": [
-                        {"token": s[0]["token"], "logprob": s[0]["logprob"], "bytes": None, "top_logprobs": s}
-                        for s in steps
+                        {"token": token, "logprob": _logprob(token, s), "bytes": None, "top_logprobs": s}
+                        for token, s in zip(chosen, steps)
                     ]
                 }
             choices.append(choice)
@@ -126,6 +127,14 @@ class OpenAIServer:
                 "total_tokens": answers[0]["prompt_tokens"] + completion_tokens,
             },
         }
+
+
+def _logprob(token: str, alternatives: list[dict]) -> float:
+    """The chosen token's log-probability (among the alternatives when it is one of them, as at temperature 0)."""
+    return next(
+        (a["logprob"] for a in alternatives if a["token"] == token),
+        alternatives[-1]["logprob"] if alternatives else 0.0,
+    )
 
 
 def _handler(server: OpenAIServer):

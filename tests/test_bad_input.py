@@ -175,6 +175,20 @@ CASES: dict[str, tuple] = {
         lambda e: e.validate("  - quantize:", "  - distill: {data: calib, chat: {}, steps: 2}\n  - quantize:"),
         "stages.1.distill.chat: the data is rendered with the tokenizer's chat template",
     ),
+    "distill-black-box-with-a-teacher-only-loss": (
+        lambda e: e.validate(
+            "  - quantize:", "  - distill: {data: calib, teacher: none, loss: {kind: gjsd}, steps: 2}\n  - quantize:"
+        ),
+        "teacher none: loss.kind gjsd needs the teacher's logits",
+    ),
+    "distill-hard-labels-unknown-source": (
+        lambda e: e.validate(
+            "  - quantize:",
+            '  - distill: {data: calib, chat: {template: "{prompt}"}, hard_labels: {data: nope}, steps: 2}\n'
+            "  - quantize:",
+        ),
+        "hard_labels.data: unknown data source 'nope'",
+    ),
     # ------------------------------------------------------------------ pipeline YAML (validate)
     "yaml-syntax": (lambda e: e.validate("stages:\n", "stages: [\n"), "p.yaml:"),
     "yaml-not-a-mapping": (lambda e: ["validate", e.pipeline("- prune\n- quantize\n")], "must be a mapping"),
@@ -185,6 +199,13 @@ CASES: dict[str, tuple] = {
     ),
     "yaml-wrong-type": (lambda e: e.validate("samples: 8", "samples: eight"), "p.yaml:5: data.calib.samples"),
     "yaml-unknown-key": (lambda e: e.validate("seed: 0", "sede: 0"), "sede: unknown key"),
+    "distill-search-unknown-field": (
+        lambda e: e.validate(
+            "  - quantize:",
+            "  - distill: {data: calib, steps: 4, search: {space: {loss.temprature: [1, 2]}}}\n  - quantize:",
+        ),
+        "space.loss.temprature: not a field a search can vary (did you mean loss.temperature?)",
+    ),
     "yaml-unknown-nested-key": (
         lambda e: e.validate("intermediate_size: 192", "intermediat_size: 192"),
         "stages.0.prune.target.intermediat_size",
@@ -227,6 +248,27 @@ CASES: dict[str, tuple] = {
     "yaml-budget-conflicting-constraints": (
         lambda e: e.validate("{intermediate_size: 192}", "{params: 0.2, hidden_size: 128, num_layers: 4}"),
         "the smallest aligned shape with hidden_size 128, num_layers 4 has 230,528",  # heads aligned too
+    ),
+    "yaml-prune-target-and-candidates": (
+        lambda e: e.validate("{intermediate_size: 192},", "{intermediate_size: 192}, candidates: [{params: 0.5}],"),
+        "stages.0.prune: give either target (one shape or budget) or candidates (a selection), not both",
+    ),
+    "yaml-prune-empty-candidates": (
+        lambda e: e.validate("target: {intermediate_size: 192}", "candidates: [], bar: {max_perplexity_ratio: 1.3}"),
+        "stages.0.prune: candidates: empty; list at least one",
+    ),
+    "yaml-prune-candidate-missing-checkpoint": (
+        lambda e: e.validate(
+            "target: {intermediate_size: 192}",
+            "candidates: [{params: 0.5}, {model: ./no-such-ckpt}], bar: {max_perplexity_ratio: 1.3}",
+        ),
+        "prune.candidates.1.model: ./no-such-ckpt: no such directory",
+    ),
+    "yaml-prune-bar-without-candidates": (
+        lambda e: e.validate(
+            "{intermediate_size: 192},", "{intermediate_size: 192}, bar: {max_perplexity_ratio: 1.3},"
+        ),
+        "stages.0.prune: bar: a bar selects among candidates; give candidates too, or drop the bar",
     ),
     "yaml-negative-seed": (lambda e: e.validate("seed: 0", "seed: -1"), "p.yaml:3: seed"),
     "yaml-huge-seed": (lambda e: e.validate("seed: 0", "seed: 1e30"), "p.yaml:3: seed: 1e30 is out of range"),

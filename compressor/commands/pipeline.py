@@ -82,10 +82,11 @@ def register(app: typer.Typer) -> None:
         path, spec = _load(pipeline, overrides)
         with storage_mod.credentials(storage or spec.storage):
             check_pipeline(spec, path, storage)  # bad input is refused before Ray, MLflow or the storage are touched
-        if spec.teacher.trust_remote_code:
-            from compressor import remote_code
+        for model in (spec.teacher, spec.student):
+            if model is not None and model.trust_remote_code:
+                from compressor import remote_code
 
-            remote_code.allow(spec.teacher.model, warn=False)  # this process, its local Ray workers, a cluster's job
+                remote_code.allow(model.model, warn=False)  # this process, its local Ray workers, a cluster's job
         console = Console(stderr=True)
         from compressor import interrupt
 
@@ -308,6 +309,28 @@ def _summary_tables(title: str, rows: list[dict], metrics: list[tuple[str, str]]
     return [stages, scores]
 
 
+def _print_distillation(baseline, rows: list[dict], console: Console) -> None:
+    """The distillation table of each stage that trained a hard-label control (compressor/recovery.py)."""
+    from compressor.recovery import CONTROL, distillation_rows, table
+
+    for r in rows:
+        found = distillation_rows(baseline, r)
+        if not found:
+            continue
+        control = r["references"][CONTROL]
+        out = Table(
+            title=f"distillation: {r['name']} (hard labels: the same student, {control['steps']} steps on "
+            f"{control['data']} alone)",
+            title_justify="left",
+        )
+        header, cells = table(found)
+        for col in header:
+            out.add_column(col, overflow="fold")
+        for row in cells:
+            out.add_row(*row)
+        console.print(out)
+
+
 def print_summary(summary, console: Console) -> None:
     """One screen: a row per stage (teacher baseline first) with size, time, each task's gated metrics (else its
     main metric) and the gate. Columns are in a fixed order (by task, then metric); a quantized model shows its real
@@ -342,6 +365,7 @@ def print_summary(summary, console: Console) -> None:
     title = f"{summary.plan.spec.name}: {summary.seconds:.1f}s"
     for table in _summary_tables(title, rows, metrics, console.width):
         console.print(table)
+    _print_distillation(summary.baseline, rows, console)
     final = next((r for r in reversed(rows) if r.get("model_uri")), None)
     if final:
         console.print(f"final model: {redact(final['model_uri'])}", soft_wrap=True)

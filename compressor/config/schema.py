@@ -239,6 +239,12 @@ class TrackingSpec(Strict):
 class PipelineSpec(Strict):
     name: str
     teacher: TeacherSpec
+    student: Optional[TeacherSpec] = Field(
+        None,
+        description="The model the stages start from, when it is not the teacher: e.g. a smaller pretrained model "
+        "of the teacher's family (same tokenizer for white-box KD), or one that never saw the task's labels. The "
+        "teacher stays the teacher of distill and generate and the evaluation baseline. Default: the teacher.",
+    )
     storage: str = Field("./artifacts", description="Local/NFS path or fsspec URI (s3://, gs://).")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     seed: int = Field(
@@ -295,6 +301,12 @@ class PipelineSpec(Strict):
             if stage.name in seen:
                 raise ValueError(f"stages.{i}.name: duplicate stage name {stage.name!r}")
             seen.add(stage.name)
+            control = getattr(stage.spec, "hard_labels", None)  # distill's control reads a labelled source
+            if control is not None and control.data not in self.data:
+                known = ", ".join(sorted(self.data)) or "none defined"
+                raise ValueError(
+                    f"stages.{i}.{kind}.hard_labels.data: unknown data source {control.data!r} (known: {known})"
+                )
             for field in ("calibration", "data", "prompts"):
                 ref = getattr(stage.spec, field, None)
                 if ref is not None and ref not in self.data and not (field == "data" and ref in datasets):

@@ -24,6 +24,11 @@ def check(spec: DistillSpec, config: dict) -> CheckResult:
 
         check_settings(spec.loss.targets.kind, spec.loss.targets.k, config["vocab_size"], "distill.loss.targets")
     warnings = []
+    if spec.black_box and spec.loss.temperature != 1.0:
+        warnings.append(
+            f"distill.loss.temperature {spec.loss.temperature:g} is not used with teacher {spec.teacher}: an API's "
+            "top_logprobs are the teacher's distribution at T = 1, and the KD term runs at T = 1"
+        )
     if spec.deepspeed.bf16 and spec.gpus_per_worker == 0:
         warnings.append("distill.deepspeed.bf16 on CPU workers: works, but usually slower than fp32 on CPUs")
     if spec.deepspeed.offload_optimizer and spec.gpus_per_worker == 0:
@@ -32,9 +37,19 @@ def check(spec: DistillSpec, config: dict) -> CheckResult:
 
 
 def run(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
-    from compressor.stages.distill.driver import distill
+    if spec.search is not None:  # trials first (Ray Tune), then this run with the best settings
+        from compressor.stages.distill.search import search_then_distill
 
-    return distill(spec, model, ctx)
+        result = search_then_distill(spec, model, ctx)
+    else:
+        from compressor.stages.distill.driver import distill
+
+        result = distill(spec, model, ctx)
+    if spec.hard_labels is not None:  # the control: the same student on the labels alone
+        from compressor.stages.distill.hard_labels import train_control
+
+        result = train_control(spec, model, ctx, result)
+    return result
 
 
 def tokens(spec: DistillSpec, pipeline) -> tuple[float, int]:
@@ -52,20 +67,34 @@ def flops(spec: DistillSpec, given: EstimateInput) -> float:
     from compressor import estimate
 
     budget, seq_len = tokens(spec, given.pipeline)
+    if spec.search is not None:  # each trial trains `fraction` of the budget (or less, when ASHA stops it)
+        budget *= 1 + spec.search.trials() * spec.search.fraction
+    student = 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
+    if spec.black_box:  # no teacher forward
+        return budget * student
     teacher = given.teacher_config or estimate.teacher_config(given.pipeline.teacher) or given.in_config
-    per_token = estimate.forward_flops_per_token(teacher, seq_len) + 3 * estimate.forward_flops_per_token(
-        given.in_config, seq_len
-    )
-    return budget * per_token
+    return budget * (estimate.forward_flops_per_token(teacher, seq_len) + student)
 
 
 def key_extra(spec: DistillSpec, plan: PlanContext) -> dict:
-    return {"teacher": plan.teacher_key}  # the teacher's logits are what the student learns
+    # The teacher's logits are what the student learns; a black box's answers (and log-probs) are the data, keyed.
+    extra = {} if spec.black_box else {"teacher": plan.teacher_key}
+    if spec.hard_labels is not None:  # the control's labelled data, by content (it is not the stage's `data`)
+        from compressor.cache import key_fields
+
+        source = plan.pipeline.data.get(spec.hard_labels.data)
+        extra["hard_labels_data"] = key_fields(source) if source is not None else spec.hard_labels.data
+    if spec.search is not None:  # the validation data picks the settings: other validation data, another output
+        from compressor.stages.distill.search_spec import validation_source
+
+        extra["search_validation"] = validation_source(spec, plan)
+    return extra
 
 
 def describe_resources(spec: DistillSpec, resources) -> str:
     worker = type(resources)(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker)
-    return f"{spec.workers} x {one_task(spec, worker)}"
+    searched = f"; search: {spec.search.trials()} trials of the same" if spec.search is not None else ""
+    return f"{spec.workers} x {one_task(spec, worker)}{searched}"
 
 
 def plan_notes(plan, stage) -> list[str]:

@@ -248,16 +248,20 @@ class WorkerData:
                 )
         micro = self.plan.micro_batch
         tokens = list(torch.from_numpy(tokens.astype(np.int64)).split(micro))
-        if self.chat:  # {tokens, loss_mask, positions} per micro-batch; 1-2 bytes per token, memory-mapped
-            sides = {name: torch.from_numpy(r.read(ids).astype(np.int64)).split(micro) for name, r in self.chat.items()}
-            return [{"tokens": t, **{name: sides[name][i] for name in sides}} for i, t in enumerate(tokens)]
-        if sparse is None:
-            return tokens
         # fp16 and small integer types as stored; the loss widens them per chunk
         parts = {
             name: torch.from_numpy(np.ascontiguousarray(a).astype(_TORCH_SAFE.get(a.dtype.str, a.dtype))).split(micro)
-            for name, a in sparse.items()
+            for name, a in (sparse or {}).items()
         }
+        if self.chat:  # {tokens, loss_mask, positions[, soft_mask, sparse]} per micro-batch; memory-mapped
+            sides = {name: torch.from_numpy(r.read(ids).astype(np.int64)).split(micro) for name, r in self.chat.items()}
+            return [
+                {"tokens": t, **{name: sides[name][i] for name in sides}}
+                | ({"sparse": {name: parts[name][i] for name in parts}} if parts else {})
+                for i, t in enumerate(tokens)
+            ]
+        if sparse is None:
+            return tokens
         return [(t, {name: parts[name][i] for name in parts}) for i, t in enumerate(tokens)]
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from compressor.cache import digest, key_fields
 from compressor.errors import StageFailed, UserError
@@ -26,8 +27,11 @@ def model_config(model: ModelRef) -> dict:
     return read_config(model, fetch=True)
 
 
-def teacher_ref(spec: DistillSpec, ctx: StageContext) -> ModelRef:
-    """The teacher as a reference: each worker materializes it on its own node (never through the driver's disk)."""
+def teacher_ref(spec: DistillSpec, ctx: StageContext, student: ModelRef) -> ModelRef:
+    """The teacher as a reference: each worker materializes it on its own node (never through the driver's disk).
+    A black-box teacher has no weights: the student stands in where a tokenizer is read, and no worker loads it."""
+    if spec.black_box:
+        return student
     if spec.teacher:
         return ModelRef(path=spec.teacher, key=f"path:{spec.teacher}")
     if ctx.teacher is None:
@@ -35,7 +39,11 @@ def teacher_ref(spec: DistillSpec, ctx: StageContext) -> ModelRef:
     return ctx.teacher
 
 
-def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
+def distill(
+    spec: DistillSpec, model: ModelRef, ctx: StageContext, tokenizer_of: Optional[ModelRef] = None
+) -> StageResult:
+    """`tokenizer_of`: the model whose tokenizer renders and tokenizes the data and goes with the exported student
+    (default: the teacher's, for a black box the student's); the hard-label control uses its distillation's."""
     import ray
 
     from compressor.data import first_sequence_check, normalized
@@ -47,11 +55,12 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
 
     # Everything that can be wrong with the inputs is found here, before a worker starts.
     ctx.run_name = ctx.run_name or f"distill-{uuid.uuid4().hex[:12]}"  # names the Ray Train run (resume finds it)
-    teacher = teacher_ref(spec, ctx)
+    teacher = teacher_ref(spec, ctx, model)
     student_config, teacher_config = model_config(model), model_config(teacher)
     check_student(spec, student_config)
-    check_pair(spec, student_config, teacher_config, teacher.path)
-    check_vocabulary(model, teacher, student_config["vocab_size"], teacher_config["vocab_size"])
+    if not spec.black_box:
+        check_pair(spec, student_config, teacher_config, teacher.path)
+        check_vocabulary(model, teacher, student_config["vocab_size"], teacher_config["vocab_size"])
     given = ctx.data_source(spec.data)
     source = normalized(given)  # an hf: source pinned to one commit for the whole run (its shards' key holds it)
     if source.revision is not None:
@@ -66,14 +75,16 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     steps = budget_steps(spec, seq_len)
     # The data: token shards under ctx.shards_root, keyed by source, tokenizer and seq_len (compressor.shards).
     needed = steps * spec.global_batch
-    tokenizer_dir = tokenizer_files(teacher)  # not the weights: only the tokenizer keys and writes the shards
+    speaks = tokenizer_of or teacher
+    tokenizer_dir = tokenizer_files(speaks)  # not the weights: only the tokenizer keys and writes the shards
     chat = None  # chat rows: tokens, loss mask and positions, packed whole (compressor.chat_data), small data
     if spec.chat is not None:
         from compressor.chat_data import for_distill
 
         shards, index, chat = for_distill(
-            source.source, tokenizer_dir, seq_len, spec.chat.template, spec.chat.truncate, ctx.shards_root
-        )
+            source.source, tokenizer_dir, seq_len, spec.chat.template, spec.chat.truncate, ctx.shards_root,
+            soft=spec.black_box,
+        )  # fmt: skip
     else:
         shards = shard_dir(ctx.shards_root, source, tokenizer_digest(tokenizer_dir), seq_len)
         index = read_index(shards)
@@ -119,6 +130,11 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     )
 
     targets = None
+    if chat is not None and chat.get("soft_labels"):  # an API teacher's top log-probs, beside the chat shards
+        from compressor.soft_labels import targets_of
+
+        targets = targets_of(shards)
+        ctx.info(f"distill: soft labels from the teacher's top_logprobs: {soft_line(chat['soft_labels'])}")
     if spec.loss.targets is not None:  # the teacher's one pass over the data; then training runs without it
         from compressor.stages.distill.targets_compute import prepare_targets
 
@@ -134,6 +150,7 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         spec=spec,
         student_path=model.path,
         teacher_path=teacher.path,
+        tokenizer_path=speaks.path,
         data=data.directory,
         sequences=data.sequences,
         seq_len=seq_len,
@@ -173,7 +190,9 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
     final = result.metrics or {}
     metrics = {k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and k != "step"}
     metrics.update(distinct_tokens=float(data.distinct_tokens), epochs=data.epochs)
-    metrics.update({f"chat_{name}": float(count) for name, count in (chat or {}).items()})
+    metrics.update({f"chat_{name}": float(v) for name, v in (chat or {}).items() if isinstance(v, (int, float))})
+    soft = (chat or {}).get("soft_labels") or {}
+    metrics.update({f"soft_{name}": float(v) for name, v in soft.items() if isinstance(v, (int, float))})
     ctx.log_metrics(
         {
             "tokens": float(steps * spec.global_batch * seq_len),
@@ -195,10 +214,19 @@ def distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResul
         "zero_stage": effective_zero_stage(spec.deepspeed.zero_stage, spec.workers),
         "micro_batch": layout.micro_batch,
         "grad_accum": layout.grad_accum,
-        "teacher": teacher.path,
+        "teacher": spec.teacher if spec.black_box else teacher.path,
         "scratch": [run_storage_uri(ctx)],
     }
     return StageResult(metrics=metrics, details=details)
+
+
+def soft_line(counts: dict) -> str:
+    rate, mass = counts.get("mapping_rate"), counts.get("mapped_mass_rate")
+    return (
+        f"{counts['aligned_tokens']:,} of {counts['answer_tokens']:,} answer tokens aligned; "
+        f"{counts['mapped_alternatives']:,} of {counts['alternatives']:,} alternatives mapped to the student's "
+        f"vocabulary ({'-' if rate is None else f'{rate:.1%}'}, {'-' if mass is None else f'{mass:.1%}'} of their mass)"
+    )
 
 
 def check_vocabulary(student: ModelRef, teacher: ModelRef, student_vocab: int, teacher_vocab: int) -> None:
@@ -273,8 +301,20 @@ def trainer_for(spec: DistillSpec, job: DistillJob, ctx: StageContext):
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=tune_report(),
         ),
     )
+
+
+def tune_report() -> list:
+    """In a Ray Tune trial (a distill search, compressor/stages/distill/search.py), the run's reports also go to Tune,
+    whose ASHA scheduler reads them; anywhere else, nothing."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    try:
+        return [TuneReportCallback()]
+    except RuntimeError:  # "must be used in a Tune session"
+        return []
 
 
 def fit(trainer, progress, steps: int, ctx: StageContext, on_tick=lambda: None):

@@ -69,11 +69,20 @@ class StudentWithLoss(torch.nn.Module):
         self.__dict__["teacher_head"] = teacher_head
 
     def forward(
-        self, tokens: torch.Tensor, teacher_outputs, sparse: Optional[dict] = None, positions=None, loss_mask=None
+        self,
+        tokens: torch.Tensor,
+        teacher_outputs,
+        sparse: Optional[dict] = None,
+        positions=None,
+        loss_mask=None,
+        soft_mask=None,
     ) -> LossTerms:
-        """`positions` and `loss_mask` come with packed chat data (compressor.chat_data)."""
+        """`positions` and `loss_mask` come with packed chat data (compressor.chat_data), `soft_mask` with an API
+        teacher's log-probabilities (compressor.soft_labels)."""
         from compressor.chat_data import packed_inputs, target_mask
 
+        if self.spec.black_box:  # no teacher logits: CE on the answers, KD on the API's top log-probs
+            return self._black_box_loss(tokens, sparse, positions, loss_mask, soft_mask)
         if sparse is not None:  # teacher targets (loss.targets): no teacher outputs, no feature terms
             return self._sparse_loss(tokens, sparse)
         hidden, attentions = wanted_outputs(self.spec, self.features)
@@ -112,6 +121,27 @@ class StudentWithLoss(torch.nn.Module):
             self.student.get_output_embeddings(),
             self.spec.loss,
             self.spec.loss.targets.kind,
+        )
+        zero = torch.zeros((), device=loss.device)
+        return LossTerms(loss, kd, ce, zero, zero)
+
+    def _black_box_loss(self, tokens, sparse, positions, loss_mask, soft_mask) -> LossTerms:
+        from compressor.chat_data import packed_inputs, target_mask
+        from compressor.stages.distill.sparse_loss import black_box_loss
+
+        hidden = self.student.base_model(
+            input_ids=tokens, use_cache=False, **packed_inputs(self.student, positions)
+        ).last_hidden_state
+        # positions 0..L-2 predict tokens 1..L-1; only those predicting an answer token count (all, for plain text)
+        keep = (target_mask(loss_mask) if loss_mask is not None else torch.ones_like(tokens, dtype=torch.bool))[:, :-1]
+        soft = target_mask(soft_mask)[:, :-1][keep] if soft_mask is not None and sparse is not None else None
+        loss, kd, ce = black_box_loss(
+            hidden[:, :-1][keep],
+            tokens[:, 1:][keep],
+            self.student.get_output_embeddings(),
+            self.spec.loss,
+            {name: t[:, :-1][keep] for name, t in sparse.items()} if soft is not None else None,
+            soft,
         )
         zero = torch.zeros((), device=loss.device)
         return LossTerms(loss, kd, ce, zero, zero)
@@ -184,7 +214,7 @@ def build_engines(
     # Attention maps come only from the eager implementation (SDPA and flash attention never form them).
     attention = {"attn_implementation": "eager"} if attentions else {}
     teacher_states = teacher_head = None
-    if spec.loss.targets is None:  # with teacher targets the teacher never enters the loop: no memory, no compute
+    if spec.loss.targets is None and not spec.black_box:  # targets, black box: the teacher never enters the loop
         teacher_states, teacher_head = build_teacher(teacher_path, dtype, trust, attention, hidden, attentions)
         if world_size > 1:  # shard the frozen teacher: each worker holds 1/N of it
             teacher_states, *_ = deepspeed.initialize(model=teacher_states, config=teacher_config(micro_batch, bf16))
@@ -250,12 +280,17 @@ def train_step(engines: Engines, micro_batches: list[torch.Tensor], lr: float) -
         group["lr"] = lr * group.get("lr_scale", 1.0)
     sums = torch.zeros(5)
     for batch in micro_batches:
-        packed = batch if isinstance(batch, dict) else {}  # chat data: {tokens, loss_mask, positions}
+        packed = dict(batch) if isinstance(batch, dict) else {}  # chat data: {tokens, loss_mask, positions, ...}
         batch = packed.pop("tokens", batch)
-        tokens, sparse = batch if isinstance(batch, tuple) else (batch, None)  # (tokens, teacher targets)
+        tokens, sparse = batch if isinstance(batch, tuple) else (batch, packed.pop("sparse", None))
         tokens = tokens.to(engines.device)
-        if sparse is not None:
-            terms = engines.student(tokens, None, {name: t.to(engines.device) for name, t in sparse.items()})
+        if engines.teacher is None and packed:  # black box on chat data: the answers' CE, the API's soft labels
+            packed = {name: t.to(engines.device) for name, t in packed.items()}
+            sparse = {name: t.to(engines.device) for name, t in sparse.items()} if sparse is not None else None
+            terms = engines.student(tokens, None, sparse, **packed)
+        elif sparse is not None or engines.teacher is None:  # teacher targets, or black box on plain text
+            sparse = {name: t.to(engines.device) for name, t in sparse.items()} if sparse is not None else None
+            terms = engines.student(tokens, None, sparse)
         else:
             packed = {name: t.to(engines.device) for name, t in packed.items()}
             with torch.no_grad():

@@ -43,14 +43,20 @@ def sparse_kd_sum(student_logits: torch.Tensor, targets: dict, kind: str, diverg
     log_q = log_q_all.gather(-1, ids)
     log_p = targets["val"].float()
     if kind == "topk":
+        # A slot at -inf is unused (an API teacher's alternative that did not map): no id, no mass on either side.
+        used = torch.isfinite(log_p)
+        log_p = torch.where(used, log_p, torch.zeros_like(log_p))  # finite, so no 0 * inf in values or gradients
         p_tail = targets["tail"].float().clamp_min(0.0)
         log_p_tail = torch.log(p_tail.clamp_min(TINY))
-        log_q_tail = _log_tail(log_q)
+        log_q_tail = _log_tail(log_q.masked_fill(~used, float("-inf")))
+        zero = torch.zeros_like(log_q)
         if divergence == "forward_kl":
-            kd = (log_p.exp() * (log_p - log_q)).sum() + (p_tail * (log_p_tail - log_q_tail)).sum()
+            inside = torch.where(used, log_p.exp() * (log_p - log_q), zero)
+            kd = inside.sum() + (p_tail * (log_p_tail - log_q_tail)).sum()
         else:
             q_tail = log_q_tail.exp()
-            kd = (log_q.exp() * (log_q - log_p)).sum() + (q_tail * (log_q_tail - log_p_tail)).sum()
+            inside = torch.where(used, log_q.exp() * (log_q - log_p), zero)
+            kd = inside.sum() + (q_tail * (log_q_tail - log_p_tail)).sum()
     else:
         weights = _inclusion_weights(targets["cnt"], log_p)
         if divergence == "forward_kl":
@@ -94,4 +100,37 @@ def sparse_kd_loss(student_hidden, sparse: dict, next_tokens, head, spec, kind: 
         )
         sums = sums + (checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args))
     kd, ce = sums[0] / n, sums[1] / n
+    return (1.0 - spec.alpha) * kd + spec.alpha * ce, kd.detach(), ce.detach()
+
+
+def black_box_loss(student_hidden, next_tokens, head, spec, sparse=None, soft=None):
+    """(loss, kd, ce) of black-box distillation over N answer positions: CE on the teacher's answer tokens; where
+    `soft` ([N] bool) marks positions with an API teacher's top log-probabilities (`sparse`, topk layout, at T = 1:
+    the API gives the teacher's own distribution), (1 - alpha) * their KD + alpha * CE. Chunked like the others."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = next_tokens.numel()
+    soft_n = int(soft.sum()) if soft is not None and sparse is not None else 0
+
+    def chunk_sums(h, tokens, targets, rows):
+        logits = head(h).float()
+        ce = -F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).sum()
+        if targets is None or not rows.any():
+            return torch.stack([torch.zeros_like(ce), ce])
+        picked = {name: t[rows] for name, t in targets.items()}
+        return torch.stack([sparse_kd_sum(logits[rows], picked, "topk", spec.kind, 1.0), ce])
+
+    chunks = range(0, n, spec.chunk_tokens)
+    recompute = len(chunks) > 1 and torch.is_grad_enabled() and student_hidden.requires_grad
+    sums = student_hidden.new_zeros(2, dtype=torch.float32)
+    for start in chunks:
+        part = slice(start, start + spec.chunk_tokens)
+        targets = {k: v[part] for k, v in sparse.items()} if soft_n else None
+        rows = soft[part] if soft_n else None
+        args = (student_hidden[part], next_tokens[part], targets, rows)
+        sums = sums + (checkpoint(chunk_sums, *args, use_reentrant=False) if recompute else chunk_sums(*args))
+    ce = sums[1] / max(n, 1)
+    if not soft_n:
+        return ce, torch.zeros_like(ce).detach(), ce.detach()
+    kd = sums[0] / soft_n
     return (1.0 - spec.alpha) * kd + spec.alpha * ce, kd.detach(), ce.detach()

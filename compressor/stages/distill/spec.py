@@ -7,6 +7,7 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field, model_validator
 
 from compressor.config.base import Strict, neutral
+from compressor.stages.distill.search_spec import DistillSearch, Range, with_settings
 
 FeatureKind = Literal["hidden_mse", "hidden_cosine", "attention_mse"]
 
@@ -165,6 +166,19 @@ class ChatData(Strict):
     )
 
 
+class HardLabels(Strict):
+    """The control of a task distillation: the same student (this stage's input) trained on a labelled set alone,
+    CE on its answers, without the teacher, with this stage's settings. The pipeline scores it beside the distilled
+    student, and the summary and report show the distillation table: teacher, hard labels, distilled and the
+    fraction of the gap recovered, (distilled - hard labels) / (teacher - hard labels)."""
+
+    data: str = Field(
+        description="Name of a data source under `data:` of labelled rows: `prompt` or `messages`, with `answer` "
+        "(the held-out format) or `response`; e.g. the scarce labelled train split the teacher learned from."
+    )
+    steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; default: the distillation's.")
+
+
 class DistillSpec(Strict):
     """Knowledge distillation from the frozen teacher into the previous stage's output, in Ray Train with DeepSpeed."""
 
@@ -187,7 +201,10 @@ class DistillSpec(Strict):
         None, description="The data is chat rows: the loss on the answer tokens only (docs/task.md)."
     )
     teacher: Optional[str] = Field(
-        None, description="Teacher model (directory or hub id); default: the pipeline teacher."
+        None,
+        description="Teacher model (directory or hub id); default: the pipeline teacher. `none` (or an API teacher, "
+        "`openai:MODEL`): black-box, no teacher logits: CE on the data's answers (sequence-level distillation), "
+        "plus a sparse KD term on the top_logprobs a generate stage stored, where there are any (docs/task.md).",
     )
     steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to train (give this or `tokens`).")
     tokens: Optional[float] = Field(
@@ -244,6 +261,40 @@ class DistillSpec(Strict):
         description="Recompute the student's decoder layers in the backward pass instead of keeping their "
         "activations: about 1/3 more student compute for far less activation memory (longer seq_len or micro_batch).",
     )
+    hard_labels: Optional[HardLabels] = neutral(
+        None,
+        description="Also train the same student on labelled data alone (the control), scored beside the distilled "
+        "one: the distillation table in the summary and the report (docs/task.md).",
+    )
+    search: Optional[DistillSearch] = neutral(
+        None,
+        description="Search loss / optimizer settings first with short trials (Ray Tune), then train with the best "
+        "(docs/stages/distill.md).",
+    )
+
+    @model_validator(mode="after")
+    def _searched_values_are_valid(self):
+        """Every value a search may try passes this spec's own checks, named as in the YAML (search.space.FIELD)."""
+        if self.search is None:
+            return self
+        from pydantic import ValidationError
+
+        if self.chat is not None:
+            raise ValueError(
+                "search: trials are scored by the LM loss of plain-text validation sequences, which chat data (its "
+                "loss on the answers only) does not have yet; drop `search` or `chat`"
+            )
+        base = self.model_dump(exclude={"search"})
+        for name, values in self.search.space.items():
+            for value in [values.low, values.high] if isinstance(values, Range) else values:
+                try:
+                    type(self).model_validate(with_settings(base, {name: value}))
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    raise ValueError(
+                        f"search.space.{name}: {value!r}: {first['msg'].removeprefix('Value error, ')}"
+                    ) from None
+        return self
 
     @model_validator(mode="after")
     def _hierarchical_partitioning(self):
@@ -257,6 +308,42 @@ class DistillSpec(Strict):
             raise ValueError(
                 f"deepspeed.zero_hpz_partition_size {hpz} does not divide workers {self.workers}: the "
                 "workers split into groups of that size (the GPUs of one node)"
+            )
+        return self
+
+    @property
+    def black_box(self) -> bool:
+        """No teacher logits: `teacher: none`, or an API teacher (whose answers, and log-probs, are the data)."""
+        return self.teacher is not None and (self.teacher == "none" or self.teacher.startswith("openai:"))
+
+    @model_validator(mode="after")
+    def _black_box_losses(self):
+        if not self.black_box:
+            return self
+        needs = [
+            name
+            for name, used in (
+                ("loss.kind gjsd", self.loss.kind == "gjsd"),
+                ("loss.hidden_mse", bool(self.loss.hidden_mse)),
+                ("loss.features", bool(self.loss.features)),
+                ("loss.targets", self.loss.targets is not None),
+            )
+            if used
+        ]
+        if needs:
+            raise ValueError(
+                f"teacher {self.teacher}: {needs[0]} needs the teacher's logits or layers, which a black-box "
+                "teacher does not give; drop it (black-box distillation trains CE on the answers, and KD on the "
+                "top_logprobs the generate stage stored)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _hard_labels_are_chat_rows(self):
+        if self.hard_labels is not None and self.chat is None:
+            raise ValueError(
+                "hard_labels: the control trains on labelled (prompt, answer) rows with the loss on the answers, "
+                "which needs chat data: set `chat: {}` (and distil on chat rows, such as a generate stage's)"
             )
         return self
 

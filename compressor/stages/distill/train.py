@@ -45,6 +45,7 @@ class DistillJob:
     trace_dir: Optional[str] = None  # COMPRESSOR_DATA_TRACE of the driver: where workers log the ids they read
     stop: Any = None  # the driver's compressor.interrupt.StopFlag actor: rank 0 asks it once per step
     targets: Optional[str] = None  # teacher targets beside the shards (loss.targets): read instead of a teacher
+    tokenizer_path: Optional[str] = None  # the tokenizer the exported student gets (default: the teacher's)
 
     def open_data(self, rank: int, world: int) -> WorkerData:
         plan = BatchPlan(self.sequences, self.spec.global_batch, world, self.micro_batch, self.seed)
@@ -232,4 +233,4 @@ def export_student(engines: Engines, job: DistillJob, out_dir: Path, rank: int) 
         if rank != 0:
             return
         model = engines.student_model
-    save_checkpoint(model, load_tokenizer(job.teacher_path), out_dir)
+    save_checkpoint(model, load_tokenizer(local_path(job.tokenizer_path or job.teacher_path)), out_dir)

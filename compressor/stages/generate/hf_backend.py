@@ -86,6 +86,7 @@ def answer(model, tokenizer, rows: list[dict], spec: Any, seed: int) -> list[dic
             record["top_logprobs"] = top_logprobs(
                 tokenizer, [step[j] for step in out.logits[: len(tokens)]], spec.logprobs
             )
+            record["answer_tokens"] = [tokenizer.decode([t]) for t in tokens]
         results.append(record)
     return results
 

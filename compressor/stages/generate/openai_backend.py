@@ -64,6 +64,8 @@ def rows_of(row: dict, completion, logprobs: bool) -> list[dict]:
                 if content
                 else None
             )
+            # the chosen tokens: where each step's alternatives start in the answer (compressor/soft_labels.py)
+            record["answer_tokens"] = [step.token for step in content] if content else None
         out.append(record)
     return out
 

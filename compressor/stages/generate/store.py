@@ -33,9 +33,10 @@ def answer_schema(logprobs: bool):
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
     ]
-    if logprobs:  # per answer token: up to k (token, logprob) alternatives
+    if logprobs:  # per answer token: up to k (token, logprob) alternatives, and the token the teacher chose
         alternative = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
         fields.append(("top_logprobs", pa.list_(pa.list_(alternative))))
+        fields.append(("answer_tokens", pa.list_(pa.string())))
     return pa.schema(fields)
 
 
