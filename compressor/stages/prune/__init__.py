@@ -22,6 +22,11 @@ def check(spec: PruneSpec, config: dict) -> CheckResult:
             config={}, warnings=["prune: input config.json not available; the target is checked at run time"]
         )
     shapes.architecture(config)
+    if spec.selecting:  # the output is one candidate: later stages are planned on the largest
+        from compressor.stages.prune import candidates
+
+        configs = candidates.planned_configs(spec, config)
+        return CheckResult(config=max(configs, key=estimate_params))
     if spec.searching:  # a budget: the shape is chosen at run time; later stages are planned on the largest candidate
         from compressor.stages.prune import budget
 
@@ -35,6 +40,12 @@ def check(spec: PruneSpec, config: dict) -> CheckResult:
         config=shapes.output_config(config, out, kept),
         warnings=shapes.group_size_warnings(out, spec.quantize_group_size),
     )
+
+
+def estimate_params(config: dict) -> int:
+    from compressor import estimate
+
+    return estimate.param_count(config)
 
 
 def run(spec: PruneSpec, model: ModelRef, ctx: StageContext) -> StageResult:
@@ -51,15 +62,22 @@ def flops(spec: PruneSpec, given: EstimateInput) -> float:
 
     samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES)
     passes = 1
-    target = spec.target
-    ranked = (
-        budget.ranks_layers(spec, given.in_config)
-        if spec.searching
-        else any(getattr(target, n) is not None for n in ("num_layers", "keep_layers", "drop_layers"))
-    )
+    if spec.selecting:
+        from compressor.stages.prune import candidates
+
+        ranked = candidates.ranks_layers(spec, given.in_config)
+    elif spec.searching:
+        ranked = budget.ranks_layers(spec, given.in_config)
+    else:
+        ranked = any(getattr(spec.target, n) is not None for n in ("num_layers", "keep_layers", "drop_layers"))
     if spec.depth_metric == "loss" and ranked:
         passes += estimate.shape(given.in_config)["layers"]
     calibration = passes * samples * seq_len * estimate.forward_flops_per_token(given.in_config, seq_len)
+    if spec.selecting:
+        from compressor.stages.prune import candidates
+
+        selection = candidates.selection_flops(spec, given.in_config, given.pipeline, given.teacher_config)
+        return (calibration if candidates.needs_importance(spec) else 0.0) + selection
     if not spec.searching:
         return calibration
     return calibration + budget.search_flops(spec, given.in_config, given.pipeline, given.teacher_config)["total"]
@@ -86,10 +104,10 @@ def planned_spec(spec: PruneSpec, plan: PlanContext) -> PruneSpec:
 def key_extra(spec: PruneSpec, plan: PlanContext) -> dict:
     """A search also depends on the teacher (its short distillations) and its data sources (refused here, exit 2,
     when the pipeline has no such source). Nothing for a fixed shape: its key stays what it always was."""
-    if not spec.searching:
+    if not spec.searching and not spec.selecting:
         return {}
     from compressor.errors import UserError
-    from compressor.stages.prune import budget
+    from compressor.stages.prune import budget, candidates
 
     settings, data = spec.search_settings(), plan.pipeline.data
     for field in ("data", "heldout"):
@@ -100,6 +118,13 @@ def key_extra(spec: PruneSpec, plan: PlanContext) -> dict:
                 f"{', '.join(sorted(data)) or 'none defined'})"
             )
     names = {budget.search_source(spec, data)[0], settings.heldout} - {None}
+    if spec.selecting:
+        candidates.refuse_evaluation_data(spec, plan)
+        select = candidates.key_extra(spec, plan, names)
+        resolved = planned_spec(spec, plan).search_align
+        if resolved != spec.align:  # a budget candidate's grid follows a later group size
+            select["align"] = resolved
+        return {"select": select}
     search = {
         "teacher": plan.teacher_key,
         "data": {n: data[n].model_dump(mode="json") for n in sorted(names) if n in data},
@@ -113,6 +138,10 @@ def key_extra(spec: PruneSpec, plan: PlanContext) -> dict:
 def describe_resources(spec: PruneSpec, resources) -> str:
     task = one_task(spec, resources)
     settings = spec.search_settings()
+    if spec.selecting and settings.steps > 0:
+        short = settings.distill_spec("search")
+        worker = type(resources)(num_cpus=short.cpus_per_worker, num_gpus=short.gpus_per_worker)
+        return f"{task}; select: {len(spec.candidates)} x ({short.workers} x {one_task(short, worker)})"
     if not spec.searching or settings.steps == 0 or settings.top_k < 2:
         return task
     short = settings.distill_spec("search")
@@ -123,6 +152,8 @@ def describe_resources(spec: PruneSpec, resources) -> str:
 def plan_notes(plan, stage) -> list[str]:
     """For a budget: the candidates, the search's cost next to the following distill stage's, the shapes."""
     spec = stage.entry.spec
+    if spec.selecting and stage.in_config and not stage.cached:
+        return selection_notes(plan, stage)
     if not spec.searching or not stage.in_config or stage.cached:
         return []
     from compressor import estimate
@@ -156,8 +187,34 @@ def plan_notes(plan, stage) -> list[str]:
     return lines
 
 
+def selection_notes(plan, stage) -> list[str]:
+    """For candidates: what each is, the bar, and the selection's cost."""
+    from compressor.stages.prune import candidates
+
+    spec, settings = stage.entry.spec, stage.entry.spec.search_settings()
+    configs = candidates.planned_configs(spec, stage.in_config)
+    cost = candidates.selection_flops(spec, stage.in_config, plan.spec, plan.teacher_config)
+    evaluate = "all of them" if spec.bar.evaluate == "all" else "smallest first, until one passes"
+    lines = [
+        f"{stage.name} selection: {len(configs)} candidates, each distilled {settings.steps} steps ({evaluate}); "
+        f"the smallest with held-out perplexity <= {spec.bar.max_perplexity_ratio:g} x the teacher's is kept "
+        f"({cost:.2e} FLOPs at most)"
+    ]
+    for candidate, config in zip(spec.candidates, configs):
+        size = "at most " if candidate.params is not None else ""
+        lines.append(f"  {candidate.label()}: {size}{estimate_params(config):,} parameters")
+    return lines
+
+
 def result_line(manifest) -> str:
     d = manifest.details
+    if "selection" in d:
+        s = d["selection"]
+        row = next(r for r in s["candidates"] if r["index"] == s["chosen"])
+        return (
+            f"selected {row['label']} among {len(s['candidates'])} candidates: {d['params_after']:,} parameters, "
+            f"perplexity ratio {row['perplexity_ratio']:.3f} (bar {s['bar']['max_perplexity_ratio']:g})"
+        )
     searched = f", searched among {d['search']['scored']} shapes" if "search" in d else ""
     return f"pruned {d['params_before']:,} -> {d['params_after']:,} parameters ({d['target_shape']}{searched})"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, PrivateAttr, field_validator, model_serializer, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
-from compressor.config.base import Strict
+from compressor.config.base import Strict, neutral
 
 # A dimension of the target: a fixed value, or (with `params`, a budget) an inclusive [lo, hi] range to search in.
 Dimension = Optional[Union[int, tuple[int, int]]]
@@ -76,6 +77,44 @@ class PruneTarget(Strict):
         return value if isinstance(value, int) else None
 
 
+class StudentCandidate(PruneTarget):
+    """One student to try (`candidates`): a shape (the source pruned to it), a budget (`params`: the shape a budget
+    search would score best, without its short distillations) or a checkpoint (`model`) taken as it is."""
+
+    model: Optional[str] = Field(
+        None,
+        description="A checkpoint directory or `zoo:NAME` taken as it is, not pruned; it must use the source's "
+        "tokenizer. Give no other field with it.",
+    )
+
+    @model_validator(mode="after")
+    def _model_alone(self):
+        others = [n for n in self.model_fields_set if n != "model" and getattr(self, n) is not None]
+        if self.model is not None and others:
+            raise ValueError(f"model: a checkpoint is taken as it is; give no {others[0]} with it")
+        return self
+
+    def label(self) -> str:
+        if self.model is not None:
+            return f"model {self.model}"
+        given = self.model_dump(exclude_none=True)
+        return ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in given.items()) or "the source"
+
+
+class SelectionBar(Strict):
+    """What a selected student must reach after the short distillation: held-out perplexity at most
+    `max_perplexity_ratio` x the teacher's on the same sequences."""
+
+    max_perplexity_ratio: float = Field(
+        gt=0, description="Largest student / teacher held-out perplexity a candidate may have, e.g. 1.3."
+    )
+    evaluate: Literal["all", "until_pass"] = Field(
+        "all",
+        description="all: every candidate is distilled and measured (a full table to compare); until_pass: "
+        "smallest first, stopping once the smallest candidate that passes is known (cheaper).",
+    )
+
+
 class SearchSpec(Strict):
     """How a budget (`target.params`) becomes a shape: every aligned shape within the budget's tolerance is
     enumerated (at most `max_candidates`, an even spread of them when there are more); each is scored by the LM
@@ -109,7 +148,9 @@ class SearchSpec(Strict):
         None,
         description="Data source of the held-out loss that picks the winner; default: the `data` source's "
         "held-out split for `zoo:` sources, else the calibration source with another seed (the short "
-        "distillations never train on it, unless it is also `data`).",
+        "distillations never train on it, unless it is also `data`). With `candidates`: default the "
+        "`heldout_samples` sequences of `data` right after the ones the short distillations train on, and never "
+        "the pipeline's evaluation data.",
     )
     heldout_samples: int = Field(64, gt=0, description="Held-out sequences the winner is picked on.")
     distill: dict[str, Any] = Field(
@@ -151,7 +192,18 @@ class SearchSpec(Strict):
 class PruneSpec(Strict):
     """Minitron structured pruning: activation importance from one calibration pass, then slicing to `target`."""
 
-    target: PruneTarget = Field(description="The output shape, or a parameter budget (`params`) to search a shape for.")
+    target: Optional[PruneTarget] = Field(
+        None,
+        description="The output shape, or a parameter budget (`params`) to search a shape for. Required unless "
+        "`candidates` is given.",
+    )
+    candidates: Optional[list[StudentCandidate]] = neutral(
+        None,
+        description="Student selection instead of a target: every candidate gets the same short distillation "
+        "(`search`: steps, data, heldout, distill) and the one with the fewest parameters that meets `bar` is the "
+        "output (the source pruned to it, or the checkpoint), for the following distill stage to train fully.",
+    )
+    bar: Optional[SelectionBar] = neutral(None, description="The quality bar of `candidates` (required with them).")
     calibration: Optional[str] = Field(
         None, description="Name of a data source under `data:`; default: the only one defined."
     )
@@ -188,15 +240,36 @@ class PruneSpec(Strict):
 
     @model_serializer(mode="wrap")
     def _omit_no_search(self, handler):
-        # A spec without a search dumps (and so keys its stage) exactly as before searches existed.
+        # A spec without a search or a selection dumps (and so keys its stage) exactly as before they existed.
         data = handler(self)
-        if self.search is None:
-            data.pop("search", None)
+        for name in ("search", "candidates", "bar", "target"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
         return data
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _target_or_candidates(cls, data, handler):
+        # Named like pydantic's own "Field required" at `target`, the field most specs give.
+        if isinstance(data, dict) and data.get("target") is None and data.get("candidates") is None:
+            message = "Field required (or give `candidates` to select a student among)"
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [{"type": PydanticCustomError("missing", message), "loc": ("target",), "input": data}],
+            )
+        return handler(data)
 
     @model_validator(mode="after")
     def _search_needs_budget(self):
-        if self.search is not None and self.target.params is None:
+        if self.target is not None and self.candidates is not None:
+            raise ValueError("give either target (one shape or budget) or candidates (a selection), not both")
+        if self.candidates is not None and not self.candidates:
+            raise ValueError("candidates: empty; list at least one shape, budget (params) or checkpoint (model)")
+        if self.candidates is not None and self.bar is None:
+            raise ValueError("bar: candidates need a bar to select by, e.g. {max_perplexity_ratio: 1.3}")
+        if self.bar is not None and self.candidates is None:
+            raise ValueError("bar: a bar selects among candidates; give candidates too, or drop the bar")
+        if self.search is not None and self.target is not None and self.target.params is None:
             raise ValueError(
                 "search: set target.params (a budget) to search; a fixed target shape has nothing to search"
             )
@@ -204,7 +277,11 @@ class PruneSpec(Strict):
 
     @property
     def searching(self) -> bool:
-        return self.target.params is not None
+        return self.target is not None and self.target.params is not None
+
+    @property
+    def selecting(self) -> bool:
+        return self.candidates is not None
 
     @property
     def search_align(self) -> int:

@@ -11,7 +11,7 @@ from compressor.modeling import count_params, load_model, load_tokenizer, save_c
 from compressor.models import read_config
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
-from compressor.stages.prune import budget, check, search, shapes
+from compressor.stages.prune import budget, candidates, check, search, select, shapes
 from compressor.stages.prune.importance import estimate, loss_increase
 from compressor.stages.prune.plan import make_plan
 from compressor.stages.prune.spec import PruneSpec
@@ -45,7 +45,7 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
     for warning in warnings:
         ctx.info(f"warning: {warning}")
     src = shapes.source_shape(config)
-    if spec.searching:  # a budget: the shape is chosen after the importance pass (search.py)
+    if spec.searching or spec.selecting:  # the shape is chosen after the importance pass (search.py, select.py)
         out, kept = None, None
     else:
         out, kept = shapes.target_shape(spec, config), shapes.kept_layers_rule(spec, src.num_layers)
@@ -54,15 +54,26 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
     if torch.cuda.is_available():  # inside Ray, only when the stage's resources ask for a GPU
         model.to("cuda")
     tokenizer = load_tokenizer(model_ref.path, revision=model_ref.revision)
-    blocks = calibration_blocks(spec, ctx, tokenizer, config)
     params_before, non_embedding_before = count_params(model), non_embedding_params(model)
+    if spec.selecting and not candidates.needs_importance(spec):  # checkpoints only: nothing is pruned
+        return selected_checkpoint(spec, model_ref, ctx, model, tokenizer, config, params_before, warnings)
+    blocks = calibration_blocks(spec, ctx, tokenizer, config)
 
     start = time.perf_counter()
     importance = estimate(model, blocks, src.head_dim, spec.batch_size, spec.aggregation, ctx.progress)
-    ranks_layers = budget.ranks_layers(spec, config) if spec.searching else kept is None
+    if spec.selecting:
+        ranks_layers = candidates.ranks_layers(spec, config)
+    else:
+        ranks_layers = budget.ranks_layers(spec, config) if spec.searching else kept is None
     if ranks_layers and spec.depth_metric == "loss":
         importance.base_loss, importance.loss_increase = loss_increase(model, blocks, spec.batch_size, ctx.progress)
     importance_seconds = time.perf_counter() - start
+    if spec.selecting:
+        selection = select.choose_student(spec, model_ref, ctx, model, tokenizer, config, blocks, importance)
+        ctx.save_json_artifact("selection.json", selection.details)
+        if selection.chosen.checkpoint is not None:
+            return copied_checkpoint(selection, ctx, config, params_before, warnings)
+        out, kept = selection.chosen.shape, selection.chosen.kept_layers
     found = (
         search.choose_shape(spec, model_ref, ctx, model, tokenizer, config, blocks, importance)
         if spec.searching
@@ -97,6 +108,7 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
         "surgery_seconds": round(surgery_seconds, 3),
         "calibration_tokens": blocks.numel(),
         **(found.metrics if found else {}),
+        **(selection.metrics if spec.selecting else {}),
     }
     ctx.log_metrics(metrics)
     ctx.info(f"prune: {params_before:,} -> {metrics['params_after']:,} parameters, layers kept {plan.layers}")
@@ -110,5 +122,41 @@ def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResul
             "params_after": metrics["params_after"],
             "warnings": warnings,
             **({"search": found.details, "scratch": found.scratch} if found else {}),
+            **({"selection": selection.details, "scratch": selection.scratch} if spec.selecting else {}),
+        },
+    )
+
+
+def selected_checkpoint(spec, model_ref, ctx, model, tokenizer, config, params_before, warnings) -> StageResult:
+    """A selection among checkpoints only: no calibration pass, the winner copied."""
+    selection = select.choose_student(spec, model_ref, ctx, model, tokenizer, config, None, None)
+    ctx.save_json_artifact("selection.json", selection.details)
+    return copied_checkpoint(selection, ctx, config, params_before, warnings)
+
+
+def copied_checkpoint(selection: select.Selection, ctx: StageContext, config: dict, params_before: int, warnings):
+    """The stage's output when a `model:` candidate won: that checkpoint, as it is."""
+    import shutil
+
+    from compressor.models import materialize
+
+    chosen = selection.chosen
+    source = materialize(chosen.checkpoint).path
+    shutil.copytree(source, ctx.model_dir, dirs_exist_ok=True)
+    out_config = read_config(ModelRef(path=str(ctx.model_dir), key="selected"))
+    metrics = {"params_before": params_before, "params_after": chosen.params, **selection.metrics}
+    ctx.log_metrics(metrics)
+    ctx.info(f"prune: selected checkpoint {chosen.checkpoint.path} ({chosen.params:,} parameters)")
+    return StageResult(
+        metrics=metrics,
+        details={
+            "source_shape": shapes.source_shape(config).as_dict(),
+            "target_shape": shapes.source_shape(out_config).as_dict(),
+            "selected_model": chosen.checkpoint.path,
+            "params_before": params_before,
+            "params_after": chosen.params,
+            "warnings": warnings,
+            "selection": selection.details,
+            "scratch": selection.scratch,
         },
     )
