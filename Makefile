@@ -9,7 +9,8 @@ setup:  ## GPU=1 (make setup GPU=1, make run GPU=1): the CUDA build of torch, co
 run: setup  ## run the embedded default pipeline (offline reference teacher: prune -> distill -> quantize)
 	.venv/bin/compressor run
 
-test: setup  ## lint and format check (ruff, configured in pyproject.toml), then the test suite, end-to-end test included
+test: setup  ## lint and format check (ruff), import contracts (lint-imports; both configured in pyproject.toml), then the test suite, end-to-end test included
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest -q --durations=15

@@ -42,7 +42,7 @@ QUICK = dict(repeats=1, steps=2, seq_len=64, throughput_tokens=200_000, rss_toke
 def corpus_file(path: Path, tokens: int, tokenizer) -> Path:
     """A text file of blank-line separated paragraphs holding at least `tokens` tokens."""
     from compressor.config.schema import DataSource
-    from compressor.data import documents, encode_batch
+    from compressor.text_sources import documents, encode_batch
 
     paragraphs = list(documents(DataSource(source="zoo:tiny-test")))
     per_copy = sum(len(ids) + 1 for ids in encode_batch(tokenizer, paragraphs))
@@ -59,8 +59,8 @@ def corpus_file(path: Path, tokens: int, tokenizer) -> Path:
 def tokenize_throughput(text: Path, tokenizer_dir: str, tokens: int, repeats: int) -> dict:
     from compressor import shards
     from compressor.config.schema import DataSource
-    from compressor.data import batched, documents, encode_batch
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
+    from compressor.text_sources import batched, documents, encode_batch
 
     tokenizer = load_tokenizer(tokenizer_dir)
     source = DataSource(source=str(text))
@@ -144,8 +144,8 @@ def distill_throughput(text: Path, tokenizer_dir: str, steps: int, seq: int = 25
 
     from compressor import shards
     from compressor.config.schema import DataSource
-    from compressor.modeling import load_tokenizer
-    from compressor.stages.distill.data import BatchPlan, WorkerData
+    from compressor.models import load_tokenizer
+    from compressor.stages.distill.batches import BatchPlan, WorkerData
     from compressor.stages.distill.engines import build_engines, train_step
     from compressor.stages.distill.spec import DistillSpec
 
@@ -221,7 +221,7 @@ def main() -> None:
         print(json.dumps(prepare_probe(args.probe, args.tokenizer, args.tokens)))
         return
     from compressor import zoo
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     tokenizer_dir = str(zoo.ensure_model("tiny-test"))
     with tempfile.TemporaryDirectory() as tmp:

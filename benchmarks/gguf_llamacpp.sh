@@ -39,7 +39,7 @@ import torch
 from llama_cpp import Llama
 
 from compressor import zoo
-from compressor.modeling import load_model, load_tokenizer
+from compressor.models import load_model, load_tokenizer
 
 out = Path(sys.argv[1])
 gguf = next(out.glob("*.gguf"))

@@ -52,7 +52,7 @@ def quick_teacher(root: Path) -> tuple[Path, list[str], list[str]]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from compressor.modeling import save_checkpoint
+    from compressor.models import save_checkpoint
 
     paragraphs = [p for k in sorted(topics) for p in topics[k].split("\n\n") if len(p) > 80]
     tok = Tokenizer(models.BPE())
@@ -165,7 +165,7 @@ def search_benchmark(quick: bool, steps: int) -> dict:
 
     from compressor.config.schema import DataSource
     from compressor.manifest import ModelRef
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
     from compressor.stages import distill as distill_stage
     from compressor.stages.context import StageContext
     from compressor.stages.distill.spec import DistillSpec
@@ -248,7 +248,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:

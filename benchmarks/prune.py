@@ -79,7 +79,7 @@ def warm_up(model_dir: str, out_dir: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from compressor.modeling import load_model
+    from compressor.models import load_model
     from compressor.stages.prune.importance import estimate
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -109,8 +109,7 @@ def measure(
     import torch
 
     from compressor.manifest import ModelRef
-    from compressor.modeling import load_model
-    from compressor.models import read_config
+    from compressor.models import load_model, read_config
     from compressor.stages.prune import shapes
     from compressor.stages.prune.importance import estimate
     from compressor.stages.prune.plan import make_plan

@@ -66,8 +66,8 @@ def worker(args) -> None:
 def calibration_rows(model: str, source: str, samples: int, seq_len: int) -> list[dict]:
     """Exactly the rows the stage builds (same source, seed 0, same blocking)."""
     from compressor.config.schema import DataSource
-    from compressor.data import token_blocks
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
+    from compressor.text_sources import token_blocks
 
     blocks = token_blocks(
         DataSource(source=source, samples=samples, seq_len=seq_len), load_tokenizer(model), samples, seq_len, 0

@@ -104,7 +104,7 @@ def flops_per_step(teacher: dict, student: dict, distill: dict, seq_len: int) ->
 
 
 def config_of(teacher: dict, shape: dict) -> dict:
-    from compressor.shapes import Shape
+    from compressor.models.shapes import Shape
     from compressor.stages.prune.shapes import output_config
 
     return output_config(teacher, Shape(**shape), None)

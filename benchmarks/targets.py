@@ -161,7 +161,7 @@ def quality(root: Path, steps: int, quick: bool) -> dict:
     from losses import bits_per_byte, packed, prune_width, quick_teacher, zoo_teacher
     from transformers import AutoModelForCausalLM
 
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     if quick:
         teacher_dir, train, heldout = quick_teacher(root)

@@ -54,7 +54,7 @@ class ChatRow:
 
 def rows(source: str) -> Iterator[ChatRow]:
     """The rows of a .jsonl / .parquet file or directory (local or on storage)."""
-    from compressor.data import _files
+    from compressor.text_sources import _files
 
     fs, infos = _files(source)
     for info in infos:
@@ -144,6 +144,26 @@ def encode_with_starts(tokenizer, messages: list[dict], response: str, template:
     return tokenizer(text)["input_ids"], answer["input_ids"] + eos, starts
 
 
+def template_as_jinja(tokenizer, template: str) -> str:
+    """A chat template that renders exactly what `encode` trained on with the plain `template`: a student exported
+    with it is prompted in use (and by the held-out evaluation) the way it learned. (The newline is an expression:
+    transformers renders templates with trim_blocks, which eats a newline that follows a block tag.)"""
+
+    def literal(text: str) -> str:  # a Jinja raw block, so braces in the template stay text
+        return "{% raw %}" + text + "{% endraw %}" if text else ""
+
+    before, _, after = template.partition("{prompt}")
+    bos = tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + literal(before)
+        + "{% for m in messages if m['role'] != 'assistant' %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+        + literal(after)
+        + "{% for m in messages if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
+
+
 def fit(prompt: list[int], answer: list[int], seq_len: int, truncate: str) -> tuple[Optional[list[int]], str]:
     """(token ids or None, "kept" | "truncated" | "dropped"): the example as it enters a sequence of seq_len."""
     if len(prompt) + len(answer) <= seq_len:
@@ -213,7 +233,7 @@ def target_mask(loss_mask):
 # ----------------------------------------------------------------------------- shards
 def chat_dir(data_root: str, source: str, tokenizer_key: str, seq_len: int, template, truncate: str, soft=False) -> str:
     from compressor.config.schema import DataSource
-    from compressor.data import source_identity
+    from compressor.text_sources import source_identity
 
     ident = source_identity(DataSource(source=source))
     key = digest(
@@ -235,7 +255,7 @@ def prepare(
     """Write (once per key) the chat shards of `source`; returns their directory. Streams: one shard in memory.
     `soft`: rows that carry an API teacher's `top_logprobs` also give sparse targets (compressor.soft_labels)."""
     from compressor import soft_labels
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
     from compressor.shards import tokenizer_digest
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -8,14 +8,10 @@ percent, well inside the MFU guess."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 from compressor.errors import UserError
-from compressor.shapes import Shape, vocab_size
-
-SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+from compressor.models.shapes import Shape, vocab_size
 
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s from the vendors' datasheets.
 GPU_PEAK_TFLOPS: dict[str, float] = {
@@ -46,7 +42,7 @@ DEFAULT_TASK_SHAPE = (1000, 4, 128)
 
 # ----------------------------------------------------------------------------- shapes
 def shape(config: dict) -> dict[str, int]:
-    """The numbers every estimate needs (compressor.shapes, with HF's defaults filled in), in short names."""
+    """The numbers every estimate needs (compressor.models.shapes, with HF's defaults filled in), in short names."""
     s = Shape.from_config(config)
     return {
         "vocab": vocab_size(config),
@@ -158,67 +154,3 @@ def gpu_peak_tflops(gpu: str) -> float:
     if key not in GPU_PEAK_TFLOPS:
         raise UserError(f"--gpu {gpu!r}: unknown GPU type; known: {', '.join(GPU_PEAK_TFLOPS)}")
     return GPU_PEAK_TFLOPS[key]
-
-
-# ----------------------------------------------------------------------------- teacher config
-def config_slug(hub_id: str) -> str:
-    """File name stem of a shipped config: 'meta-llama/Llama-3.1-8B' -> 'meta-llama--Llama-3.1-8B'."""
-    return hub_id.strip("/").replace("/", "--")
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
-
-
-def _read_config(path: Path, field: str) -> dict:
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{field}: cannot read {path} as a model config.json ({exc})") from None
-
-
-def teacher_config(teacher_spec, base_dir: Optional[Path] = None) -> Optional[dict]:
-    """The teacher's config.json without touching the network, or None when it cannot be known offline.
-
-    Tried in order: `teacher.config` (a file or directory, relative to `base_dir` - the pipeline file's
-    directory - or the name of a shipped config), `zoo:` reference models, a local checkpoint directory,
-    a config shipped in compressor/configs for the hub id, and the local Hugging Face cache."""
-    base = Path(base_dir) if base_dir else Path.cwd()
-    if teacher_spec.config:
-        given = Path(teacher_spec.config).expanduser()
-        for candidate in (given if given.is_absolute() else base / given, given):
-            if candidate.exists():
-                return _read_config(candidate, "teacher.config")
-        shipped = SHIPPED_CONFIGS / f"{config_slug(teacher_spec.config).removesuffix('.json')}.json"
-        if shipped.is_file():
-            return _read_config(shipped, "teacher.config")
-        raise UserError(
-            f"teacher.config: {teacher_spec.config!r} is neither a file (looked in {base}) nor a shipped "
-            f"config ({', '.join(shipped_configs())})"
-        )
-    model = teacher_spec.model
-    if model.startswith("zoo:"):
-        from compressor import zoo
-
-        return zoo.model_config(model[len("zoo:") :])
-    local = Path(model).expanduser()
-    for candidate in (local if local.is_absolute() else base / local, local):
-        if (candidate / "config.json").is_file():
-            return _read_config(candidate, "teacher.model")
-    shipped = SHIPPED_CONFIGS / f"{config_slug(model)}.json"
-    if shipped.is_file():
-        return _read_config(shipped, "teacher.model")
-    return _hf_cached_config(model, teacher_spec.revision)
-
-
-def _hf_cached_config(repo_id: str, revision: Optional[str]) -> Optional[dict]:
-    """config.json from the local HF cache, if the model was downloaded before (never downloads)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an id that is not a valid repo id, or no huggingface_hub: not cached
-        return None
-    return json.loads(Path(path).read_text()) if isinstance(path, str) else None

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from compressor.cache import digest
 from compressor.config.schema import TaskSpec
 from compressor.errors import UserError
+from compressor.models import is_zoo, zoo_name
 
 # The headline metric of a task, in order of preference (acc_norm first: it corrects the length bias of acc).
 PRIMARY_ORDER = (
@@ -47,10 +48,10 @@ BOOTSTRAP_ITERS = 1000
 
 def include_dir(include: str) -> Path:
     """`zoo:NAME` -> the zoo model's task dir (materialized on first use); else a directory of task YAMLs."""
-    if include.startswith("zoo:"):
+    if (name := zoo_name(include)) is not None:
         from compressor import zoo
 
-        return zoo.tasks_dir(include[len("zoo:") :])
+        return zoo.tasks_dir(name)
     path = Path(include).expanduser()
     if not path.is_dir():
         raise UserError(f"evaluation include {include!r}: not a directory of lm-eval task YAMLs (or use zoo:NAME)")
@@ -133,7 +134,7 @@ def _gguf_weights(model_dir: Path, trust: bool) -> dict:
     return {"gguf_file": quant["gguf_file"], "config": config}
 
 
-def flatten(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+def numeric_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """lm-eval's {"acc,none": 0.5, "acc_stderr,none": 0.02, "f1_stderr,none": "N/A", "alias": ..., "sample_len": 9}
     -> {"acc": 0.5, "acc_stderr": 0.02}: numbers only, so a standard error lm-eval could not give is absent."""
     out: dict[str, dict[str, float]] = {}
@@ -159,7 +160,7 @@ def evaluate(
     if not tasks:
         raise UserError("no evaluation tasks given")
     manager = task_manager(tasks)
-    with _offline(all(t.data or (t.include and t.include.startswith("zoo:")) for t in tasks)):
+    with _offline(all(t.data or (t.include and is_zoo(t.include)) for t in tasks)):
         return _run(Path(model_dir), tasks, manager, batch_size, device, dtype)
 
 
@@ -222,7 +223,7 @@ def _run(model_dir: Path, tasks: list[TaskSpec], manager, batch_size: int | str,
                 log_samples=False,
                 apply_chat_template=chat and templated,  # `lm_eval --apply_chat_template`, for the same numbers
             )
-        results.update(flatten(out["results"]))
+        results.update(numeric_scores(out["results"]))
     return results
 
 
@@ -259,10 +260,10 @@ def _include_fingerprint(include: Optional[str]) -> Optional[str]:
     """What the task definitions depend on: a zoo corpus key, or the content of an include directory."""
     if include is None:
         return None
-    if include.startswith("zoo:"):
+    if (name := zoo_name(include)) is not None:
         from compressor.zoo import corpus_key
 
-        return corpus_key(include[len("zoo:") :])
+        return corpus_key(name)
     path = Path(include).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     return digest([[p.relative_to(path).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()] for p in files])

@@ -21,7 +21,6 @@ from compressor.cache import digest
 from compressor.errors import UserError
 
 FORMAT = 1  # bump when the generated files change for the same inputs
-LABEL_METRICS = ("accuracy", "f1")  # need `labels`
 STOP = ["\n"]
 
 

@@ -6,10 +6,11 @@ run, tagged `cached`, with the figures of what it reused."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,11 +22,12 @@ from compressor import stages as stage_kinds
 from compressor.config.schema import PipelineSpec
 from compressor.errors import CompressorError, GateFailed, StageFailed
 from compressor.manifest import Manifest, ModelRef
+from compressor.models import zoo_name
 from compressor.planning import Plan, PlannedStage, check_local_tasks, check_storage, make_plan
 from compressor.runner import drop_scratch
 from compressor.stages.context import StageContext
 from compressor.storage import join, move_stage
-from compressor.tracking import default_uri, flatten, log_pipeline_summary
+from compressor.tracking import default_uri, log_pipeline_summary, score_values
 
 Scores = dict[str, dict[str, float]]
 
@@ -97,9 +99,10 @@ class Orchestrator:
         if plan.fully_cached():
             return self._record_cached(start)
         self._check_registry_tasks()
+        # Before Ray starts: its processes would take CPU from the minutes of training on a small machine.
+        self._build_reference_models()
         parent = self._start_parent_run()
-        from compressor.locks import stage_lease
-        from compressor.raylocal import ensure_ray
+        from compressor.ray_runtime import ensure_ray
 
         ensure_ray(self.address)
         from compressor import interrupt
@@ -107,7 +110,6 @@ class Orchestrator:
         interrupt.reassert()  # issue 14: ray.init put its own SIGTERM handler (sys.exit) in place of `run`'s
         outcomes: list[StageOutcome] = []
         try:
-            self._build_reference_teacher()
             baseline = self._baseline()
             previous = baseline
             for stage in plan.stages:
@@ -136,11 +138,11 @@ class Orchestrator:
     def _publish_hub_teacher(self) -> None:
         """A hub teacher is resolved to a commit and put on the pipeline storage once, before anything else runs;
         the plan is then re-made with the commit in the teacher's key and the snapshot as every stage's source."""
-        from compressor import hub
+        from compressor.models import hub, is_hub_id
 
         published = {}
         for role, model in (("teacher", self.spec.teacher), ("student", self.spec.student)):
-            if model is None or not hub.is_hub_id(model.model):
+            if model is None or not is_hub_id(model.model):
                 continue
             self.console.print(f"[dim]{role} {model.model}: resolving revision {model.revision or 'main'}[/]")
             published[role] = hub.publish_snapshot(model.model, model.revision, self.plan.storage_uri, model.dtype)
@@ -152,7 +154,7 @@ class Orchestrator:
     def _pin_hub_data(self) -> None:
         """An `hf:` data source is read at one commit, resolved now, once: the commit goes into the shard and stage
         keys (an upstream change makes new shards and stages, never a mix of two versions) and MLflow's params."""
-        from compressor.data import pinned
+        from compressor.text_sources import pinned
 
         unpinned = {n: ds for n, ds in self.spec.data.items() if ds.source.startswith("hf:")}
         if not unpinned:
@@ -368,21 +370,20 @@ class Orchestrator:
         return outcome["value"]
 
     # ------------------------------------------------------------------ evaluation
-    def _build_reference_teacher(self) -> None:
+    def _build_reference_models(self) -> None:
         """On a fresh machine `make run` first trains the offline reference teacher (minutes): say so, with the
-        build's own progress, instead of letting the time pass for the teacher's evaluation."""
-        model = self.spec.teacher.model
-        if not model.startswith("zoo:"):
-            return
+        build's own progress, instead of letting the time pass for the teacher's evaluation. A zoo student too."""
         from compressor import zoo
 
-        name = model[len("zoo:") :]
-        if zoo.is_built(name):
-            return
-        self.console.print(
-            f"building the reference teacher {model}, once: a few minutes on 2 cores, then cached for every run"
-        )
-        zoo.ensure_model(name)
+        for role, given in (("teacher", self.spec.teacher), ("student", self.spec.student)):
+            name = zoo_name(given.model) if given is not None else None
+            if name is None or zoo.is_built(name):
+                continue
+            self.console.print(
+                f"building the reference {role} {given.model}, once: a few minutes on 2 cores, then cached for every "
+                "run"
+            )
+            zoo.ensure_model(name)
 
     def _baseline(self) -> Optional[Scores]:
         if self.spec.evaluation.baseline != "teacher" or not self.spec.evaluation.tasks:
@@ -441,7 +442,7 @@ class Orchestrator:
             self.stage_seconds += seconds
             self._save_scores(model, scores)  # keyed by the model's content: valid whatever its gate says
         sink = self.tracker.sink(run_id)
-        sink.log_metrics({f"{prefix}{k}": float(v) for k, v in flatten(scores).items() if _is_number(v)})
+        sink.log_metrics({f"{prefix}{k}": v for k, v in score_values(scores).items()})
         self.tracker.log_json(run_id, scores, f"eval-{prefix.rstrip('.')}.json" if prefix else "eval.json")
         return scores
 
@@ -474,10 +475,10 @@ class Orchestrator:
             check_registry_tasks([t.name for t in registry])
 
     def _start_parent_run(self, cached: bool = False) -> str:
-        from compressor.locks import open_tracker
+        from compressor.tracking import open_tracker
 
         self.plan.storage_root.mkdir(parents=True, exist_ok=True)
-        # issue 14: open_tracker = Tracker, safe when several runs start on one sqlite store at once (compressor.locks)
+        # issue 14: open_tracker = Tracker, safe when several runs start on one sqlite store at once
         self.tracker = open_tracker(
             self.tracking_uri, self.spec.tracking.experiment or self.spec.name, self.plan.storage_root / "mlartifacts"
         )
@@ -541,12 +542,52 @@ class Orchestrator:
         )
 
 
-def _is_number(value) -> bool:
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
+# ------------------------------------------------------------------------------ one writer per stage (compressor.locks)
+@contextlib.contextmanager
+def stage_lease(orchestrator, stage) -> Iterator[None]:
+    """The orchestrator's stage loop runs each stage inside this. A stage found cached at planning needs no lease.
+    Once the lease is held, what another run finished meanwhile is taken as it would have been at planning: the
+    stage becomes cached (or held: kept in pending/ or rejected/), and the leftovers of killed attempts at this
+    stage (their private scratch directories) are removed, since no one else may be writing them now."""
+    if stage.cached:
+        yield
+        return
+    from compressor import storage
+    from compressor.locks import holding
+
+    say = lambda line: orchestrator.console.print(line, soft_wrap=True, highlight=False)  # noqa: E731
+    with holding(stage.uri, stage.name, say):
+        manifest = storage.finished_manifest(stage.uri, stage.key)
+        if manifest is not None:
+            stage.cached, stage.held = manifest, None
+            if stage.output.key != stage.input.key:  # a stage that makes a model (evaluate passes its input on)
+                stage.output = stage.output.model_copy(update={"path": storage.join(stage.uri, manifest.model_uri)})
+                orchestrator.published[stage.output.key] = stage.output.path
+        elif stage.held is None:
+            plan = orchestrator.plan
+            stage.held = next(
+                (
+                    (where, m)
+                    for where, uri in (("pending", plan.pending_uri(stage)), ("rejected", plan.rejected_uri(stage)))
+                    if (m := storage.finished_manifest(uri, stage.key))
+                ),
+                None,
+            )
+        remove_scratch(orchestrator.plan.pending_uri(stage), f"{stage.name}-{stage.key[:12]}")
+        yield
+
+
+def remove_scratch(publish_to: str, name: str) -> None:
+    """Private scratch directories of earlier, killed attempts at one stage (storage.scratch_dir names them). Only on
+    local/NFS storage, where they sit beside the stage's pending/ directory; with object storage they are on the
+    disk of whichever node ran the attempt (its mirror's work/ directory), out of this process's reach."""
+    import shutil
+
+    from compressor import storage
+
+    if not storage.is_remote(publish_to):
+        for path in Path(publish_to).parent.glob(f".tmp-{name}-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _trace(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from compressor.cache import key_fields, stage_key
 from compressor.config.schema import PipelineSpec, StageEntry, TaskSpec, TeacherSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
+from compressor.models import is_hub_id, offline_config, read_config, zoo_name, zoo_ref
 from compressor.stages.base import PlanContext
 
 
@@ -103,43 +104,40 @@ def resolve_teacher(
     hash: `published` (the snapshot `run` put on the storage), else the commit the local HF cache knows for the
     revision (no network, so `validate` and `plan` stay offline and fast), else the revision text."""
     model = teacher.model
-    if model.startswith("zoo:"):
+    if (name := zoo_name(model)) is not None:
         from compressor import zoo
 
-        name = model[len("zoo:") :]
         if name not in zoo.RECIPES:
             raise UserError(
                 f"{field}.model: unknown reference model {name!r} (known: {', '.join(sorted(zoo.RECIPES))})"
             )
-        return ModelRef(path=model, key=f"zoo:{zoo.model_key(name)}"), zoo.model_config(name)
+        return ModelRef(path=model, key=zoo_ref(zoo.model_key(name))), zoo.model_config(name)
     if _is_path(model):
         path = Path(model).expanduser().resolve()
         if not (path / "config.json").is_file():
             what = "no such directory" if not path.exists() else "no config.json there (not a Hugging Face checkpoint)"
             raise UserError(f"{field}.model: {model}: {what}")
-        from compressor.checkpoint import tensor_shapes
+        from compressor.models.checkpoint import tensor_shapes
 
         config_text = (path / "config.json").read_text()
         key = cache_mod.digest({"config": config_text, "shapes": tensor_shapes(path), "dtype": teacher.dtype})
         import json
 
         return ModelRef(path=str(path), key=f"dir:{key}"), json.loads(config_text)
-    from compressor import hub
+    from compressor.models import hub
 
-    if not hub.is_hub_id(model):
+    if not is_hub_id(model):
         raise UserError(
             f"{field}.model: {model!r} is neither a local checkpoint directory, `zoo:NAME`, nor a Hugging "
             "Face repo id (ORG/NAME)"
         )
     if published is not None:
-        from compressor.models import read_config
-
         return published, read_config(published)
     commit = hub.cached_commit(model, teacher.revision)
     if commit is None:
         return (
             ModelRef(path=model, key=f"hub:{model}@{teacher.revision or 'main'}:unresolved", revision=teacher.revision),
-            _hub_config(teacher),
+            offline_config(teacher) or {},
         )
     uri = hub.snapshot_uri(storage_uri, model, commit)
     ref = ModelRef(
@@ -147,16 +145,7 @@ def resolve_teacher(
         key=hub.model_key(model, commit, teacher.dtype),
         revision=commit,
     )
-    return ref, _hub_config(teacher)
-
-
-def _hub_config(teacher: TeacherSpec) -> dict:
-    """A hub teacher's config without the network: TeacherSpec.config or a config shipped with compressor."""
-    try:
-        from compressor.estimate import teacher_config
-    except ImportError:  # pragma: no cover - estimate ships with the package
-        return {}
-    return teacher_config(teacher) or {}
+    return ref, offline_config(teacher) or {}
 
 
 def check_storage(root: Path) -> None:
@@ -179,10 +168,10 @@ def local_task_names(include: str) -> set[str]:
     """Task names defined by the YAMLs of a local include dir (`zoo:NAME` -> the shipped task templates)."""
     import yaml
 
-    if include.startswith("zoo:"):
+    if (name := zoo_name(include)) is not None:
         from compressor import zoo
 
-        zoo.recipe(include[len("zoo:") :])  # unknown name -> UserError
+        zoo.recipe(name)  # unknown name -> UserError
         return set(zoo.TASK_NAMES)
     directory = Path(include).expanduser()
     if not directory.is_dir():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from compressor.errors import UserError
+from compressor.models import is_zoo, zoo_name
 
 SNIFF_BYTES = 1 << 16  # how much of each data file is read to tell text from binary junk
 JSONL_LINES = 20  # JSONL lines read to check the text field
@@ -27,7 +28,8 @@ def check_checkpoint(model_dir: str | Path, flag: str, tokenizer: bool = True) -
     """A local Hugging Face checkpoint that will load: config.json is JSON with dividing head counts, code it ships
     is allowed (compressor.remote_code), every safetensors file is whole, and a tokenizer is there when asked
     for. Returns the config. Hub ids and zoo names are left to the stage (they are fetched or built first)."""
-    from compressor import checkpoint, remote_code
+    from compressor import remote_code
+    from compressor.models import checkpoint
 
     path = Path(model_dir).expanduser()
     cfg_path = path / "config.json"
@@ -146,15 +148,15 @@ def check_data(source, flag: str, tokenizer_dir: Optional[str | Path] = None, ne
     """A local data source (a DataSource) that holds text: files exist, are not empty, are text (not binary), JSONL
     rows have the text field; and, given the model's tokenizer.json, at least `need_tokens` tokens. hf: and zoo:
     sources are not read here (the hub is remote; zoo corpora are compressor's own)."""
-    from compressor import data, storage
+    from compressor import storage, text_sources
 
-    if source.source.startswith(("hf:", "zoo:")) or storage.is_remote(source.source):
+    if source.source.startswith("hf:") or is_zoo(source.source) or storage.is_remote(source.source):
         return
     path = Path(source.source).expanduser()
     if not path.exists():
         raise UserError(f"{flag} {source.source}: no such file or directory")
     try:
-        _, infos = data._files(str(path.resolve()))
+        _, infos = text_sources._files(str(path.resolve()))
         for info in infos[:SNIFF_FILES]:
             _check_data_file(Path(info["name"]), source.text_field)
         if not infos:
@@ -196,24 +198,24 @@ def _check_data_file(file: Path, text_field: str) -> None:
                     f"{file}:{n}: no field {text_field!r} (set `text_field` on the data source, "
                     "--text-field on the command line)"
                 )
-            from compressor.data import as_text
+            from compressor.text_sources import as_text
 
             as_text(row[text_field], f"{file}:{n}", text_field)  # chat turns are not text
 
 
 def _check_token_count(source, tokenizer_dir: Path, need: int) -> None:
-    """Count tokens (as data.token_blocks would: each document plus EOS) until `need`, with the fast tokenizer's
+    """Count tokens (as text_sources.token_blocks would: each document plus EOS) until `need`, with the fast tokenizer's
     Rust backend alone (no transformers, no torch)."""
     file = tokenizer_dir / "tokenizer.json"
     if not file.is_file():
         return
     from tokenizers import Tokenizer
 
-    from compressor import data
+    from compressor import text_sources
 
     tokenizer = Tokenizer.from_file(str(file))
     have = 0
-    for batch in data.batched(data.documents(source), data.ENCODE_BATCH):
+    for batch in text_sources.batched(text_sources.documents(source), text_sources.ENCODE_BATCH):
         have += sum(len(e.ids) + 1 for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False))
         if have >= need:
             return
@@ -239,7 +241,7 @@ def check_standalone(
     """Everything `compressor prune | distill | quantize` can check before loading a model: the checkpoint(s), the
     stage's own shape checks, the data (enough tokens for `samples` sequences of `seq_len`), and --out with room
     for the output."""
-    from compressor import checkpoint
+    from compressor.models import checkpoint
     from compressor.stages import get as stage_kind
 
     try:  # what the stage refuses in the config alone (an architecture, a shape) is said before file problems
@@ -303,10 +305,10 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
 
 def has_chat_template(model: str) -> Optional[bool]:
     """Whether the tokenizer of a zoo name or local checkpoint has a chat template; None: not knowable offline."""
-    if model.startswith("zoo:"):
+    if (name := zoo_name(model)) is not None:
         from compressor.zoo import recipe
 
-        return recipe(model[len("zoo:") :]).finetune_of is not None  # task models ship the zoo chat template
+        return recipe(name).finetune_of is not None  # task models ship the zoo chat template
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         return None  # a hub id: checked by the stage, once the tokenizer is there
@@ -348,7 +350,7 @@ def check_chat_rows(source, flag: str, rows: int = 100) -> None:
     from compressor import storage
     from compressor.chat_data import rows as chat_rows
 
-    if source.source.startswith(("hf:", "zoo:")) or storage.is_remote(source.source):
+    if source.source.startswith("hf:") or is_zoo(source.source) or storage.is_remote(source.source):
         return
     if not Path(source.source).expanduser().exists():
         raise UserError(f"{flag} {source.source}: no such file or directory")
@@ -362,8 +364,8 @@ def check_chat_rows(source, flag: str, rows: int = 100) -> None:
 def check_prompts(source, flag: str) -> None:
     """A generate stage's prompts: the first batch is read and validated (the stage validates every row before it
     sends one)."""
-    from compressor.data import normalized
     from compressor.stages.generate.prompts import scan
+    from compressor.text_sources import normalized
 
     try:
         next(scan(normalized(source), 64))
@@ -374,9 +376,9 @@ def check_prompts(source, flag: str) -> None:
 def check_offline_teacher(teacher, published: bool = False) -> None:
     """With HF_HUB_OFFLINE set, a hub teacher must be in the local Hugging Face cache, weights included (`run`
     resolves and fetches it from there), unless its snapshot is already published on the storage."""
-    from compressor import hub
+    from compressor.models import hub, is_hub_id
 
-    if not hub.offline() or not hub.is_hub_id(teacher.model):
+    if not hub.offline() or not is_hub_id(teacher.model):
         return
     commit = hub.resolve_commit(teacher.model, teacher.revision)  # offline: the cache's config.json, else UserError
     if published:
@@ -407,7 +409,7 @@ def task_metrics(include: str, task: str) -> Optional[set[str]]:
     here (a registry task, a task without metric_list, a file that needs lm-eval's own YAML tags)."""
     import yaml
 
-    if include.startswith("zoo:"):
+    if is_zoo(include):
         files = [Path(str(resources.files("compressor") / "zoo" / "tasks" / f"{task}.yaml"))]
     else:
         files = sorted(Path(include).expanduser().rglob("*.yaml"))

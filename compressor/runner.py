@@ -13,12 +13,12 @@ from typing import Optional
 
 from pydantic import BaseModel
 
-from compressor import __version__, checkpoint, storage
+from compressor import __version__, storage
 from compressor import stages as stage_kinds
 from compressor.config.schema import DataSource, TaskSpec
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
-from compressor.models import materialize, read_config
+from compressor.models import checkpoint, materialize, read_config
 from compressor.stages.context import StageContext
 
 STAGE_LOG = "stage.log"  # third-party output of a pipeline stage, published with it
@@ -32,7 +32,7 @@ def captured_output(log_file: Optional[Path], fds: bool = True) -> Iterator[None
     import logging
     import warnings
 
-    from compressor.raylocal import verbose
+    from compressor.ray_runtime import verbose
 
     if log_file is None or verbose():
         yield

@@ -5,7 +5,7 @@
         shard-00000-<writer>.bin    raw little-endian uint16 (vocab <= 65,536) or uint32 tokens, sequences x seq_len
 
 `data_root` is a local/NFS path or a storage URI (s3://...), normally `<storage>/_data`. The key hashes the source
-(`compressor.data.source_identity`: the spec without `samples`, plus file sizes and stamps), the tokenizer's files and
+(`compressor.text_sources.source_identity`: the spec without `samples`, plus file sizes and stamps), the tokenizer's files and
 seq_len, so a second pipeline, or a re-run, on the same data and tokenizer reuses the shards. A directory without
 index.json holds nothing usable: shard files count only once an index lists them, and every file an index lists is
 complete. Writers name their files with a random writer id, so two writers of one key never clobber each other's
@@ -20,7 +20,7 @@ shards from that position, with exactly the sequences an uninterrupted writer wo
 writer resumes from its last complete shard the same way. Sequence ids never change once written, so a running
 distillation is not disturbed by another pipeline extending its shards. For an `hf:` source the index also keeps the
 `datasets` stream `state` at the start of the batch holding that position: extending loads it and reads less than
-one batch again, instead of every row before the position (`compressor.data.document_batches`).
+one batch again, instead of every row before the position (`compressor.text_sources.document_batches`).
 
 **Fit, early.** When the first shard closes, the writer extrapolates the source's size (`estimated_tokens`: tokens
 per document x the dataset's row count, or tokens per byte x its files' bytes) into the index, and hands it to the
@@ -120,7 +120,7 @@ def tokenizer_digest(directory: str) -> str:
 
 def shard_dir(data_root: str, ds: DataSource, tokenizer: str, seq_len: int) -> str:
     """The directory (path or URI) of the shards of `ds` tokenized by `tokenizer` (a tokenizer_digest) at seq_len."""
-    from compressor.data import source_identity
+    from compressor.text_sources import source_identity
 
     key = digest({"format": FORMAT, "source": source_identity(ds), "tokenizer": tokenizer, "seq_len": seq_len})
     slug = re.sub(
@@ -180,13 +180,13 @@ def _prepare_alone(
     shard_bytes: int,
     check: Optional[Callable[[int], None]] = None,
 ) -> tuple[str, ShardIndex]:
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     index = read_index(directory)
     if index is not None and (index.exhausted or index.sequences >= sequences):
         return directory, index
     tokenizer = load_tokenizer(tokenizer_dir)
-    from compressor.data import token_dtype
+    from compressor.text_sources import token_dtype
 
     if index is None:
         index = ShardIndex(
@@ -226,7 +226,7 @@ class _Writer:
         progress: Optional[Callable[[int], None]],
         check: Optional[Callable[[int], None]] = None,
     ) -> None:
-        from compressor.data import document_batches, encode_batch, estimated_tokens, join_documents, prefetched
+        from compressor.text_sources import document_batches, encode_batch, estimated_tokens, join_documents, prefetched
 
         index, seq_len = self.index, self.index.seq_len
         if index.estimated_tokens and check is not None:

@@ -30,7 +30,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -44,8 +44,6 @@ INDEX = "index.json"
 # index (readers follow the index); the variable sets it for new targets (tests use small parts).
 PART_SEQUENCES = int(os.environ.get("COMPRESSOR_TARGETS_PART_SEQUENCES", "256"))
 OPEN_MAPS = 64
-
-Kind = Literal["topk", "sampled"]
 
 
 @dataclass

@@ -10,14 +10,20 @@ tags, each stage's output as an MLflow logged model (pointing at the stage direc
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import numbers
+import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from compressor.models import is_zoo, zoo_name
 from compressor.secrets import redact, redact_mapping
-from compressor.sinks import MetricsSink
+from compressor.stages.context import MetricsSink
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # log_batch limits of MLflow's REST API, per request
@@ -32,21 +38,42 @@ def default_uri(storage_root: Path) -> str:
     return f"sqlite:///{Path(storage_root).resolve() / 'mlflow.db'}"
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, str]:
-    """{'a': {'b': 1}} -> {'a.b': '1'}; lists become JSON strings."""
-    out: dict[str, str] = {}
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    else:
-        text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-        out[prefix.rstrip(".")] = text[:MAX_PARAM_CHARS]
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: nested mappings to dotted keys, the leaves as they are."""
+    if not isinstance(value, dict):
+        return {prefix.rstrip("."): value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(flatten(v, f"{prefix}{k}."))
     return out
 
 
-def _client(uri: str):
-    import os
+def param_values(params: dict[str, Any]) -> dict[str, str]:
+    """MLflow params: flattened, lists as JSON, anything else as text, cut to MLflow's limit."""
+    return {
+        k: (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:MAX_PARAM_CHARS]
+        for k, v in flatten(params).items()
+    }
 
+
+def as_number(value: Any) -> Optional[float]:
+    """A score as a float: a number (not a boolean) or text that reads as one; else None (aliases, lists, None)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def score_values(scores: Optional[dict]) -> dict[str, float]:
+    """{'task': {'metric': v}} -> {'task.metric': v} for the numeric values (lm-eval also reports aliases)."""
+    return {k: number for k, v in flatten(scores or {}).items() if (number := as_number(v)) is not None}
+
+
+def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     if redact(uri) != uri:  # MLflow prints "View run at <tracking URI>/..." to stdout: not with a password in it
@@ -71,7 +98,7 @@ class MlflowSink(MetricsSink):
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        rows = [Param(k, v) for k, v in redact_mapping(flatten(params)).items()]  # no secret reaches MLflow
+        rows = [Param(k, v) for k, v in redact_mapping(param_values(params)).items()]  # no secret reaches MLflow
         for i in range(0, len(rows), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=rows[i : i + MAX_PARAMS_PER_BATCH])
 
@@ -170,24 +197,46 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
 
+# ------------------------------------------------------------------------------ several runs on one store (issue 14)
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """A blocking flock on `path` for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def open_tracker(uri: str, experiment: str, artifact_root: Path):
+    """A Tracker, safe when several runs start on one store at once. MLflow creates the tables of a
+    new sqlite store on first use, and two processes doing so together fail ("duplicate column name", measured with
+    MLflow 3.17); so does creating one experiment twice. The first use of a sqlite store is serialized with an flock
+    beside the database; an experiment another run created meanwhile is then found instead of created."""
+    from mlflow.exceptions import MlflowException
+
+    database = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
+    with file_lock(Path(database + ".lock")) if database else contextlib.nullcontext():
+        try:
+            return Tracker(uri, experiment, artifact_root)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return Tracker(uri, experiment, artifact_root)
+
+
 # ---------------------------------------------------------------------------------------------- pipeline summary
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+
+
 _UNSAFE = re.compile(r"[^\w\-./ ]")  # characters MLflow refuses in metric, param and tag keys
 
 
 def _key(*parts: str) -> str:
     return "/".join(_UNSAFE.sub("_", p) for p in parts)
-
-
-def _numbers(scores: Optional[dict]) -> dict[str, float]:
-    """{'task': {'metric': v}} -> {'task.metric': v} for the numeric values (lm-eval also reports aliases)."""
-    out = {}
-    for name, value in flatten(scores or {}).items():
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
 
 
 def _gate_rows(outcome) -> list[dict]:
@@ -204,7 +253,7 @@ def _verdict(rows: list[dict]) -> str:
 def stage_records(summary) -> list[dict]:
     """One dict per stage of a finished pipeline run, in order: where its model is, its real size (a quantized
     model's logical parameter count and bits, not its packed storage), seconds, scores, gate rows and verdict."""
-    from compressor import checkpoint
+    from compressor.models import checkpoint
     from compressor.storage import join
 
     records = []
@@ -241,13 +290,13 @@ def stage_records(summary) -> list[dict]:
 def teacher_record(summary) -> dict:
     """The teacher's size (parameters from its config; bytes of its checkpoint where this process can see it,
     else parameters x dtype width) and its baseline scores."""
-    from compressor import checkpoint, estimate, storage, zoo
+    from compressor import estimate, storage, zoo
+    from compressor.models import checkpoint
 
     plan, spec = summary.plan, summary.plan.spec.teacher
     num_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
     path = plan.teacher.path
-    if path.startswith("zoo:"):
-        name = path[len("zoo:") :]
+    if (name := zoo_name(path)) is not None:
         path = str(zoo.model_path(name)) if zoo.is_built(name) else ""
     measured = bool(path) and (storage.is_remote(path) or Path(path).is_dir()) and storage.exists(path)
     size = checkpoint.checkpoint_bytes(path) if measured else None
@@ -281,13 +330,13 @@ def dataset_inputs(spec) -> list:
     inputs = []
     for name, ds in spec.data.items():
         if ds.source.startswith("hf:"):
-            from compressor.data import parse_hf
+            from compressor.text_sources import parse_hf
 
             repo, config, split = parse_hf(ds.source)
             source = HuggingFaceDatasetSource(
                 repo, config_name=config, split=split, revision=getattr(ds, "revision", None)
             )
-        elif ds.source.startswith("zoo:"):
+        elif is_zoo(ds.source):
             source = CodeDatasetSource({"compressor.source": ds.source, "split": ds.split})
         else:
             with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local path
@@ -316,7 +365,7 @@ def pipeline_settings(spec) -> dict[str, str]:
             **entry.spec.model_dump(mode="json"),
             **({"gate": {m: b.model_dump(mode="json") for m, b in entry.gate.metrics.items()}} if entry.gate else {}),
         }
-    return flatten(clean(settings))
+    return param_values(clean(settings))
 
 
 def recovery(value: Optional[float], base: Optional[float], metric: str) -> Optional[float]:
@@ -337,7 +386,7 @@ def summary_metrics(summary, stages: list[dict], teacher: dict) -> tuple[dict[st
     groups: dict[Optional[str], dict[str, float]] = {None: {}}
     run = groups[None]
     for name, value in {
-        **_numbers(teacher["scores"]),
+        **score_values(teacher["scores"]),
         "num_params": teacher["num_params"],
         "bytes": teacher["bytes"],
     }.items():
@@ -346,7 +395,7 @@ def summary_metrics(summary, stages: list[dict], teacher: dict) -> tuple[dict[st
     for s in stages:
         group = groups.setdefault(s["name"], {})
         for name, value in {
-            **_numbers(s["scores"]),
+            **score_values(s["scores"]),
             "num_params": s["num_params"],
             "bytes": s["bytes"],
             "bits": s["bits"],
@@ -361,7 +410,7 @@ def summary_metrics(summary, stages: list[dict], teacher: dict) -> tuple[dict[st
         return groups, None
     finals = groups[final["name"]]
     for name, value in {
-        **_numbers(final["scores"]),
+        **score_values(final["scores"]),
         "num_params": final["num_params"],
         "bytes": final["bytes"],
         "bits": final["bits"],

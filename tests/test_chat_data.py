@@ -48,6 +48,20 @@ def test_plain_template_and_missing_template(tokenizer, tiny_teacher):
     assert plain.decode(prompt, skip_special_tokens=True) == "Q\nAnswer: " and answer[-1] == plain.eos_token_id
 
 
+def test_a_plain_template_becomes_the_chat_template_it_was_trained_with(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_teacher)
+    template = "Q: {prompt}\nAnswer {with braces}:"
+    plain.chat_template = chat_data.template_as_jinja(plain, template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sqrt: Return x."}]
+    prompt, answer = chat_data.encode(plain, messages, "math", template)
+    rendered = plain.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert plain(rendered, add_special_tokens=False)["input_ids"] == prompt
+    full = plain.apply_chat_template([*messages, {"role": "assistant", "content": "math"}], tokenize=False)
+    assert plain(full, add_special_tokens=False)["input_ids"] == prompt + answer
+
+
 def test_fit_drops_or_truncates_the_prompt():
     assert chat_data.fit([1, 2, 3], [4, 5], 5, "drop") == ([1, 2, 3, 4, 5], "kept")
     assert chat_data.fit([1, 2, 3], [4, 5], 4, "drop") == (None, "dropped")

@@ -168,7 +168,7 @@ def test_lease_on_a_store_without_conditional_writes(monkeypatch):
 OPEN_STORE = textwrap.dedent("""\
     import sys
     from pathlib import Path
-    from compressor.locks import open_tracker
+    from compressor.tracking import open_tracker
     tracker = open_tracker(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
     print(tracker.start_pipeline(sys.argv[2], "name: x", {}))
     """)
@@ -279,10 +279,10 @@ def signal_ray_workers(session: int, signum: int, processes: list | None = None)
 
 def test_a_local_head_whose_raylet_was_slow_to_register_is_started_again(monkeypatch):
     """Ray waits a fixed 30 s for a new head's raylet; several heads starting at once on a busy 2-core machine
-    missed it (seen in the end-to-end test above). compressor.raywatch.start_local_head starts it again."""
+    missed it (seen in the end-to-end test above). compressor.ray_runtime.start_local_head starts it again."""
     import ray
 
-    from compressor import raywatch
+    from compressor import ray_runtime
 
     calls = []
 
@@ -293,8 +293,8 @@ def test_a_local_head_whose_raylet_was_slow_to_register_is_started_again(monkeyp
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(raywatch, "descendants", lambda pid: [])  # this process's real Ray heads stay alone
-    raywatch.start_local_head(address="local")
+    monkeypatch.setattr(ray_runtime, "descendants", lambda pid: [])  # this process's real Ray heads stay alone
+    ray_runtime.start_local_head(address="local")
     assert calls == [{"address": "local"}, "shutdown", {"address": "local"}]
 
     def broken(**kwargs):
@@ -302,4 +302,4 @@ def test_a_local_head_whose_raylet_was_slow_to_register_is_started_again(monkeyp
 
     monkeypatch.setattr(ray, "init", broken)
     with pytest.raises(ValueError):  # anything else is not retried
-        raywatch.start_local_head(address="local")
+        ray_runtime.start_local_head(address="local")

@@ -89,7 +89,7 @@ def leftovers(sid: int) -> list[str]:
     for process in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
             ours = os.getsid(process.pid) == sid or (
-                "compressor.raywatch" in (process.info["cmdline"] or [])
+                "compressor.ray_runtime" in (process.info["cmdline"] or [])
                 and f"{sid}:" in " ".join(process.info["cmdline"])
             )
             if ours and process.status() != psutil.STATUS_ZOMBIE:

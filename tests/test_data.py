@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from compressor import data
+from compressor import text_sources as data
 from compressor.config.schema import DataSource
 from compressor.errors import UserError
 
@@ -90,7 +90,7 @@ def test_source_identity_ignores_spelling_and_follows_the_files(tmp_path, monkey
 # ----------------------------------------------------------------------------- calibration blocks
 @pytest.fixture(scope="module")
 def tokenizer(tiny_teacher):
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     return load_tokenizer(tiny_teacher)
 

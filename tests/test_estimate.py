@@ -1,4 +1,5 @@
-"""compressor.estimate: exact parameter counts from config.json, FLOPs, GPU-hours, offline teacher configs."""
+"""compressor.estimate: exact parameter counts from config.json, FLOPs, GPU-hours; offline teacher configs
+(compressor.models.offline_config), which every estimate starts from."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from compressor import estimate
 from compressor.config.load import load_pipeline
 from compressor.config.schema import TeacherSpec
 from compressor.errors import UserError
+from compressor.models import offline_config
+from compressor.models.config import SHIPPED_CONFIGS
 from compressor.stages.evaluate.spec import EvaluateSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_8B = json.loads((estimate.SHIPPED_CONFIGS / "meta-llama--Llama-3.1-8B.json").read_text())
+LLAMA_8B = json.loads((SHIPPED_CONFIGS / "meta-llama--Llama-3.1-8B.json").read_text())
 WIDTH_4B = {**LLAMA_8B, "hidden_size": 3072, "intermediate_size": 9216}  # head_dim stays 128
 
 
@@ -25,7 +28,7 @@ def test_llama_3_1_8b_and_minitron_4b_width_param_counts():
 
 
 def test_smollm2_135m_shipped_config():
-    config = json.loads((estimate.SHIPPED_CONFIGS / "HuggingFaceTB--SmolLM2-135M.json").read_text())
+    config = json.loads((SHIPPED_CONFIGS / "HuggingFaceTB--SmolLM2-135M.json").read_text())
     assert estimate.param_count(config) == 134_515_008  # tied embeddings are counted once
     pruned = {**config, "hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6}  # head_dim stays 64
     assert estimate.param_count(pruned) == pytest.approx(67.6e6, rel=0.01)
@@ -120,25 +123,25 @@ def test_teacher_config_resolves_offline(tmp_path, monkeypatch):
     import socket
 
     def no_network(*args, **kwargs):
-        raise AssertionError("teacher_config must not touch the network")
+        raise AssertionError("offline_config must not touch the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    assert estimate.teacher_config(TeacherSpec(model="meta-llama/Llama-3.1-8B")) == LLAMA_8B  # shipped by hub id
-    assert estimate.teacher_config(TeacherSpec(model="org/x", config="meta-llama--Llama-3.1-8B")) == LLAMA_8B
+    assert offline_config(TeacherSpec(model="meta-llama/Llama-3.1-8B")) == LLAMA_8B  # shipped by hub id
+    assert offline_config(TeacherSpec(model="org/x", config="meta-llama--Llama-3.1-8B")) == LLAMA_8B
     (tmp_path / "cfg.json").write_text(json.dumps(TINY))
-    assert estimate.teacher_config(TeacherSpec(model="org/x", config="cfg.json"), base_dir=tmp_path) == TINY
+    assert offline_config(TeacherSpec(model="org/x", config="cfg.json"), base_dir=tmp_path) == TINY
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(TINY))
-    assert estimate.teacher_config(TeacherSpec(model=str(tmp_path / "ckpt"))) == TINY
-    assert estimate.teacher_config(TeacherSpec(model="nobody/unknown-model")) is None
+    assert offline_config(TeacherSpec(model=str(tmp_path / "ckpt"))) == TINY
+    assert offline_config(TeacherSpec(model="nobody/unknown-model")) is None
     with pytest.raises(UserError, match="teacher.config"):
-        estimate.teacher_config(TeacherSpec(model="org/x", config="missing.json"), base_dir=tmp_path)
+        offline_config(TeacherSpec(model="org/x", config="missing.json"), base_dir=tmp_path)
 
 
 def test_teacher_config_of_a_zoo_model():
     from compressor import zoo
 
-    config = estimate.teacher_config(TeacherSpec(model="zoo:tiny-test"))
+    config = offline_config(TeacherSpec(model="zoo:tiny-test"))
     assert config == zoo.model_config("tiny-test")
     assert estimate.param_count(config) > 0
 

@@ -12,9 +12,9 @@ from compressor.errors import UserError
 from compressor.evaluation import (
     eval_cache_key,
     evaluate,
-    flatten,
     higher_is_better,
     load_cached,
+    numeric_scores,
     primary_metric,
     save_cached,
 )
@@ -37,7 +37,7 @@ def destroyed_scores(tiny_teacher, tmp_path_factory):
     statistics, no knowledge left."""
     import torch
 
-    from compressor.modeling import load_model, load_tokenizer, save_checkpoint
+    from compressor.models import load_model, load_tokenizer, save_checkpoint
 
     model = load_model(tiny_teacher)
     generator = torch.Generator().manual_seed(0)
@@ -97,7 +97,7 @@ def test_flatten_strips_filters_and_bookkeeping_and_keeps_numeric_stderrs():
             "bits_per_byte_stderr,none": "N/A",
         }
     }
-    assert flatten(raw) == {"t": {"acc": 0.5, "acc_stderr": 0.05, "bits_per_byte": 1.5}}
+    assert numeric_scores(raw) == {"t": {"acc": 0.5, "acc_stderr": 0.05, "bits_per_byte": 1.5}}
 
 
 @pytest.mark.parametrize(

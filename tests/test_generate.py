@@ -174,7 +174,7 @@ def test_prompts_stream_in_batches_that_read_back_alike_from_jsonl_and_parquet(t
 def test_hf_prompts_resume_each_batch_from_the_stream_state(monkeypatch):
     import datasets
 
-    from compressor import data
+    from compressor import text_sources as data
     from compressor.config.schema import DataSource
     from compressor.stages.generate import prompts
 

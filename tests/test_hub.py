@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from compressor import hub
 from compressor.config.load import load_pipeline
 from compressor.errors import UserError
 from compressor.manifest import Manifest
+from compressor.models import hub, is_hub_id
 from compressor.planning import make_plan
 
 PIPELINE = """\
@@ -24,12 +24,12 @@ stages:
 
 
 def test_a_repo_id_is_told_apart_from_paths_and_zoo(tmp_path, monkeypatch):
-    assert hub.is_hub_id("meta-llama/Llama-3.1-8B")
-    assert not hub.is_hub_id("zoo:tiny") and not hub.is_hub_id("s3://b/m") and not hub.is_hub_id("./a/b")
+    assert is_hub_id("meta-llama/Llama-3.1-8B")
+    assert not is_hub_id("zoo:tiny") and not is_hub_id("s3://b/m") and not is_hub_id("./a/b")
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "name").mkdir()
     monkeypatch.chdir(tmp_path)  # an existing local directory wins over a repo id of the same spelling
-    assert not hub.is_hub_id("org/name")
+    assert not is_hub_id("org/name")
 
 
 def test_snapshot_is_published_once_to_storage_with_the_commit_in_its_key(offline_hub, tmp_path):

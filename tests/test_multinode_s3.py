@@ -33,7 +33,7 @@ def test_tiny_pipeline_on_two_nodes_with_s3_storage(s3, tmp_path, monkeypatch, t
     import ray
     from ray.cluster_utils import Cluster
 
-    from compressor.raylocal import LOCAL_HEAD_ENV
+    from compressor.ray_runtime import LOCAL_HEAD_ENV
 
     for key, value in LOCAL_HEAD_ENV.items():
         monkeypatch.setenv(key, value)

@@ -16,7 +16,7 @@ stages:
 
 def distill_key(tmp_path, monkeypatch, commit: str, revision: str = "") -> tuple[str, str]:
     """(the key `plan` shows, the key the run uses) with the hub answering `commit` for the dataset's branch."""
-    import compressor.data as data
+    import compressor.text_sources as data
 
     monkeypatch.setattr(data, "_hf_commit", lambda name, rev: rev if rev and len(rev) == 40 else commit)
     path = tmp_path / "p.yaml"

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from compressor import processes, raywatch
+from compressor import processes, ray_runtime
 from compressor.locks import Owner
 
 
@@ -30,18 +30,22 @@ def test_a_process_is_itself_until_it_exits_and_a_zombie_or_a_gone_pid_is_not():
 def test_a_stepped_wall_clock_does_not_make_a_live_owner_look_dead(monkeypatch):
     import psutil._pslinux as linux
 
-    owner, holder = raywatch.identity(os.getpid()), Owner.me()
+    owner, holder = ray_runtime.identity(os.getpid()), Owner.me()
     before, booted = psutil.Process().create_time(), psutil.boot_time()
     monkeypatch.setattr(linux, "boot_time", lambda: booted + 100.0)  # what a clock step does to psutil's figure
     assert psutil.Process().create_time() - before == pytest.approx(100.0, abs=0.1)
-    assert raywatch.alive(owner) and not holder.dead_here()
+    assert ray_runtime.alive(owner) and not holder.dead_here()
 
 
 def test_without_proc_psutil_tells_a_live_process_from_a_gone_one(monkeypatch):
     """macOS has no /proc: every process must not look gone there."""
     monkeypatch.setattr(processes, "_PROC", False)
     me = processes.started(os.getpid())
-    assert me is not None and processes.same_process(os.getpid(), me) and raywatch.alive(raywatch.identity(os.getpid()))
+    assert (
+        me is not None
+        and processes.same_process(os.getpid(), me)
+        and ray_runtime.alive(ray_runtime.identity(os.getpid()))
+    )
     child = subprocess.Popen(["true"])
     child.wait()
     assert processes.started(child.pid) is None

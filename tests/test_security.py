@@ -83,7 +83,7 @@ def test_checkpoint_code_runs_only_when_allowed(tmp_path, tiny_teacher, monkeypa
     """A checkpoint whose config.json points at its own modeling code: refused by default, run when allowed."""
     import shutil
 
-    from compressor.modeling import load_model
+    from compressor.models import load_model
 
     model = tmp_path / "custom"
     shutil.copytree(tiny_teacher, model)
@@ -147,7 +147,7 @@ LISTENERS = textwrap.dedent("""\
     import json, time
     import psutil
     import ray  # imported before ensure_ray, as in the CLI: Ray reads its loopback switch at import
-    from compressor.raylocal import ensure_ray
+    from compressor.ray_runtime import ensure_ray
     ensure_ray()
     ray.get(ray.remote(lambda: 1).remote())
     time.sleep(2)  # let the dashboard's agents bind
@@ -177,16 +177,18 @@ def test_the_local_ray_head_listens_on_loopback_only():
 def test_ensure_ray_passes_remote_code_to_a_cluster(monkeypatch):
     import ray
 
-    from compressor import raylocal
+    from compressor import ray_runtime
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setenv(remote_code.ENV, "1")
     monkeypatch.delenv("COMPRESSOR_VERBOSE", raising=False)
-    raylocal.ensure_ray("ray://head:10001")
+    ray_runtime.ensure_ray("ray://head:10001")
     assert seen["address"] == "ray://head:10001" and seen["runtime_env"] == {"env_vars": {remote_code.ENV: "1"}}
-    assert raylocal.LOCAL_HEAD_ARGS["dashboard_host"] == raylocal.LOCAL_HEAD_ARGS["_node_ip_address"] == "127.0.0.1"
+    assert (
+        ray_runtime.LOCAL_HEAD_ARGS["dashboard_host"] == ray_runtime.LOCAL_HEAD_ARGS["_node_ip_address"] == "127.0.0.1"
+    )
 
 
 def test_mlflow_commands_the_project_prints_bind_loopback():
@@ -326,10 +328,10 @@ def test_planted_secrets_reach_neither_mlflow_nor_the_console(tmp_path, mlflow_s
 def test_submit_entrypoint_runs_compressor_through_python_whatever_the_path(tmp_path):
     """The job's command starts the Python that has compressor (`python -m compressor`), found without relying on
     `compressor` being on the head's PATH; with no such Python it says so (exit 2), never `command not found`."""
-    from compressor.commands import submit
+    from compressor import jobs as ray_jobs
 
     (tmp_path / "p.yaml").write_text("name: x\nteacher: {model: /no/such/teacher}\nstages: [{evaluate: {}}]\n")
-    entrypoint = submit.entrypoint_for(tmp_path / "p.yaml", tmp_path, ["seed=1"])
+    entrypoint = ray_jobs.entrypoint_for(tmp_path / "p.yaml", tmp_path, ["seed=1"])
     assert entrypoint.startswith(f"for py in {sys.executable} python3 python; do")
     assert 'exec "$py" -m compressor run p.yaml seed=1' in entrypoint
     bare = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1"}
@@ -337,7 +339,7 @@ def test_submit_entrypoint_runs_compressor_through_python_whatever_the_path(tmp_
         ["/bin/sh", "-c", entrypoint], cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2 and "teacher.model: /no/such/teacher" in done.stderr, done.stderr  # compressor ran
-    missing = submit.run_command(["run", "p.yaml"], python="/no/such/python")
+    missing = ray_jobs.run_command(["run", "p.yaml"], python="/no/such/python")
     done = subprocess.run(
         ["/bin/sh", "-c", missing],
         cwd=tmp_path,
@@ -371,6 +373,7 @@ def test_submit_never_prints_env_values(tmp_path, monkeypatch):
 
     from compressor.cli import app
     from compressor.commands import submit
+    from compressor.jobs import runtime_env_for
 
     (tmp_path / "p.yaml").write_text(
         PIPELINE.replace('"zoo:tiny-test"}', '"zoo:tiny-test", trust_remote_code: true}', 1)
@@ -390,7 +393,7 @@ def test_submit_never_prints_env_values(tmp_path, monkeypatch):
         f"EXTRA=tracking.uri=http://u:{secret[3:]}@h",
     ]
     jobs = FakeJobs()
-    monkeypatch.setattr(submit, "connect", lambda address: jobs)
+    monkeypatch.setattr("compressor.jobs.connect", lambda address: jobs)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "raysubmit_fake" in result.output, result.output
     assert secret not in result.output and secret[3:] not in result.output, result.output
@@ -403,7 +406,7 @@ def test_submit_never_prints_env_values(tmp_path, monkeypatch):
         submit.submit_pipeline("http://127.0.0.1:8265", tmp_path / "p.yaml", [], tmp_path, [f"HF_TOKEN={secret}"])
     assert secret not in str(refused.value)
     with pytest.raises(UserError, match="--env number 2") as malformed:
-        submit.runtime_env_for(tmp_path, ["A=1", "NOVALUE-" + secret], [])
+        runtime_env_for(tmp_path, ["A=1", "NOVALUE-" + secret], [])
     assert secret not in str(malformed.value)
 
 

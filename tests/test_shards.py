@@ -9,8 +9,8 @@ import pytest
 
 from compressor import shards
 from compressor.config.schema import DataSource
-from compressor.data import documents
 from compressor.errors import UserError
+from compressor.text_sources import documents
 
 SEQ = 64
 SMALL_SHARDS = SEQ * 2 * 25  # 25 sequences of uint16 per shard: many shards from a small corpus
@@ -18,7 +18,7 @@ SMALL_SHARDS = SEQ * 2 * 25  # 25 sequences of uint16 per shard: many shards fro
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_teacher):
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     return load_tokenizer(tiny_teacher)
 
@@ -182,7 +182,7 @@ def hub_corpus(tmp_path, monkeypatch):
     number of every row the stream produced, `breaks` makes the n-th opened stream fail after that many rows."""
     import datasets
 
-    from compressor import data
+    from compressor import text_sources as data
 
     docs = list(documents(DataSource(source="zoo:tiny-test")))
     files, quarter = [], -(-len(docs) // 4)
@@ -263,7 +263,7 @@ def test_transient_errors_mid_stream_are_retried_and_the_shards_are_an_uninterru
 def test_a_budget_the_source_cannot_fit_is_refused_at_its_first_shard(tiny_teacher, expected, tmp_path):
     from functools import partial
 
-    from compressor.stages.distill.data import check_fit
+    from compressor.stages.distill.batches import check_fit
 
     total = expected.size  # the source's tokens in whole sequences
     check = partial(

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from compressor.commands import submit
+from compressor import jobs as ray_jobs
 from compressor.errors import UserError
 
 BIN = Path(sys.executable).parent
@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in submit.ADDRESS_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in ray_jobs.ADDRESS_ENV}
     env.update(
         PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
@@ -136,7 +136,7 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> s
 
 
 def client(url: str):
-    return submit.connect(url)
+    return ray_jobs.connect(url)
 
 
 # ----------------------------------------------------------------------------- errors before any job
@@ -156,21 +156,21 @@ def test_an_unresponsive_head_times_out(monkeypatch):
     with socket.socket() as silent:  # accepts connections (backlog) but never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
-        monkeypatch.setattr(submit, "CONNECT_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(ray_jobs, "CONNECT_TIMEOUT_S", 0.5)
         with pytest.raises(UserError, match="no answer within"):
-            submit.connect(f"http://127.0.0.1:{silent.getsockname()[1]}")
+            ray_jobs.connect(f"http://127.0.0.1:{silent.getsockname()[1]}")
 
 
 def test_pipeline_outside_the_working_dir_and_bad_env(tmp_path):
     (tmp_path / "wd").mkdir()
     with pytest.raises(UserError, match="inside the uploaded working dir"):
-        submit.entrypoint_for(tmp_path / "p.yaml", tmp_path / "wd", [])
+        ray_jobs.entrypoint_for(tmp_path / "p.yaml", tmp_path / "wd", [])
     with pytest.raises(UserError, match="KEY=VALUE"):
-        submit.runtime_env_for(tmp_path, ["NOVALUE"], [])
-    entrypoint = submit.entrypoint_for(tmp_path / "wd" / "my p.yaml", tmp_path / "wd", ["storage=/x y"])
+        ray_jobs.runtime_env_for(tmp_path, ["NOVALUE"], [])
+    entrypoint = ray_jobs.entrypoint_for(tmp_path / "wd" / "my p.yaml", tmp_path / "wd", ["storage=/x y"])
     assert "-m compressor run 'my p.yaml' 'storage=/x y'" in entrypoint  # tests/test_security.py runs it
-    assert submit.storage_warning("./artifacts") and not submit.storage_warning("/mnt/shared/c")
-    assert not submit.storage_warning("s3://b/c")
+    assert ray_jobs.storage_warning("./artifacts") and not ray_jobs.storage_warning("/mnt/shared/c")
+    assert not ray_jobs.storage_warning("s3://b/c")
 
 
 # ----------------------------------------------------------------------------- against the head
@@ -191,16 +191,16 @@ def test_failing_pipeline_job_exits_non_zero_with_the_remote_error(head, tmp_pat
 
 def test_job_exit_code_and_stop(head):
     jobs = client(head)
-    failing = submit.submit_job(jobs, entrypoint="python -c \"print('boom'); raise SystemExit(3)\"")
-    assert submit.wait_for(jobs, failing, follow_logs=False, poll_s=0.2) == "FAILED"
-    with pytest.raises(submit.JobFailed, match="FAILED \\(exit code 3\\)") as failed:
-        submit.raise_unless_succeeded(jobs, failing, head)
+    failing = ray_jobs.submit_job(jobs, entrypoint="python -c \"print('boom'); raise SystemExit(3)\"")
+    assert ray_jobs.wait_for(jobs, failing, follow_logs=False, poll_s=0.2) == "FAILED"
+    with pytest.raises(ray_jobs.JobFailed, match="FAILED \\(exit code 3\\)") as failed:
+        ray_jobs.raise_unless_succeeded(jobs, failing, head)
     assert failed.value.exit_code == 3
     followed = cli("jobs", "logs", failing, "--follow", "--address", head, cwd=Path.cwd())
     assert followed.returncode == 3 and "boom" in followed.stdout and "FAILED (exit code 3)" in followed.stderr
     not_running = cli("jobs", "stop", failing, "--address", head, cwd=Path.cwd())
     assert not_running.returncode == 0 and "FAILED (was not running)" in not_running.stdout
-    sleeper = submit.submit_job(jobs, entrypoint="sleep 120")
+    sleeper = ray_jobs.submit_job(jobs, entrypoint="sleep 120")
     while jobs.get_job_status(sleeper).value == "PENDING":
         time.sleep(0.2)
     stopped = cli("jobs", "stop", sleeper, "--address", head, cwd=Path.cwd())

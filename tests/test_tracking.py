@@ -10,7 +10,8 @@ from conftest import HUB_REPO
 from mlflow.entities import LoggedModelStatus
 from pipeline_runs import REGISTERED_NAME, MlflowServer
 
-from compressor import checkpoint, estimate
+from compressor import estimate
+from compressor.models import checkpoint
 from compressor.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
 
 

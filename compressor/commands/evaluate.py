@@ -33,10 +33,12 @@ def parse_batch_size(value: str) -> int | str:
 
 def resolve(model: str, include: Optional[str]) -> tuple[str, Optional[str]]:
     """(checkpoint dir, include). `zoo:NAME` builds/finds the model and defaults --include to its tasks."""
-    if model.startswith("zoo:"):
+    from compressor.models import zoo_name
+
+    if (name := zoo_name(model)) is not None:
         from compressor import zoo
 
-        return str(zoo.ensure_model(model[len("zoo:") :])), include or model
+        return str(zoo.ensure_model(name)), include or model
     if not (Path(model).expanduser() / "config.json").is_file():
         raise UserError(
             f"--model {model!r}: no config.json there; give a Hugging Face checkpoint directory or zoo:NAME"

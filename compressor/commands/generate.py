@@ -103,7 +103,7 @@ def run_generate(spec, teacher: str, prompts: str, out: str, seed: int = 0, quie
         ref = ModelRef(path=teacher, key=f"api:{spec.base_url}:{spec.api_model}")
     else:
         ref = _local_teacher(teacher)
-    from compressor.data import source_identity
+    from compressor.text_sources import source_identity
 
     source = DataSource(source=prompts)
     try:
@@ -131,10 +131,10 @@ def run_generate(spec, teacher: str, prompts: str, out: str, seed: int = 0, quie
 
 def _local_teacher(teacher: str):
     from compressor.config.schema import TeacherSpec
-    from compressor.models import resolve_model
+    from compressor.models import resolve_model, zoo_ref
     from compressor.planning import resolve_teacher
 
     path, zoo_name = resolve_model(teacher)
     if not zoo_name and not (Path(path) / "config.json").is_file():
         raise UserError(f"--teacher {teacher}: no checkpoint there (config.json missing); or give openai:MODEL")
-    return resolve_teacher(TeacherSpec(model=f"zoo:{zoo_name}" if zoo_name else path), "")[0]
+    return resolve_teacher(TeacherSpec(model=zoo_ref(zoo_name) if zoo_name else path), "")[0]

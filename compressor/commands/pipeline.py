@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
 
         from compressor.orchestrator import Orchestrator, summary_dict
         from compressor.preflight import check_pipeline
-        from compressor.raylocal import VERBOSE_ENV, quiet_driver_logs
+        from compressor.ray_runtime import VERBOSE_ENV, quiet_driver_logs
 
         if verbose:
             os.environ[VERBOSE_ENV] = "1"  # read by this process and by local Ray workers (started after this)

@@ -1,45 +1,21 @@
-"""`compressor submit` and `compressor jobs status|logs|stop|list`: pipelines as Ray jobs on a cluster.
-
-Built on Ray's JobSubmissionClient: the working dir is uploaded, `python -m compressor run PIPELINE [overrides]`
-is the entrypoint, and the job's driver joins the cluster through the RAY_ADDRESS Ray sets for it.
-
-The entrypoint never relies on `compressor` being on the head's PATH (a head started as `.venv/bin/ray start`
-without the venv activated has none): it runs through the first Python that can import compressor, trying
---python (default: this interpreter, right when the head shares this machine or image), then python3 and python.
+"""`compressor submit` and `compressor jobs status|logs|stop|list`: pipelines as Ray jobs on a cluster. The Ray Jobs
+client (connecting, the entrypoint, the runtime env, submitting, waiting) is compressor/jobs.py; here are the
+options, the pipeline's validation before an upload, and what is printed.
 
 Secrets: `--env` values and URI credentials are never printed (compressor.secrets)."""
 
 from __future__ import annotations
 
-import os
-import shlex
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from compressor.errors import CompressorError, UserError
+from compressor import jobs
+from compressor.errors import UserError
+from compressor.jobs import ADDRESS_ENV
 from compressor.secrets import redact
-from compressor.secrets import register as register_secret
-
-ADDRESS_ENV = ["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"]  # the variables `ray job submit` reads too
-CONNECT_TIMEOUT_S = 10.0
-AGENT_WAIT_S = 60.0  # how long a freshly started head may take to accept jobs
-# Never worth uploading: Ray also honours the working dir's .gitignore.
-DEFAULT_EXCLUDES = [".git", ".venv", "venv", "artifacts", "mlruns", "__pycache__", "*.pyc", ".pytest_cache"]
-
-
-class JobFailed(CompressorError):
-    """The Ray job ended FAILED or STOPPED. Exits with the remote `compressor run` exit code when known."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
 
 AddressOpt = typer.Option(
     None,
@@ -48,180 +24,6 @@ AddressOpt = typer.Option(
     show_envvar=True,
     help="Dashboard URL of the Ray head, e.g. http://HEAD:8265.",
 )
-
-
-# ----------------------------------------------------------------------------- client
-def check_address(address: Optional[str]) -> str:
-    """A usable dashboard URL, or a UserError saying what is wrong with it."""
-    if not address:
-        raise UserError(
-            "--address: give the Ray head's dashboard URL, e.g. --address http://HEAD:8265 "
-            "(or set RAY_API_SERVER_ADDRESS)"
-        )
-    address = address.strip().rstrip("/")
-    if not address.startswith(("http://", "https://")):
-        raise UserError(
-            f"--address {address!r}: expected the dashboard URL http://HOST:8265 (not the GCS "
-            f"address HOST:6379 or a ray:// client address)"
-        )
-    return address
-
-
-def _probe(address: str) -> None:
-    """Fail fast (JobSubmissionClient waits for the OS TCP timeout) and say which side is wrong."""
-    import requests
-
-    try:
-        reply = requests.get(f"{address}/api/version", timeout=CONNECT_TIMEOUT_S)
-    except requests.exceptions.Timeout:
-        raise UserError(
-            f"--address {address}: no answer within {CONNECT_TIMEOUT_S:.0f} s; is the head up and "
-            f"its dashboard port reachable from here (firewall, port-forward)?"
-        ) from None
-    except requests.exceptions.RequestException as exc:
-        reason = type(exc).__name__ if not str(exc) else str(exc).split("(Caused by")[-1].strip(" )")
-        raise UserError(
-            f"--address {address}: cannot reach a Ray dashboard there ({reason}); is the head running "
-            f"and is this its dashboard URL (port 8265 by default)?"
-        ) from None
-    if reply.status_code in (401, 403):
-        raise UserError(
-            f"--address {address}: the dashboard refused the request (HTTP {reply.status_code}); this "
-            f"cluster uses token authentication: set RAY_AUTH_TOKEN"
-        )
-    try:
-        reply.json()["ray_version"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(
-            f"--address {address}: HTTP {reply.status_code} from something that is not a Ray "
-            f"dashboard; check host and port"
-        ) from None
-
-
-@contextmanager
-def _explicit_address() -> Iterator[None]:
-    """JobSubmissionClient lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override its argument; --address wins here."""
-    saved = {k: os.environ.pop(k) for k in ADDRESS_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-def connect(address: Optional[str]):
-    address = check_address(address)
-    _probe(address)
-    from ray.job_submission import JobSubmissionClient
-
-    with _explicit_address():
-        try:
-            return JobSubmissionClient(address)
-        except Exception as exc:  # version mismatch, auth: Ray's own message is the clearest
-            raise UserError(f"--address {address}: {exc}") from None
-
-
-def _call(what: str, job_id: str, fn, *args):
-    """Run a client call; a missing job or a server error becomes one clear line."""
-    try:
-        return fn(*args)
-    except RuntimeError as exc:
-        text = str(exc)
-        if "404" in text or "does not exist" in text:
-            raise UserError(f"job {job_id!r}: no such job on this cluster (see `compressor jobs list`)") from None
-        raise UserError(f"{what} job {job_id!r} failed: {text}") from None
-
-
-# ----------------------------------------------------------------------------- submit
-def run_command(args: list[str], python: Optional[str] = None) -> str:
-    """A POSIX shell command that runs `python -m compressor <args>` with the first of `python` (default: this
-    interpreter), python3 and python that can import compressor on the node, or says which were tried (exit 2)."""
-    candidates = list(dict.fromkeys([python or sys.executable, "python3", "python"]))
-    missing = (
-        f"error: no Python on the Ray head can run compressor (tried {', '.join(candidates)}); install "
-        f"compressor there or pass `compressor submit --python /path/to/bin/python`. The job's PATH: "
-    )
-    return (
-        f"for py in {' '.join(map(shlex.quote, candidates))}; do "
-        f'"$py" -c "import compressor.cli" >/dev/null 2>&1 && exec "$py" {shlex.join(["-m", "compressor", *args])}; '
-        f'done; echo {shlex.quote(missing)}"$PATH" >&2; exit 2'
-    )
-
-
-def entrypoint_for(pipeline: Path, working_dir: Path, overrides: list[str], python: Optional[str] = None) -> str:
-    """`python -m compressor run <pipeline relative to the working dir> <overrides>` (see run_command)."""
-    try:
-        relative = pipeline.resolve().relative_to(working_dir.resolve())
-    except ValueError:
-        raise UserError(
-            f"{pipeline}: the pipeline must be inside the uploaded working dir {working_dir} (pass --working-dir)"
-        ) from None
-    return run_command(["run", relative.as_posix(), *overrides], python)
-
-
-def runtime_env_for(working_dir: Path, env: list[str], excludes: list[str]) -> dict:
-    env_vars = {}
-    for n, item in enumerate(env, 1):
-        key, sep, value = item.partition("=")
-        if not sep or not key:  # the item may be a secret with a typo: never echo it
-            raise UserError(f"--env number {n} (starting {item[:3]!r}...): expected KEY=VALUE")
-        env_vars[key] = value
-        register_secret(value)  # never shown on the console from now on
-    runtime_env: dict = {"working_dir": str(working_dir), "excludes": DEFAULT_EXCLUDES + list(excludes)}
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    return runtime_env
-
-
-def storage_warning(storage: str) -> Optional[str]:
-    from compressor import storage as storage_mod
-
-    if storage_mod.is_remote(storage) or Path(storage).expanduser().is_absolute():
-        return None
-    return (
-        f"storage {storage!r} is relative: on the cluster it lands inside the job's unpacked working dir on "
-        f"the head node and is lost with it; set an absolute shared path (NFS) or s3:// / gs://"
-    )
-
-
-def wait_for(client, job_id: str, follow_logs: bool = True, poll_s: float = 1.0) -> str:
-    """Stream the job's logs to stdout (optional), then wait for a terminal status and return it."""
-    import asyncio
-
-    from ray.job_submission import JobStatus
-
-    if follow_logs:
-
-        async def stream() -> None:
-            async for chunk in client.tail_job_logs(job_id):
-                sys.stdout.write(redact(chunk))  # Ray echoes the entrypoint, overrides and all
-                sys.stdout.flush()
-
-        try:
-            asyncio.run(stream())
-        except RuntimeError as exc:  # the socket dropped: keep polling, the job itself may be fine
-            typer.secho(f"warning: log stream ended early ({exc}); waiting for the job", err=True, fg="yellow")
-    while True:
-        status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status.value)
-        time.sleep(poll_s)
-
-
-def raise_unless_succeeded(client, job_id: str, address: str) -> None:
-    info = client.get_job_info(job_id)
-    status = str(info.status.value)
-    if status == "SUCCEEDED":
-        return
-    code = info.driver_exit_code
-    # Ray appends the log tail to the message; the logs were streamed already, keep the first sentence.
-    detail = (info.message or "").strip().split(", last available logs")[0].split("\n")[0].rstrip(".")
-    raise JobFailed(
-        f"job {job_id} {status}"
-        + (f" (exit code {code})" if code else "")
-        + (f": {detail}" if detail else "")
-        + f". Full logs: compressor jobs logs {job_id} --address {address}",
-        exit_code=code if code and code > 0 else 1,
-    )
 
 
 def submit_pipeline(
@@ -238,25 +40,25 @@ def submit_pipeline(
     from compressor.commands.pipeline import resolve_pipeline
     from compressor.config.load import load_pipeline
 
-    address = check_address(address)  # before anything is printed or read: a missing address is the usual slip
+    address = jobs.check_address(address)  # before anything is printed or read: a missing address is the usual slip
     if not working_dir.is_dir():
         raise UserError(f"--working-dir {working_dir}: no such directory")
     resolved = resolve_pipeline(str(pipeline))
-    runtime_env = runtime_env_for(working_dir, list(env), list(excludes))  # registers --env values as secrets
+    runtime_env = jobs.runtime_env_for(working_dir, list(env), list(excludes))  # registers --env values as secrets
     spec = load_pipeline(resolved, overrides)  # a bad YAML fails here, not after an upload
     if resolved != pipeline:  # a pipeline shipped with compressor, e.g. `tiny`: the cluster has it too
-        entrypoint = run_command(["run", str(pipeline), *overrides], python)
+        entrypoint = jobs.run_command(["run", str(pipeline), *overrides], python)
     else:
-        entrypoint = entrypoint_for(pipeline, working_dir, overrides, python)
+        entrypoint = jobs.entrypoint_for(pipeline, working_dir, overrides, python)
     from compressor import remote_code
 
     if spec.teacher.trust_remote_code:  # the job's processes load models with the teacher's code too
         runtime_env.setdefault("env_vars", {})[remote_code.ENV] = "1"
-    if (warning := storage_warning(spec.storage)) is not None:
+    if (warning := jobs.storage_warning(spec.storage)) is not None:
         typer.secho(f"warning: {warning}", err=True, fg="yellow")
-    client = connect(address)
+    client = jobs.connect(address)
     try:
-        submitted = submit_job(
+        submitted = jobs.submit_job(
             client,
             entrypoint=entrypoint,
             runtime_env=runtime_env,
@@ -266,19 +68,6 @@ def submit_pipeline(
     except Exception as exc:  # upload too large, duplicate id, ...: Ray's message names the cause
         raise UserError(f"submitting {pipeline} to {client.get_address()} failed: {redact(exc)}") from None
     return client, submitted, client.get_address()
-
-
-def submit_job(client, retry_s: float = AGENT_WAIT_S, **kwargs) -> str:
-    """client.submit_job, retried while the head's job agent is still starting: for a few seconds after a
-    head comes up its dashboard answers but refuses jobs with 'No available agent to submit job'."""
-    deadline = time.monotonic() + retry_s
-    while True:
-        try:
-            return client.submit_job(**kwargs)
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
 
 
 def register(app: typer.Typer) -> None:
@@ -317,14 +106,14 @@ def register(app: typer.Typer) -> None:
         if wait:
             _watch(client, submitted, url)
 
-    jobs = typer.Typer(help="Inspect and control Ray jobs submitted with `compressor submit`.", no_args_is_help=True)
-    app.add_typer(jobs, name="jobs")
+    group = typer.Typer(help="Inspect and control Ray jobs submitted with `compressor submit`.", no_args_is_help=True)
+    app.add_typer(group, name="jobs")
 
-    @jobs.command("status")
+    @group.command("status")
     def status(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt) -> None:
         """Status, exit code and message of a job."""
-        client = connect(address)
-        info = _call("querying", job_id, client.get_job_info, job_id)
+        client = jobs.connect(address)
+        info = jobs.call("querying", job_id, client.get_job_info, job_id)
         typer.echo(f"{job_id}: {info.status.value}")
         for label, value in (
             ("entrypoint", info.entrypoint),
@@ -336,36 +125,36 @@ def register(app: typer.Typer) -> None:
             if value not in (None, ""):
                 typer.echo(f"  {label}: {redact(value)}")  # an override may carry a URI with a password
 
-    @jobs.command("logs")
+    @group.command("logs")
     def logs(
         job_id: str = typer.Argument(...),
         address: Optional[str] = AddressOpt,
         follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
     ) -> None:
         """Print a job's logs (the output of `compressor run`)."""
-        client = connect(address)
+        client = jobs.connect(address)
         if follow:
-            _call("querying", job_id, client.get_job_status, job_id)
+            jobs.call("querying", job_id, client.get_job_status, job_id)
             _watch(client, job_id, client.get_address())
         else:
-            typer.echo(redact(_call("reading logs of", job_id, client.get_job_logs, job_id)), nl=False)
+            typer.echo(redact(jobs.call("reading logs of", job_id, client.get_job_logs, job_id)), nl=False)
 
-    @jobs.command("stop")
+    @group.command("stop")
     def stop(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt) -> None:
         """Stop a running job (the pipeline resumes from its cache when submitted again)."""
-        client = connect(address)
-        stopped = _call("stopping", job_id, client.stop_job, job_id)
+        client = jobs.connect(address)
+        stopped = jobs.call("stopping", job_id, client.stop_job, job_id)
         status = (
-            wait_for(client, job_id, follow_logs=False)
+            jobs.wait_for(client, job_id, follow_logs=False)
             if stopped
-            else _call("querying", job_id, client.get_job_status, job_id).value
+            else jobs.call("querying", job_id, client.get_job_status, job_id).value
         )
         typer.echo(f"{job_id}: {status}" + ("" if stopped else " (was not running)"))
 
-    @jobs.command("list")
+    @group.command("list")
     def list_jobs(address: Optional[str] = AddressOpt) -> None:
         """Jobs on the cluster, newest last."""
-        client = connect(address)
+        client = jobs.connect(address)
         for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
             typer.echo(
                 f"{job.submission_id or job.job_id}\t{job.status.value}\t{_when(job.start_time)}\t"
@@ -375,7 +164,7 @@ def register(app: typer.Typer) -> None:
 
 def _watch(client, job_id: str, address: str) -> None:
     try:
-        wait_for(client, job_id)
+        jobs.wait_for(client, job_id, warn=lambda line: typer.secho(line, err=True, fg="yellow"))
     except KeyboardInterrupt:
         typer.secho(
             f"\nstopped watching; the job keeps running. Stop it with: compressor jobs stop {job_id} "
@@ -383,7 +172,7 @@ def _watch(client, job_id: str, address: str) -> None:
             err=True,
         )
         raise SystemExit(130) from None
-    raise_unless_succeeded(client, job_id, address)
+    jobs.raise_unless_succeeded(client, job_id, address)
     typer.secho(f"job {job_id} SUCCEEDED", err=True, fg="green")
 
 

@@ -96,6 +96,7 @@ class TaskSpec(Strict):
     @field_validator("data")
     @classmethod
     def _zoo_task_split(cls, v: Optional[str]) -> Optional[str]:
+        from compressor.models import is_zoo
         from compressor.zoo.module_task import resolve
 
         if v is None or "://" in v:
@@ -103,7 +104,7 @@ class TaskSpec(Strict):
         from pathlib import Path
 
         # Absolute: the evaluation runs as a Ray task, whose working directory is not the user's.
-        return resolve(v) if v.startswith("zoo:") else str(Path(v).expanduser().resolve())
+        return resolve(v) if is_zoo(v) else str(Path(v).expanduser().resolve())
 
     @model_validator(mode="after")
     def _data_task(self):

@@ -17,12 +17,28 @@ from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from compressor.config.base import Resources
 from compressor.manifest import ModelRef
-from compressor.sinks import MetricsSink
 
 if TYPE_CHECKING:  # the pipeline schema imports the stage kinds, which import this module
     from compressor.config.schema import DataSource, TaskSpec
 
 T = TypeVar("T")
+
+
+class MetricsSink:
+    """Where a stage's numbers go (StageContext.sink). This one drops everything (a standalone command); in a
+    pipeline the tracker hands the stage compressor.tracking.MlflowSink, which logs to the stage's MLflow run."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None: ...
+    def log_artifact(self, path: Path) -> None: ...
+
+    def child(self, name: str, params: dict[str, Any]) -> MetricsSink:
+        """A sink for a nested run under this one (e.g. one candidate of prune's shape search) with `params` logged;
+        close it with `finish`. Without tracking, one that drops everything too."""
+        return MetricsSink()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run this sink logs to (a `child`); FINISHED or FAILED."""
 
 
 @dataclass
@@ -130,8 +146,8 @@ class StageContext:
         """Exactly `samples` [samples, seq_len] token blocks of data source `name` (UserError naming the numbers when
         the source is too small); the stage's own samples/seq_len win over the source's, and seq_len is capped at the
         model's context."""
-        from compressor.data import token_blocks
         from compressor.errors import UserError
+        from compressor.text_sources import token_blocks
 
         source = self.data_source(name)
         seq_len = seq_len or source.seq_len

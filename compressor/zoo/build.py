@@ -98,7 +98,7 @@ def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
     def fill(work: Path) -> None:
         import torch
 
-        from compressor.modeling import count_params, perplexity, save_checkpoint
+        from compressor.models import count_params, perplexity, save_checkpoint
         from compressor.zoo import train
         from compressor.zoo.tokenizer import train_tokenizer
 
@@ -143,7 +143,7 @@ def _fill_task_model(name: str, work: Path, log: Callable[[str], None]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compressor import zoo
-    from compressor.modeling import save_checkpoint
+    from compressor.models import save_checkpoint
     from compressor.zoo import finetune, module_task
     from compressor.zoo.chat import CHAT_TEMPLATE
 

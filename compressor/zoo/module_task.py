@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from compressor.models import zoo_ref
+
 LABELS = ("math", "os", "operator", "socket", "statistics", "shutil", "time", "random")
 PER_LABEL = 50  # at most this many functions of one module, so os (about 190) does not swamp the rest
 SPLITS = {"train": 0.15, "transfer": 0.55, "validation": 0.1, "test": 0.2}
@@ -60,7 +62,7 @@ def write_splits(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-ZOO_PREFIX = "zoo:modules/"  # `zoo:modules/<split>` names a split file wherever a data file is expected
+ZOO_PREFIX = zoo_ref("modules/")  # `zoo:modules/<split>` names a split file wherever a data file is expected
 
 
 def split_file(split: str) -> Path:

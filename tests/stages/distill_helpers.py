@@ -55,7 +55,7 @@ def build_llama(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compressor.modeling import save_checkpoint
+    from compressor.models import save_checkpoint
 
     torch.manual_seed(seed)
     config = LlamaConfig(

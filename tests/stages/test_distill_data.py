@@ -20,7 +20,7 @@ from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.shards import ShardIndex
 from compressor.stages.context import MetricsSink, StageContext
-from compressor.stages.distill.data import TRACE_ENV, BatchPlan, run_data
+from compressor.stages.distill.batches import TRACE_ENV, BatchPlan, run_data
 from compressor.stages.distill.layout import budget_steps
 from compressor.stages.distill.spec import DistillSpec
 
@@ -51,7 +51,7 @@ def traces(directory: Path) -> dict[int, list[dict]]:
 
 def sequences_of(tokenizer, path: Path) -> int:
     """Full SEQ-token sequences in a text file, counted the plain way (paragraphs + EOS)."""
-    from compressor.data import documents
+    from compressor.text_sources import documents
 
     docs = documents(DataSource(source=str(path)))
     return sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs) // SEQ
@@ -120,7 +120,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_teacher):
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     return load_tokenizer(tiny_teacher)
 

@@ -35,7 +35,7 @@ def ray_local():
 
 @torch.no_grad()
 def paragraph_perplexity(model_dir, paragraphs, tokenizer, seq_len=128) -> float:
-    from compressor.modeling import load_model
+    from compressor.models import load_model
 
     model, nll, count = load_model(model_dir), 0.0, 0
     for start in range(0, len(paragraphs), 16):
@@ -68,7 +68,7 @@ def context(work, teacher, seq_len=128) -> StageContext:
 
 @pytest.mark.slow
 def test_distillation_beats_hard_labels_on_a_pruned_reference_teacher(ray_local, tiny_teacher, tiny_corpus, tmp_path):
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
     from compressor.stages import distill, prune
 
     teacher = tiny_teacher

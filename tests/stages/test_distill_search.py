@@ -103,7 +103,7 @@ def searched(tmp_path_factory, tiny_teacher, tiny_corpus):
 
     from compressor.config.schema import DataSource
     from compressor.manifest import ModelRef
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
     from compressor.stages import distill as distill_stage
     from compressor.stages.context import StageContext
     from compressor.stages.distill import driver
@@ -163,7 +163,7 @@ def searched(tmp_path_factory, tiny_teacher, tiny_corpus):
     finally:
         driver.distill = real
     during = list(opened)
-    from compressor.data import documents  # the control: a read of the held-out side is seen
+    from compressor.text_sources import documents  # the control: a read of the held-out side is seen
 
     next(documents(DataSource(source="zoo:tiny-test", split="heldout")))
     spying[0] = False
@@ -207,10 +207,11 @@ def test_the_search_never_opens_the_gates_held_out_text(searched):
 
 @pytest.mark.slow
 def test_the_report_plots_the_trials(searched):
-    from compressor.report import PipelineRun, _artifact_json, figures
+    from compressor.report import PipelineRun, figures
+    from compressor.report.runs import artifact_json
 
     search = searched["result"].details["search"]
-    assert _artifact_json(searched["tracker"].client, searched["stage_run"], "search.json") == search  # load_run's
+    assert artifact_json(searched["tracker"].client, searched["stage_run"], "search.json") == search  # load_run's
     run = PipelineRun("r", "p", 0, "FINISHED", {}, {}, {}, {}, [], None, 1.0, searches={"distill": search})
     (plot,) = [p for p in figures([run]) if p.name == "search_trials"]
     assert plot.png.startswith(b"\x89PNG")

@@ -14,7 +14,7 @@ from compressor import targets as tg
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.stages import distill
-from compressor.stages.distill.data import TRACE_ENV
+from compressor.stages.distill.batches import TRACE_ENV
 from compressor.stages.distill.spec import DistillSpec
 from compressor.stages.distill.targets_compute import TRACE_ENV as TARGETS_TRACE
 
@@ -29,7 +29,7 @@ def two_nodes():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_teacher):
     """The trained test teacher (zoo:tiny-test) and a random student with its tokenizer: a KL that has far to fall."""
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     root = tmp_path_factory.mktemp("targets-models")
     vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]

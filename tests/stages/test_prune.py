@@ -182,7 +182,7 @@ def test_check_predicts_config_and_warns_on_group_size():
 
 
 def test_heads_are_ranked_within_their_kv_group():
-    from compressor.shapes import Shape
+    from compressor.models.shapes import Shape
     from compressor.stages.prune.plan import select_heads
 
     src = Shape(64, 128, num_attention_heads=8, num_key_value_heads=2, num_layers=1, head_dim=8)
@@ -223,7 +223,7 @@ HEAD_LAYOUTS = {
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_removing_heads_and_neurons_equals_masking_them(family, layout, tmp_path):
-    from compressor.shapes import Shape
+    from compressor.models.shapes import Shape
     from compressor.stages.prune.plan import PrunePlan
     from compressor.stages.prune.shapes import source_shape
     from compressor.stages.prune.surgery import apply_plan
@@ -338,13 +338,13 @@ def test_units_zeroed_by_construction_are_pruned_first(depth_metric, calib_file,
 def test_importance_beats_random_channels_on_the_reference_teacher(tmp_path):
     """About 50% of the non-embedding parameters go; no distillation, so both lose quality, random more."""
     from compressor import zoo
-    from compressor.data import token_blocks
-    from compressor.modeling import load_model, load_tokenizer, perplexity
-    from compressor.shapes import Shape
+    from compressor.models import load_model, load_tokenizer, perplexity
+    from compressor.models.shapes import Shape
     from compressor.stages.prune.importance import Importance
     from compressor.stages.prune.plan import make_plan
     from compressor.stages.prune.shapes import source_shape
     from compressor.stages.prune.surgery import apply_plan
+    from compressor.text_sources import token_blocks
 
     teacher = zoo.ensure_model("tiny-test")
     target = {"hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 2}  # from 128, 384, 4

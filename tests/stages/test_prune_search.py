@@ -387,7 +387,7 @@ def test_the_chosen_shape_distills_no_worse_than_the_hand_picked_one(searched, t
     from test_distill_quality import paragraph_perplexity
 
     from compressor.manifest import ModelRef
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
     from compressor.stages.distill.spec import DistillSpec
     from compressor.stages.prune.search import distill_in_parallel
 

@@ -175,8 +175,8 @@ def quantized(teacher, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def heldout(teacher):
-    from compressor.data import token_blocks
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
+    from compressor.text_sources import token_blocks
 
     return token_blocks(
         DataSource(source="zoo:tiny-test", split="heldout", seq_len=128), load_tokenizer(teacher), None, 128
@@ -184,7 +184,7 @@ def heldout(teacher):
 
 
 def test_gptq_keeps_perplexity_within_5_percent_and_beats_round_to_nearest(teacher, quantized, heldout):
-    from compressor.modeling import load_model, perplexity
+    from compressor.models import load_model, perplexity
 
     out, manifest = quantized
     base = perplexity(load_model(teacher), heldout)
@@ -220,7 +220,7 @@ def test_checkpoint_reloads_through_gptqmodel_and_transformers_and_generates(qua
     from gptqmodel import GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     out = quantized[0]  # OUT is the checkpoint
     tokenizer = load_tokenizer(out)
@@ -261,7 +261,7 @@ def misaligned_model(tmp_path_factory, tiny_teacher):
     """A random Llama whose MLP width (224) the group size 64 does not divide, with the zoo tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     path = tmp_path_factory.mktemp("misaligned")
     config = LlamaConfig(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_quantize import heldout, lm_eval_cli_ref_ppl, load_plain, rtn_fake_quant, run_quantize, teacher  # noqa: F401 (fixtures)
 
-from compressor import checkpoint
+from compressor.models import checkpoint
 from compressor.stages.quantize import footprint
 from compressor.stages.quantize.spec import AWQSpec
 
@@ -86,7 +86,7 @@ def perplexity_and_kl(model, blocks: torch.Tensor, reference: list[torch.Tensor]
 def test_awq_keeps_perplexity_within_5_percent_and_moves_less_than_round_to_nearest(teacher, awq, heldout):
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-    from compressor.modeling import load_model
+    from compressor.models import load_model
 
     out, _ = awq
     blocks = heldout[:EVAL_BLOCKS]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_quantize import heldout, rtn_fake_quant, teacher  # noqa: F401 (fixtures)
 
-from compressor import checkpoint
 from compressor.errors import UserError
+from compressor.models import checkpoint
 from compressor.runner import run_standalone
 from compressor.stages.quantize import footprint, gguf_plan, kquants
 from compressor.stages.quantize.spec import GGUFSpec
@@ -89,7 +89,7 @@ def test_gguf_file_reads_back_with_the_models_shapes_types_and_vocabulary(teache
 
 
 def test_gguf_through_transformers_is_close_to_float_and_as_good_as_rounding_to_its_blocks(teacher, q4_0, heldout):
-    from compressor.modeling import load_model, perplexity
+    from compressor.models import load_model, perplexity
 
     blocks = heldout[:EVAL_BLOCKS]
     model, float_model = load_gguf(q4_0[0]), load_model(teacher)
@@ -206,7 +206,7 @@ def aligned_model(tmp_path_factory, tiny_teacher):
     """A random 8-layer Llama whose widths (256, 512, 4 heads of 64) fit K-quant blocks, with the zoo tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
 
     path = tmp_path_factory.mktemp("aligned")
     config = LlamaConfig(
@@ -226,7 +226,7 @@ def aligned_model(tmp_path_factory, tiny_teacher):
 
 
 def test_q4_k_m_mixes_types_like_llama_quantize_and_loads_close_to_float(aligned_model, tmp_path):
-    from compressor.modeling import load_model
+    from compressor.models import load_model
 
     out = tmp_path / "out"
     export(aligned_model, out, quant_type="Q4_K_M")

@@ -119,8 +119,8 @@ def test_tokenizer_reloads_as_a_plain_fast_tokenizer(tiny_teacher):
 
 def test_heldout_perplexity_far_below_a_unigram_model(tiny_teacher, tiny_corpus):
     from compressor.config.schema import DataSource
-    from compressor.data import token_blocks
-    from compressor.modeling import load_model, load_tokenizer, perplexity
+    from compressor.models import load_model, load_tokenizer, perplexity
+    from compressor.text_sources import token_blocks
     from compressor.zoo.train import unigram_perplexity
 
     tok = load_tokenizer(tiny_teacher)

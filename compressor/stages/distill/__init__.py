@@ -65,6 +65,7 @@ def tokens(spec: DistillSpec, pipeline) -> tuple[float, int]:
 def flops(spec: DistillSpec, given: EstimateInput) -> float:
     """Per token: the teacher's forward and the student's forward + backward (3x)."""
     from compressor import estimate
+    from compressor.models import offline_config
 
     budget, seq_len = tokens(spec, given.pipeline)
     if spec.search is not None:  # each trial trains `fraction` of the budget (or less, when ASHA stops it)
@@ -72,7 +73,7 @@ def flops(spec: DistillSpec, given: EstimateInput) -> float:
     student = 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
     if spec.black_box:  # no teacher forward
         return budget * student
-    teacher = given.teacher_config or estimate.teacher_config(given.pipeline.teacher) or given.in_config
+    teacher = given.teacher_config or offline_config(given.pipeline.teacher) or given.in_config
     return budget * (estimate.forward_flops_per_token(teacher, seq_len) + student)
 
 
@@ -102,7 +103,7 @@ def plan_notes(plan, stage) -> list[str]:
         return []
     if stage.entry.spec.data not in plan.spec.data:
         return [f"{stage.name} data: the dataset of stage {stage.entry.spec.data!r}, tokenized once it is made"]
-    from compressor.commands.data import shard_status, targets_status
+    from compressor.stages.distill.status import shard_status, targets_status
 
     targets = targets_status(plan, stage)
     return [f"{stage.name} data: {shard_status(plan, stage)}"] + ([targets] if targets else [])

@@ -46,12 +46,12 @@ def distill(
     (default: the teacher's, for a black box the student's); the hard-label control uses its distillation's."""
     import ray
 
-    from compressor.data import first_sequence_check, normalized
-    from compressor.modeling import load_tokenizer
+    from compressor.models import load_tokenizer
     from compressor.models import tokenizer_dir as tokenizer_files
-    from compressor.raylocal import ensure_ray
+    from compressor.ray_runtime import ensure_ray
     from compressor.shards import read_index, shard_dir, tokenizer_digest
-    from compressor.stages.distill.data import TRACE_ENV, check_fit, prepare_in_ray, run_data
+    from compressor.stages.distill.batches import TRACE_ENV, check_fit, prepare_in_ray, run_data
+    from compressor.text_sources import first_sequence_check, normalized
 
     # Everything that can be wrong with the inputs is found here, before a worker starts.
     ctx.run_name = ctx.run_name or f"distill-{uuid.uuid4().hex[:12]}"  # names the Ray Train run (resume finds it)
@@ -235,8 +235,7 @@ def check_vocabulary(student: ModelRef, teacher: ModelRef, student_vocab: int, t
     (vocabularies rounded up to a multiple of 64 or 128). Anything else is a real mismatch, refused naming both sizes."""
     if student_vocab == teacher_vocab:
         return
-    from compressor.modeling import load_tokenizer
-    from compressor.models import tokenizer_dir
+    from compressor.models import load_tokenizer, tokenizer_dir
     from compressor.shards import tokenizer_digest
 
     def refuse(why: str) -> UserError:

@@ -29,9 +29,8 @@ from typing import Any, Optional
 from compressor import storage
 from compressor.errors import CompressorError, StageFailed, UserError
 from compressor.manifest import ModelRef
-from compressor.sinks import MetricsSink
 from compressor.stages.base import StageResult
-from compressor.stages.context import StageContext
+from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.distill.layout import budget_steps
 from compressor.stages.distill.search_spec import DistillSearch, Range, with_settings
 from compressor.stages.distill.spec import DistillSpec
@@ -136,9 +135,9 @@ def search_then_distill(spec: DistillSpec, model: ModelRef, ctx: StageContext) -
 def run_search(spec: DistillSpec, model: ModelRef, ctx: StageContext):
     """Runs the trials; returns (best trial, the manifest's `search`, scratch URIs, the best student, the steps a
     continuation still has to train)."""
-    from compressor.data import normalized
-    from compressor.raylocal import ensure_ray
+    from compressor.ray_runtime import ensure_ray
     from compressor.stages.distill.driver import teacher_ref, train_storage_root
+    from compressor.text_sources import normalized
 
     search, start = spec.search, time.perf_counter()
     teacher = teacher_ref(spec, ctx, model)
@@ -216,7 +215,7 @@ def prepare(spec: DistillSpec, trials: list[Trial], teacher: ModelRef, source, s
     import torch
 
     from compressor.shards import ShardReader
-    from compressor.stages.distill.data import prepare_in_ray
+    from compressor.stages.distill.batches import prepare_in_ray
 
     search, needed = spec.search, full * spec.global_batch
     extra = 0 if search.validation else search.validation_samples
@@ -229,9 +228,8 @@ def prepare(spec: DistillSpec, trials: list[Trial], teacher: ModelRef, source, s
         for each in temperatures.values():  # the teacher's passes, here: the trials only read them
             prepare_targets(each, teacher, shards, min(needed, index.sequences), ctx)
     if search.validation:
-        from compressor.data import token_blocks
-        from compressor.modeling import load_tokenizer
-        from compressor.models import tokenizer_dir
+        from compressor.models import load_tokenizer, tokenizer_dir
+        from compressor.text_sources import token_blocks
 
         try:
             return token_blocks(
@@ -327,7 +325,7 @@ def run_trial(config: dict, job: SearchJob) -> None:
     """One Tune trial: the distill stage's run for the trial's steps, then its validation score."""
     from ray import tune
 
-    from compressor.modeling import load_model
+    from compressor.models import load_model
     from compressor.stages.distill.driver import distill
     from compressor.stages.prune.importance import lm_loss
 

@@ -18,7 +18,7 @@ import torch
 
 from compressor.errors import UserError
 from compressor.stages.context import MetricsSink
-from compressor.stages.distill.data import BatchPlan, WorkerData
+from compressor.stages.distill.batches import BatchPlan, WorkerData
 from compressor.stages.distill.engines import Engines, build_engines, lr_at, train_step
 from compressor.stages.distill.spec import DistillSpec
 
@@ -211,7 +211,7 @@ def export_student(engines: Engines, job: DistillJob, out_dir: Path, rank: int) 
     """Write the student as a Hugging Face safetensors checkpoint with the teacher's tokenizer (rank 0 writes)."""
     from transformers import AutoModelForCausalLM
 
-    from compressor.modeling import load_tokenizer, save_checkpoint
+    from compressor.models import load_tokenizer, save_checkpoint
 
     if engines.zero_stage == 3:
         # A collective: every rank contributes its shards, rank 0 receives the whole 16-bit (or fp32) state dict.
@@ -233,4 +233,10 @@ def export_student(engines: Engines, job: DistillJob, out_dir: Path, rank: int) 
         if rank != 0:
             return
         model = engines.student_model
-    save_checkpoint(model, load_tokenizer(local_path(job.tokenizer_path or job.teacher_path)), out_dir)
+    tokenizer = load_tokenizer(local_path(job.tokenizer_path or job.teacher_path))
+    chat = job.spec.chat
+    if chat is not None and chat.template is not None and not getattr(tokenizer, "chat_template", None):
+        from compressor.chat_data import template_as_jinja
+
+        tokenizer.chat_template = template_as_jinja(tokenizer, chat.template)  # prompted as it was trained
+    save_checkpoint(model, tokenizer, out_dir)

@@ -33,8 +33,8 @@ def flops(spec: GenerateSpec, given: EstimateInput) -> float:
     if spec.api_model:
         return 0.0
     from compressor import estimate
-    from compressor.data import normalized
     from compressor.stages.generate.prompts import scan
+    from compressor.text_sources import normalized
 
     teacher = given.teacher_config or given.in_config
     if not teacher:
@@ -47,7 +47,7 @@ def flops(spec: GenerateSpec, given: EstimateInput) -> float:
 def key_extra(spec: GenerateSpec, plan: PlanContext) -> dict:
     """The prompts' content (file names, sizes, stamps; an hf: commit) and, for local weights, the teacher's key."""
     from compressor.cache import key_fields
-    from compressor.data import source_identity
+    from compressor.text_sources import source_identity
 
     source = plan.pipeline.data[spec.prompts]
     extra = {"prompts": {**key_fields(source), "content": source_identity(source)}}
@@ -64,8 +64,8 @@ def describe_resources(spec: GenerateSpec, resources) -> str:
 
 def plan_notes(plan, stage) -> list[str]:
     """prompts, input/output tokens, and GPU-hours or dollars (compressor/stages/generate/cost.py)."""
-    from compressor.data import normalized
     from compressor.stages.generate import cost, job
+    from compressor.text_sources import normalized
 
     spec = stage.entry.spec
     try:
@@ -85,13 +85,6 @@ def plan_notes(plan, stage) -> list[str]:
     except UserError as exc:
         return [f"{stage.name}: cost unknown ({exc})"]
     return [f"{stage.name}: {line}" for line in cost.cost_lines(spec, est, stage.entry.resources.num_gpus)]
-
-
-def command(kind):
-    """`compressor generate --teacher T --prompts P --out OUT`: a teacher and prompts in, a dataset out."""
-    from compressor.commands.generate import make_command
-
-    return make_command(kind)
 
 
 def result_line(manifest) -> str:
@@ -118,6 +111,5 @@ KIND = register(
         plan_notes=plan_notes,
         needs_teacher=True,
         result_line=result_line,
-        command=command,
     )
 )

@@ -157,7 +157,7 @@ def quiet_ray_data() -> None:
 
     import ray
 
-    from compressor.raylocal import verbose
+    from compressor.ray_runtime import verbose
 
     if not verbose():
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -168,7 +168,7 @@ def run(spec, teacher: ModelRef, source, store: AnswerStore, todo: list[dict], c
     """Answer the `todo` batches with a pool of Answerer actors; yields each batch's summary as it is committed."""
     import ray
 
-    from compressor.raylocal import ensure_ray
+    from compressor.ray_runtime import ensure_ray
 
     ensure_ray(ctx.ray_address)
     quiet_ray_data()

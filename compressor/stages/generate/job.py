@@ -41,7 +41,7 @@ def teacher_identity(spec, teacher: Optional[ModelRef]) -> dict:
 
 def answers_key(spec, teacher: Optional[ModelRef], source: DataSource, seed: int) -> str:
     """The key of the committed answers: prompts, teacher, sampling and the batch size commits are made of."""
-    from compressor.data import source_identity
+    from compressor.text_sources import source_identity
 
     fields = {f: getattr(spec, f) for f in ANSWER_FIELDS}
     return digest(
@@ -58,8 +58,8 @@ def store_for(ctx, key: str) -> AnswerStore:
 
 
 def generate(spec, model: ModelRef, ctx) -> StageResult:
-    from compressor.data import normalized
     from compressor.stages.generate.finalize import finalize
+    from compressor.text_sources import normalized
 
     key = api_key(spec) if spec.api_model else None  # unset variable: exit 2 before anything is read or written
     source = normalized(ctx.data_source(spec.prompts))

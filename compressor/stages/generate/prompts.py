@@ -61,7 +61,7 @@ def normalize(row: Any, where: str) -> dict:
 
 
 def _files(ds: DataSource) -> list[tuple[Any, str]]:
-    from compressor.data import _location
+    from compressor.text_sources import _location
 
     location = _location(ds)  # zoo:, missing paths and remote URIs handled as for any data source
     fs, path = storage.filesystem(location)
@@ -162,7 +162,7 @@ def _parquet_batches(fs, name: str, size: int, first: int = 0) -> Iterator[tuple
 
 def _hf_batches(ds: DataSource, size: int, start: int = 0, state: Optional[dict] = None):
     """(first row number, the stream state before it, rows) of an `hf:` dataset, resumed from `state`."""
-    from compressor.data import _hf_stream
+    from compressor.text_sources import _hf_stream
 
     stream = _hf_stream(ds)
     if state is not None:

@@ -35,7 +35,7 @@ def run(spec, teacher: ModelRef, source, store: AnswerStore, todo: list[dict], c
     import ray
 
     from compressor.models import materialize
-    from compressor.raylocal import ensure_ray
+    from compressor.ray_runtime import ensure_ray
 
     ensure_ray(ctx.ray_address)
     tensor_parallel = max(1, int(ctx.resources.num_gpus))

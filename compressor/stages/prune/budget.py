@@ -17,7 +17,7 @@ from typing import Optional
 
 from compressor import estimate
 from compressor.errors import UserError
-from compressor.shapes import Shape
+from compressor.models.shapes import Shape
 from compressor.stages.prune import shapes
 from compressor.stages.prune.spec import PruneSpec
 

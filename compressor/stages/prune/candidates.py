@@ -9,6 +9,7 @@ from typing import Optional
 from compressor import estimate
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
+from compressor.models import is_zoo
 from compressor.stages.prune import budget, shapes
 from compressor.stages.prune.spec import PruneSpec, PruneTarget
 
@@ -36,7 +37,7 @@ def model_ref(spec: PruneSpec, index: int) -> ModelRef:
     from compressor.planning import _is_path, resolve_teacher
 
     model = spec.candidates[index].model
-    if not (model.startswith("zoo:") or _is_path(model)):
+    if not (is_zoo(model) or _is_path(model)):
         raise UserError(
             f"{where(index)}.model: {model!r} is neither a local checkpoint directory nor `zoo:NAME`; download a "
             "hub model first and name its directory"

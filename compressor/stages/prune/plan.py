@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from compressor.shapes import Shape
+from compressor.models.shapes import Shape
 from compressor.stages.prune.importance import Importance
 
 

@@ -30,8 +30,8 @@ from compressor import storage
 from compressor.cache import digest, key_fields
 from compressor.errors import CompressorError, UserError
 from compressor.manifest import Manifest, ModelRef
-from compressor.sinks import MetricsSink
-from compressor.stages.context import StageContext
+from compressor.models.reference import is_zoo
+from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.prune import budget as budgets
 from compressor.stages.prune import shapes
 from compressor.stages.prune.importance import Importance, lm_loss
@@ -186,7 +186,7 @@ def short_distills(
     top: list[Scored],
 ) -> list[str]:
     """Distill each of `top` briefly and set its held-out losses; returns the scratch URIs it left."""
-    from compressor.modeling import load_model, save_checkpoint
+    from compressor.models import load_model, save_checkpoint
 
     settings, src = spec.search_settings(), shapes.source_shape(config)
     data = data_name(spec, ctx)
@@ -267,12 +267,12 @@ def heldout_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict, 
     """`heldout_samples` sequences to pick the winner on: search.heldout; else the held-out split of a zoo: `data`
     source; else the calibration source, which the short distillations never train on, drawn with another seed
     than the calibration pass (a calibration source that is also `data` may overlap what they trained on)."""
-    from compressor.data import token_blocks
+    from compressor.text_sources import token_blocks
 
     settings = spec.search_settings()
     source, seed = ctx.data_source(settings.heldout or data), ctx.seed
     if settings.heldout is None:
-        if source.source.startswith("zoo:") and source.split == "train":
+        if is_zoo(source.source) and source.split == "train":
             source = source.model_copy(update={"split": "heldout"})
         else:
             source, seed = ctx.data_source(spec.calibration), seed + 1
@@ -286,9 +286,9 @@ def heldout_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict, 
 def prepare_data(distill_spec, teacher: ModelRef, ctx: StageContext) -> None:
     """Tokenize the distillation source into its token shards once (distill's own path; runs starting together
     would each try to write them), and compute teacher targets once when the distillations read them."""
-    from compressor.data import normalized
-    from compressor.stages.distill.data import prepare_task
+    from compressor.stages.distill.batches import prepare_task
     from compressor.stages.distill.layout import budget_steps
+    from compressor.text_sources import normalized
 
     source = normalized(ctx.data_source(distill_spec.data))
     seq_len = distill_spec.seq_len or source.seq_len
@@ -348,7 +348,7 @@ def distill_in_parallel(jobs: list[tuple], ray_address: Optional[str] = None) ->
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from compressor.raylocal import ensure_ray
+    from compressor.ray_runtime import ensure_ray
 
     ensure_ray(ray_address)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

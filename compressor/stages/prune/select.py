@@ -34,9 +34,8 @@ from compressor import storage
 from compressor.cache import digest, key_fields
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
-from compressor.shapes import Shape
-from compressor.sinks import MetricsSink
-from compressor.stages.context import StageContext
+from compressor.models.shapes import Shape
+from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.prune import budget, candidates, search, shapes
 from compressor.stages.prune.importance import Importance, lm_loss
 from compressor.stages.prune.spec import PruneSpec
@@ -186,7 +185,7 @@ def no_pass_message(order: list[Student], ratio: float, steps: int) -> str:
 def build_student(spec, index, model_ref, ctx, source, heldout, root: str, base: str):
     """(Student with its size and held-out loss before distillation, the ModelRef its short distillation starts
     from). `source`: (model, tokenizer, config, calibration blocks, importance). One candidate in memory at a time."""
-    from compressor.modeling import count_params, load_model, save_checkpoint
+    from compressor.models import count_params, load_model, save_checkpoint
 
     model, tokenizer, config, blocks, importance = source
     candidate = spec.candidates[index]
@@ -268,10 +267,10 @@ def heldout_blocks(spec, ctx, teacher: ModelRef, data: str, distill_spec, config
     it, into the same shards, so the distillations find their data ready)."""
     import numpy as np
 
-    from compressor.data import normalized, token_blocks
     from compressor.shards import ShardReader
-    from compressor.stages.distill.data import prepare_task
+    from compressor.stages.distill.batches import prepare_task
     from compressor.stages.distill.layout import budget_steps
+    from compressor.text_sources import normalized, token_blocks
 
     settings = spec.search_settings()
     source = normalized(ctx.data_source(data))
@@ -285,8 +284,8 @@ def heldout_blocks(spec, ctx, teacher: ModelRef, data: str, distill_spec, config
 
             prepare_targets(distill_spec, teacher, shard_dir, min(trained, index.sequences), ctx)
     if settings.heldout:
-        from compressor.modeling import load_tokenizer
-        from compressor.models import tokenizer_dir
+        from compressor.models import load_tokenizer
+        from compressor.models.local import tokenizer_dir
 
         held = ctx.data_source(settings.heldout)
         try:
@@ -310,8 +309,7 @@ def teacher_heldout_loss(spec, ctx, model_ref: ModelRef, model, heldout: torch.T
     teacher = ctx.teacher or model_ref
     if teacher.key == model_ref.key:
         return lm_loss(model, heldout, spec.batch_size)
-    from compressor.modeling import load_model
-    from compressor.models import materialize
+    from compressor.models import load_model, materialize
 
     loaded = load_model(materialize(teacher).path).to(model.device).eval()
     try:
@@ -322,7 +320,7 @@ def teacher_heldout_loss(spec, ctx, model_ref: ModelRef, model, heldout: torch.T
 
 def short_distills(spec, ctx, model, heldout, teacher_loss, distill_spec, teacher, base, order, jobs) -> list[str]:
     """Distill each of `order` (smallest first) and set its held-out loss after; returns the scratch URIs left."""
-    from compressor.modeling import load_model
+    from compressor.models import load_model
     from compressor.stages.distill.driver import run_storage_uri
 
     run_jobs = []

@@ -6,7 +6,7 @@ import math
 from typing import Optional
 
 from compressor.errors import UserError
-from compressor.shapes import Shape
+from compressor.models.shapes import Shape
 from compressor.stages.prune.spec import PruneSpec
 
 # architecture -> whether its transformers config refuses hidden_size % num_attention_heads != 0

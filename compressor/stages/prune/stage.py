@@ -7,8 +7,7 @@ import time
 import torch
 
 from compressor.manifest import ModelRef
-from compressor.modeling import count_params, load_model, load_tokenizer, save_checkpoint
-from compressor.models import read_config
+from compressor.models import count_params, load_model, load_tokenizer, read_config, save_checkpoint
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
 from compressor.stages.prune import budget, candidates, check, search, select, shapes

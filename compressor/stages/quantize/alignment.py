@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from compressor.errors import UserError
-from compressor.shapes import Shape
+from compressor.models.shapes import Shape
 from compressor.stages.quantize import gguf_plan
 from compressor.stages.quantize.spec import QuantizeSpec
 
@@ -45,7 +45,7 @@ class Resolution:
 
 
 def linear_layers(config: dict) -> Optional[list[Linear]]:
-    """The decoder's linear layers (compressor.shapes); None when config.json lacks the fields."""
+    """The decoder's linear layers (compressor.models.shapes); None when config.json lacks the fields."""
     try:
         shape = Shape.from_config(config)
     except (UserError, TypeError, ValueError, ZeroDivisionError):

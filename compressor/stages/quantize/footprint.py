@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.checkpoint import safetensors_header
+from compressor.models.checkpoint import safetensors_header
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

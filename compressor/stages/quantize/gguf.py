@@ -47,7 +47,7 @@ PRE_TOKENIZERS = {
 
 
 def quantize(spec: GGUFSpec, model: ModelRef, ctx: StageContext) -> StageResult:
-    from compressor.modeling import load_tokenizer, save_tokenizer
+    from compressor.models import load_tokenizer, save_tokenizer
 
     config = read_config(model, fetch=True)
     resolution = alignment.resolve(spec, config)
@@ -302,7 +302,7 @@ class Weights:
     """Tensors of a safetensors checkpoint, read one at a time."""
 
     def __init__(self, model_dir: Path):
-        from compressor.checkpoint import safetensors_header
+        from compressor.models.checkpoint import safetensors_header
 
         self.files: dict[str, Path] = {}
         for file in sorted(model_dir.glob("*.safetensors")):

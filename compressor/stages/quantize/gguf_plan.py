@@ -123,7 +123,7 @@ def file_name(quant_type: str) -> str:
 def quantization_config(quant_type: str, tensors: list[Tensor]) -> dict:
     """config.json's `quantization_config` of a GGUF stage output: which file holds the weights (transformers loads
     it with `gguf_file=`), its type, the nominal bits and the parameter count (the file is not safetensors, so
-    compressor.checkpoint reads the count here)."""
+    compressor.models.checkpoint reads the count here)."""
     return {
         "quant_method": "gguf",
         "gguf_file": file_name(quant_type),

@@ -202,7 +202,7 @@ def run_gptqmodel(
 
 def quantize(spec: GPTQSpec | AWQSpec, model: ModelRef, ctx: StageContext) -> StageResult:
     prepare_environment()
-    from compressor.modeling import load_tokenizer, save_tokenizer
+    from compressor.models import load_tokenizer, save_tokenizer
 
     config = read_config(model, fetch=True)
     resolution = alignment.resolve(spec, config)

@@ -185,4 +185,3 @@ QuantizeSpec = Annotated[
         custom_error_message=f"method: not one of {', '.join(METHODS)}",
     ),
 ]
-QUANTIZE_SPECS: dict[str, type[Strict]] = {"gptq": GPTQSpec, "awq": AWQSpec, "gguf": GGUFSpec}

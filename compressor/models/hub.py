@@ -23,22 +23,11 @@ from compressor import storage
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # What a checkpoint needs. Llama repos also ship `original/*.pth` (a second copy of the weights): never fetched.
 WANTED = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*", "*.py"]
 WEIGHTS_FALLBACK = ["*.bin"]  # only for repos without safetensors
 SKIPPED = ["original/*", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot"]
-
-
-def is_hub_id(model: str) -> bool:
-    """`ORG/NAME` that is neither a zoo name, a URL nor an existing local path."""
-    return (
-        bool(REPO_ID.match(model))
-        and not model.startswith("zoo:")
-        and "://" not in model
-        and not Path(model).expanduser().exists()
-    )
 
 
 def offline() -> bool:

@@ -1,22 +1,26 @@
-"""Small shared helpers around Hugging Face models (torch imported lazily by callers of this module)."""
+"""Loading and saving models and tokenizers through transformers, and measuring a loaded model.
+
+torch and transformers are imported inside the functions: `import compressor.models` stays light for validate/plan."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
 
 
 def load_model(path: str | Path, dtype: str = "float32", revision: str | None = None):
+    import torch
     from transformers import AutoModelForCausalLM
 
     from compressor import remote_code
 
-    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    torch_dtype = "auto" if dtype == "auto" else dtypes[dtype]
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch_dtype, revision=revision, trust_remote_code=remote_code.enabled()
     )
@@ -35,19 +39,21 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
     """Token-level perplexity of `model` over [n, seq_len] token blocks (next-token NLL, mean over tokens)."""
+    import torch
+
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += nll.item()
+            total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
 
