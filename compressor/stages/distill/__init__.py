@@ -71,10 +71,19 @@ def flops(spec: DistillSpec, given: EstimateInput) -> float:
     if spec.search is not None:  # each trial trains `fraction` of the budget (or less, when ASHA stops it)
         budget *= 1 + spec.search.trials() * spec.search.fraction
     student = 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
+    # the hard-label control: the same student, no teacher, its steps (default: the distillation's)
+    control = 0.0
+    if spec.hard_labels is not None:
+        own = (
+            spec.hard_labels.steps * spec.global_batch * seq_len
+            if spec.hard_labels.steps
+            else tokens(spec, given.pipeline)[0]
+        )
+        control = own * student
     if spec.black_box:  # no teacher forward
-        return budget * student
+        return budget * student + control
     teacher = given.teacher_config or offline_config(given.pipeline.teacher) or given.in_config
-    return budget * (estimate.forward_flops_per_token(teacher, seq_len) + student)
+    return budget * (estimate.forward_flops_per_token(teacher, seq_len) + student) + control
 
 
 def key_extra(spec: DistillSpec, plan: PlanContext) -> dict:
@@ -95,7 +104,8 @@ def key_extra(spec: DistillSpec, plan: PlanContext) -> dict:
 def describe_resources(spec: DistillSpec, resources) -> str:
     worker = type(resources)(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker)
     searched = f"; search: {spec.search.trials()} trials of the same" if spec.search is not None else ""
-    return f"{spec.workers} x {one_task(spec, worker)}{searched}"
+    control = "; then its hard-label control on the same" if spec.hard_labels is not None else ""
+    return f"{spec.workers} x {one_task(spec, worker)}{searched}{control}"
 
 
 def plan_notes(plan, stage) -> list[str]:
