@@ -186,7 +186,7 @@ def short_distills(
     top: list[Scored],
 ) -> list[str]:
     """Distill each of `top` briefly and set its held-out losses; returns the scratch URIs it left."""
-    from compressor.models import load_model, save_checkpoint
+    from compressor.models import load_model
 
     settings, src = spec.search_settings(), shapes.source_shape(config)
     data = data_name(spec, ctx)
@@ -205,19 +205,8 @@ def short_distills(
         pruned = pruned_copy(model, importance, src, s.candidate, space.kept_layers, spec.depth_metric)
         s.heldout_before = lm_loss(pruned, heldout, spec.batch_size)
         key = digest(model_ref.key, key_fields(spec), s.candidate.shape.as_dict(), ctx.seed)
-        uri = storage.join(root, f"candidate-{s.index}")
-        work = storage.scratch_dir(uri, f"candidate-{s.index}")
-        save_checkpoint(pruned, tokenizer, work / "model")
+        candidate = publish_candidate(pruned, tokenizer, root, base, s.index, key, model_ref, s.candidate.params)
         del pruned
-        Manifest(
-            stage=f"{base}-candidate-{s.index}",
-            kind="prune",
-            key=key,
-            model_uri="model",
-            input_key=model_ref.key,
-            num_params=s.candidate.params,
-        ).write(work)
-        storage.publish_dir(work, uri)
         candidate_ctx = dataclasses.replace(
             ctx,
             work_dir=Path(ctx.work_dir) / "search" / f"candidate-{s.index}",
@@ -228,9 +217,7 @@ def short_distills(
             quiet=True,
             progress_queue=None,
         )
-        jobs.append(
-            (distill_spec, ModelRef(path=storage.join(uri, "model"), key=f"prune-candidate:{key}"), candidate_ctx)
-        )
+        jobs.append((distill_spec, candidate, candidate_ctx))
     prepare_data(distill_spec, ctx.teacher or teacher, ctx)  # once, before the runs sharing the shards start together
     ctx.info(f"prune search: distilling the best {len(top)} shapes for {distill_spec.steps} steps each")
 
@@ -261,6 +248,22 @@ def data_name(spec: PruneSpec, ctx: StageContext) -> str:
         return next(iter(ctx.data))
     ctx.data_source(name)
     return name
+
+
+def publish_candidate(pruned, tokenizer, root: str, base: str, index: int, key: str, source: ModelRef, params: int):
+    """A candidate published as `<root>/candidate-<index>` (the pipeline storage), so that Ray Train workers on any
+    node read it; returns its ModelRef."""
+    from compressor.models import save_checkpoint
+
+    uri = storage.join(root, f"candidate-{index}")
+    work = storage.scratch_dir(uri, f"candidate-{index}")
+    save_checkpoint(pruned, tokenizer, work / "model")
+    Manifest(
+        stage=f"{base}-candidate-{index}", kind="prune", key=key, model_uri="model", input_key=source.key,
+        num_params=params,
+    ).write(work)  # fmt: skip
+    storage.publish_dir(work, uri)
+    return ModelRef(path=storage.join(uri, "model"), key=f"prune-candidate:{key}")
 
 
 def heldout_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict, data: str) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from compressor import storage
 from compressor.cache import digest, key_fields
 from compressor.errors import UserError
-from compressor.manifest import Manifest, ModelRef
+from compressor.manifest import ModelRef
 from compressor.models.shapes import Shape
 from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.prune import budget, candidates, search, shapes
@@ -185,7 +185,7 @@ def no_pass_message(order: list[Student], ratio: float, steps: int) -> str:
 def build_student(spec, index, model_ref, ctx, source, heldout, root: str, base: str):
     """(Student with its size and held-out loss before distillation, the ModelRef its short distillation starts
     from). `source`: (model, tokenizer, config, calibration blocks, importance). One candidate in memory at a time."""
-    from compressor.models import count_params, load_model, save_checkpoint
+    from compressor.models import count_params, load_model
 
     model, tokenizer, config, blocks, importance = source
     candidate = spec.candidates[index]
@@ -214,20 +214,9 @@ def build_student(spec, index, model_ref, ctx, source, heldout, root: str, base:
     student.params, student.heldout_before = count_params(pruned), lm_loss(pruned, heldout, spec.batch_size)
     # Published for Ray Train workers on any node, as the budget search publishes its candidates.
     key = digest(model_ref.key, key_fields(spec), student.shape.as_dict(), student.kept_layers, ctx.seed)
-    uri = storage.join(root, f"candidate-{index}")
-    work = storage.scratch_dir(uri, f"candidate-{index}")
-    save_checkpoint(pruned, tokenizer, work / "model")
+    published = search.publish_candidate(pruned, tokenizer, root, base, index, key, model_ref, student.params)
     del pruned
-    Manifest(
-        stage=f"{base}-candidate-{index}",
-        kind="prune",
-        key=key,
-        model_uri="model",
-        input_key=model_ref.key,
-        num_params=student.params,
-    ).write(work)
-    storage.publish_dir(work, uri)
-    return student, ModelRef(path=storage.join(uri, "model"), key=f"prune-candidate:{key}")
+    return student, published
 
 
 def checkpoint_ref(spec: PruneSpec, index: int, model_ref: ModelRef) -> ModelRef:
