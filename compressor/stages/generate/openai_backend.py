@@ -162,8 +162,13 @@ def run(spec, api_key: str, source, store: AnswerStore, todo: list[dict], ctx, s
             results.put(exc)
         results.put(done)
 
-    threading.Thread(target=loop, name="generate-openai", daemon=True).start()
+    thread = threading.Thread(target=loop, name="generate-openai", daemon=True)
+    thread.start()
     while (item := results.get()) is not done:
         if isinstance(item, BaseException):
             raise item
         yield item
+    # The loop's thread has closed its event loop and executor; wait for it to end, so the process never exits
+    # with it still running (a process that did once aborted at exit: "terminate called without an active
+    # exception", in tests/test_generate_api.py under load).
+    thread.join(timeout=30)
