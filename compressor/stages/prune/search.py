@@ -207,16 +207,8 @@ def short_distills(
         key = digest(model_ref.key, key_fields(spec), s.candidate.shape.as_dict(), ctx.seed)
         candidate = publish_candidate(pruned, tokenizer, root, base, s.index, key, model_ref, s.candidate.params)
         del pruned
-        candidate_ctx = dataclasses.replace(
-            ctx,
-            work_dir=Path(ctx.work_dir) / "search" / f"candidate-{s.index}",
-            teacher=teacher,
-            shared_teacher=teacher,
-            run_name=f"{base}-candidate-{s.index}",
-            sink=s.sink,
-            quiet=True,
-            progress_queue=None,
-        )
+        candidate_ctx = short_run_context(ctx, Path("search") / f"candidate-{s.index}", f"{base}-candidate-{s.index}",
+                                          teacher, s.sink)  # fmt: skip
         jobs.append((distill_spec, candidate, candidate_ctx))
     prepare_data(distill_spec, ctx.teacher or teacher, ctx)  # once, before the runs sharing the shards start together
     ctx.info(f"prune search: distilling the best {len(top)} shapes for {distill_spec.steps} steps each")
@@ -248,6 +240,21 @@ def data_name(spec: PruneSpec, ctx: StageContext) -> str:
         return next(iter(ctx.data))
     ctx.data_source(name)
     return name
+
+
+def short_run_context(ctx: StageContext, folder: Path, run_name: str, teacher: ModelRef, sink) -> StageContext:
+    """The context of one short distillation of a candidate: its own work dir and Ray Train run, the shared teacher,
+    its own MLflow child run, and no console of its own (the stage's progress line speaks for all)."""
+    return dataclasses.replace(
+        ctx,
+        work_dir=Path(ctx.work_dir) / folder,
+        teacher=teacher,
+        shared_teacher=teacher,
+        run_name=run_name,
+        sink=sink,
+        quiet=True,
+        progress_queue=None,
+    )
 
 
 def publish_candidate(pruned, tokenizer, root: str, base: str, index: int, key: str, source: ModelRef, params: int):

@@ -20,7 +20,6 @@ Every candidate is a nested run of the stage's (ctx.child_sink) and a row of the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import time
@@ -314,15 +313,8 @@ def short_distills(spec, ctx, model, heldout, teacher_loss, distill_spec, teache
 
     run_jobs = []
     for s in order:
-        candidate_ctx = dataclasses.replace(
-            ctx,
-            work_dir=Path(ctx.work_dir) / "select" / f"candidate-{s.index}",
-            teacher=teacher,
-            shared_teacher=teacher,
-            run_name=f"{base}-select-{s.index}",
-            sink=s.sink,
-            quiet=True,
-            progress_queue=None,
+        candidate_ctx = search.short_run_context(
+            ctx, Path("select") / f"candidate-{s.index}", f"{base}-select-{s.index}", teacher, s.sink
         )
         run_jobs.append((distill_spec, jobs[s.index], candidate_ctx))
     # Every run's directory, a run until_pass cancels included (it never returns its own list).
