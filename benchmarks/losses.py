@@ -100,7 +100,7 @@ def prune_width(teacher: Path, train: list[str], hidden: int, root: Path, sample
         work_dir=root / "pruned", data={"calib": DataSource(source=str(root / "calib.txt"), seq_len=128)}, quiet=True
     )
     spec = PruneSpec(target={"hidden_size": hidden}, calibration="calib", samples=samples, batch_size=8)
-    prune.run(spec, ModelRef(path=str(teacher), key="bench"), ctx)
+    prune.KIND.run(spec, ModelRef(path=str(teacher), key="bench"), ctx)
     return root / "pruned" / "model"
 
 
@@ -207,7 +207,7 @@ def search_benchmark(quick: bool, steps: int) -> dict:
             )
             (root / name).mkdir()
             start = time.perf_counter()
-            result = distill_stage.run(spec, ModelRef(path=str(student), key="bench-student"), ctx)
+            result = distill_stage.KIND.run(spec, ModelRef(path=str(student), key="bench-student"), ctx)
             seconds = time.perf_counter() - start
             model = AutoModelForCausalLM.from_pretrained(ctx.model_dir).eval()
             row = {"seconds": round(seconds, 1), "heldout_bits_per_byte": round(

@@ -101,10 +101,7 @@ class Orchestrator:
         self._check_registry_tasks()
         # Before Ray starts: its processes would take CPU from the minutes of training on a small machine.
         self._build_reference_models()
-        parent = self._start_parent_run()
-        from compressor.ray_runtime import ensure_ray
-
-        ensure_ray(self.address)
+        parent = self._start_ray_and_parent_run()
         from compressor import interrupt
 
         interrupt.reassert()  # issue 14: ray.init put its own SIGTERM handler (sys.exit) in place of `run`'s
@@ -181,14 +178,7 @@ class Orchestrator:
             **stage.entry.spec.model_dump(mode="json"),
         }
         if stage.cached:
-            run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params, cached=True)
-            self.tracker.sink(run_id).log_metrics(
-                {k: v for k, v in {"num_params": stage.cached.num_params, "bytes": stage.cached.bytes}.items() if v}
-            )
-            scores = self._scores(stage.output, run_id) if stage.produces_model else stage.cached.details.get("scores")
-            self.tracker.end(run_id)
-            self.console.print(f"[dim]{stage.name}: cached ({stage.uri})[/]")
-            return StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores)
+            return self._reuse_stage(stage, params)
 
         run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params)
         self.console.rule(f"{stage.name} ({stage.kind})")
@@ -213,18 +203,9 @@ class Orchestrator:
                 self._score_references(stage, where, manifest, run_id)
             else:  # the stage judged its input: its scores are its result
                 scores = manifest.details.get("scores")
-            rows = gates.check_gate(stage.entry.gate, scores or {}, baseline, previous) if stage.entry.gate else []
-            if rows:
-                self.console.print(gates.render(stage.name, rows))
-                self.tracker.log_json(run_id, [r.__dict__ for r in rows], "gate.json")
-                if all(r.passed for r in rows):
-                    self.tracker.tag(run_id, "gate", "passed")
-                else:
-                    self.tracker.tag(run_id, "gate", "failed")
-                    failed = ", ".join(f"{r.metric} {r.bar}" for r in rows if not r.passed)
-                    if stage.entry.gate.on_fail == "stop":
-                        raise GateFailed(f"stage {stage.name!r} missed its gate ({failed})")
-                    status = "gate-warned"
+            rows = self._gate(stage, run_id, scores, baseline, previous)
+            if rows and not all(r.passed for r in rows):
+                status = "gate-warned"  # on_fail: warn (stop raised GateFailed)
         except GateFailed as exc:
             self.tracker.end(run_id, "FAILED")
             kept = self._reject(stage, where, manifest, str(exc), rows)
@@ -245,6 +226,36 @@ class Orchestrator:
             if isinstance(cause, CompressorError):
                 raise cause from None
             raise StageFailed(f"stage {stage.name!r} failed: {detail}\n{_trace(exc)}") from None
+        return self._publish_stage(stage, run_id, status, where, manifest, scores, rows)
+
+    def _reuse_stage(self, stage: PlannedStage, params: dict) -> StageOutcome:
+        """A stage whose output is in the storage: its child run (tagged cached) gets its sizes and scores."""
+        run_id = self.tracker.start_stage(stage.name, stage.kind, stage.key, params, cached=True)
+        self.tracker.sink(run_id).log_metrics(
+            {k: v for k, v in {"num_params": stage.cached.num_params, "bytes": stage.cached.bytes}.items() if v}
+        )
+        scores = self._scores(stage.output, run_id) if stage.produces_model else stage.cached.details.get("scores")
+        self.tracker.end(run_id)
+        self.console.print(f"[dim]{stage.name}: cached ({stage.uri})[/]")
+        return StageOutcome(stage.name, stage.kind, "cached", stage.cached, scores)
+
+    def _gate(self, stage: PlannedStage, run_id: str, scores, baseline, previous) -> list:
+        """The stage's gate rows, shown and logged; GateFailed when one misses and on_fail is stop."""
+        if not stage.entry.gate:
+            return []
+        rows = gates.check_gate(stage.entry.gate, scores or {}, baseline, previous)
+        if rows:
+            self.console.print(gates.render(stage.name, rows))
+            self.tracker.log_json(run_id, [r.__dict__ for r in rows], "gate.json")
+            passed = all(r.passed for r in rows)
+            self.tracker.tag(run_id, "gate", "passed" if passed else "failed")
+            if not passed and stage.entry.gate.on_fail == "stop":
+                failed = ", ".join(f"{r.metric} {r.bar}" for r in rows if not r.passed)
+                raise GateFailed(f"stage {stage.name!r} missed its gate ({failed})")
+        return rows
+
+    def _publish_stage(self, stage: PlannedStage, run_id: str, status: str, where, manifest, scores, rows):
+        """Move the judged output from pending/ to the stage's directory, with its gate rows in its manifest."""
         manifest.details["gate"] = {"status": status, "rows": [r.__dict__ for r in rows]}
         move_stage(where, stage.uri, manifest)
         drop_scratch(manifest)  # distill's Ray Train checkpoints, kept until the model was published
@@ -474,6 +485,22 @@ class Orchestrator:
 
             check_registry_tasks([t.name for t in registry])
 
+    def _start_ray_and_parent_run(self) -> str:
+        """Ray's start is mostly waiting for its processes, and MLflow's (a sqlite store's migrations, the parent
+        run) mostly Python: the parent run starts in a thread meanwhile (Ray must start in the main thread, where
+        it sets its signal handlers). Returns the parent run's id."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from compressor.ray_runtime import ensure_ray
+
+        with ThreadPoolExecutor(1, thread_name_prefix="mlflow-start") as pool:
+            parent = pool.submit(self._start_parent_run)
+            try:
+                ensure_ray(self.address)
+            finally:
+                started = parent.result()  # an error of either is raised; the run is started before Ray's is
+        return started
+
     def _start_parent_run(self, cached: bool = False) -> str:
         from compressor.tracking import open_tracker
 
@@ -604,6 +631,7 @@ def _ray_resources(resources) -> dict:
 
 
 def summary_dict(summary: RunSummary) -> dict:
+    from compressor.records import summary_records
     from compressor.recovery import distillation_rows
 
     controlled = [o for o in summary.outcomes if o.manifest and o.manifest.details.get("references")]
@@ -617,17 +645,5 @@ def summary_dict(summary: RunSummary) -> dict:
         "pipeline": summary.plan.spec.name,
         "seconds": round(summary.seconds, 3),
         "baseline": summary.baseline,
-        "stages": [
-            {
-                "name": o.name,
-                "kind": o.kind,
-                "status": o.status,
-                "key": o.manifest.key if o.manifest else None,
-                "num_params": o.manifest.num_params if o.manifest else None,
-                "bytes": o.manifest.bytes if o.manifest else None,
-                "seconds": o.manifest.seconds if o.manifest else None,
-                "scores": o.scores,
-            }
-            for o in summary.outcomes
-        ],
+        "stages": summary_records(summary),
     }

@@ -17,7 +17,7 @@ from compressor.config.schema import PipelineSpec, StageEntry, TaskSpec, Teacher
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
 from compressor.models import is_hub_id, offline_config, read_config, zoo_name, zoo_ref
-from compressor.stages.base import PlanContext
+from compressor.stages.base import PlanContext, StageKind
 
 
 @dataclass
@@ -45,8 +45,13 @@ class PlannedStage:
         return self.entry.kind
 
     @property
+    def kind_of(self) -> StageKind:
+        """Its stage kind (the contract of compressor/stages/base.py)."""
+        return stage_kinds.get(self.kind)
+
+    @property
     def produces_model(self) -> bool:
-        return stage_kinds.get(self.kind).produces_model
+        return self.kind_of.produces_model
 
 
 @dataclass
@@ -221,7 +226,10 @@ def make_plan(
         kind = stage_kinds.get(entry.kind)
         around = PlanContext(spec, i, teacher.key)
         stage_spec = kind.planned_spec(entry.spec, around)
-        named = (getattr(stage_spec, "calibration", None), getattr(stage_spec, "data", None))
+        # The text it calibrates on or trains on, by content; what else it reads (generate's prompts, a control's
+        # labels) its key_extra keys, as it always did.
+        reads = kind.data_sources(stage_spec)
+        named = {reads[f] for f in ("calibration", "data") if f in reads}
         extra = {
             "seed": spec.seed,
             **kind.key_extra(entry.spec, around),

@@ -259,7 +259,7 @@ def check_standalone(
     need = 0
     if out_config and Path(model_dir, "config.json").is_file():
         stored = checkpoint.num_params(model_dir)
-        bits = getattr(spec, "bits", None)  # a quantizing kind's output width
+        bits = stage_kind(kind).bits(spec)  # a quantizing kind's output width
         width = bits / 8 if bits else checkpoint.weight_bytes(model_dir) / max(stored, 1)
         need = output_bytes(out_config, width)
     if source is not None:
@@ -285,13 +285,13 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
         need = sum(
             output_bytes(
                 s.out_config,
-                bits / 8 if (bits := getattr(s.entry.spec, "bits", None)) else bytes_per_param(s.out_config, dtype),
+                bits / 8 if (bits := s.kind_of.bits(s.entry.spec)) else bytes_per_param(s.out_config, dtype),
             )
             for s in plan.stages
             if s.produces_model and not s.cached and s.out_config
         )
         check_space(plan.storage_root, need, f"storage {plan.storage_uri}")
-    prompt_sources = {getattr(s.entry.spec, "prompts", None) for s in plan.stages}  # generate stages read rows
+    prompt_sources = {s.kind_of.data_sources(s.entry.spec).get("prompts") for s in plan.stages}  # rows to answer
     for name, source in spec.data.items():
         if name in prompt_sources:
             check_prompts(source, f"data.{name}.source")

@@ -36,6 +36,7 @@ import numpy as np
 from compressor import storage
 from compressor.config.schema import DataSource
 from compressor.errors import UserError
+from compressor.models.reference import is_zoo, zoo_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -105,10 +106,10 @@ def _hf_commit(name: str, revision: Optional[str]) -> str:
 
 def resolve_local(source: str) -> Path:
     """The local path behind a file or zoo source (zoo corpora are built on first use)."""
-    if source.startswith("zoo:"):
+    if is_zoo(source):
         from compressor import zoo
 
-        return zoo.corpus_dir(source[len("zoo:") :])
+        return zoo.corpus_dir(zoo_name(source))
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data source {source!r}: no such file or directory")
@@ -117,7 +118,7 @@ def resolve_local(source: str) -> Path:
 
 def _location(ds: DataSource) -> str:
     """The file or directory (a local path or a storage URI) behind a file or zoo source."""
-    if ds.source.startswith("zoo:"):
+    if is_zoo(ds.source):
         return str(resolve_local(ds.source) / f"{ds.split}.txt")
     if storage.is_remote(ds.source):
         fs, path = storage.filesystem(ds.source)
@@ -146,10 +147,10 @@ def source_identity(ds: DataSource) -> dict:
     """What the documents of `ds` depend on, for content keys (token shards): the source and its fields, plus
     each file's name, size and modification stamp (a file edited in place is other data); zoo corpora by their key."""
     ident = {"text_field": ds.text_field}
-    if ds.source.startswith("zoo:"):
+    if is_zoo(ds.source):
         from compressor import zoo
 
-        return {**ident, "source": ds.source, "split": ds.split, "corpus": zoo.corpus_key(ds.source[len("zoo:") :])}
+        return {**ident, "source": ds.source, "split": ds.split, "corpus": zoo.corpus_key(zoo_name(ds.source))}
     if ds.source.startswith("hf:"):  # the commit, not the branch: new upstream data is other data
         return {**ident, "source": ds.source, "revision": hf_commit(ds)}
     location = _location(ds)  # absolute: a relative spelling of the same files is the same source
@@ -164,7 +165,7 @@ def normalized(ds: DataSource) -> DataSource:
     (a Ray task); an `hf:` source pinned to its commit (`pinned`), so it means the same rows there."""
     if ds.source.startswith("hf:"):
         return pinned(ds)
-    if ds.source.startswith("zoo:") or storage.is_remote(ds.source):
+    if is_zoo(ds.source) or storage.is_remote(ds.source):
         return ds
     return ds.model_copy(update={"source": str(Path(ds.source).expanduser().resolve())})
 

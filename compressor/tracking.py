@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from compressor.models import is_zoo, zoo_name
+from compressor.models import is_zoo
+from compressor.records import stage_records, teacher_record
 from compressor.secrets import redact, redact_mapping
 from compressor.stages.context import MetricsSink
 
@@ -229,89 +230,12 @@ def open_tracker(uri: str, experiment: str, artifact_root: Path):
 
 
 # ---------------------------------------------------------------------------------------------- pipeline summary
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
-
 
 _UNSAFE = re.compile(r"[^\w\-./ ]")  # characters MLflow refuses in metric, param and tag keys
 
 
 def _key(*parts: str) -> str:
     return "/".join(_UNSAFE.sub("_", p) for p in parts)
-
-
-def _gate_rows(outcome) -> list[dict]:
-    """This run's gate rows, or, for a stage taken from the cache, those its manifest kept from the run that made it."""
-    if outcome.gate_rows:
-        return [dict(r.__dict__) for r in outcome.gate_rows]
-    return list(((outcome.manifest.details if outcome.manifest else {}).get("gate") or {}).get("rows") or [])
-
-
-def _verdict(rows: list[dict]) -> str:
-    return "none" if not rows else ("passed" if all(r["passed"] for r in rows) else "warned")
-
-
-def stage_records(summary) -> list[dict]:
-    """One dict per stage of a finished pipeline run, in order: where its model is, its real size (a quantized
-    model's logical parameter count and bits, not its packed storage), seconds, scores, gate rows and verdict."""
-    from compressor.models import checkpoint
-    from compressor.storage import join
-
-    records = []
-    for planned, outcome in zip(summary.plan.stages, summary.outcomes):
-        m = outcome.manifest
-        model_uri = join(planned.uri, m.model_uri) if m and planned.produces_model else None
-        num_params, bits = (m.num_params if m else None), None
-        if model_uri and (bits := checkpoint.quantized_bits(model_uri)):
-            num_params = checkpoint.logical_num_params(model_uri)
-        rows = _gate_rows(outcome)
-        records.append(
-            {
-                "name": outcome.name,
-                "kind": outcome.kind,
-                "status": outcome.status,
-                "key": m.key if m else planned.key,
-                "stage_uri": planned.uri,
-                "model_uri": model_uri,
-                "num_params": num_params,
-                "bits": bits,
-                "bytes": m.bytes if m and model_uri else None,
-                "seconds": m.seconds if m else None,
-                "scores": outcome.scores,
-                "gate": rows,
-                "gate_verdict": _verdict(rows),
-                "run_id": m.mlflow_run_id if m else None,  # the run that made it (an earlier one when cached)
-                # models made beside it to compare it with (distill's hard-label control), with their scores
-                "references": (m.details.get("references") or {}) if m else {},
-            }
-        )
-    return records
-
-
-def teacher_record(summary) -> dict:
-    """The teacher's size (parameters from its config; bytes of its checkpoint where this process can see it,
-    else parameters x dtype width) and its baseline scores."""
-    from compressor import estimate, storage, zoo
-    from compressor.models import checkpoint
-
-    plan, spec = summary.plan, summary.plan.spec.teacher
-    num_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
-    path = plan.teacher.path
-    if (name := zoo_name(path)) is not None:
-        path = str(zoo.model_path(name)) if zoo.is_built(name) else ""
-    measured = bool(path) and (storage.is_remote(path) or Path(path).is_dir()) and storage.exists(path)
-    size = checkpoint.checkpoint_bytes(path) if measured else None
-    if not size and num_params:
-        size = num_params * DTYPE_BYTES[spec.dtype]
-    return {
-        "name": "teacher",
-        "kind": "teacher",
-        "model": spec.model + (f"@{spec.revision}" if spec.revision else ""),
-        "key": plan.teacher.key,
-        "num_params": num_params,
-        "bytes": size,
-        "bytes_measured": measured,
-        "scores": summary.baseline,
-    }
 
 
 def dataset_inputs(spec) -> list:

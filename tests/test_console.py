@@ -106,13 +106,15 @@ def test_a_failing_stage_keeps_its_log_where_the_driver_says(tmp_path, monkeypat
     from compressor.stages.context import StageContext
     from compressor.stages.evaluate.spec import EvaluateSpec
 
-    def run(spec, model, ctx):
-        os.write(2, b"CUDA error from a C library\n")
-        raise RuntimeError("the stage broke")
+    class Broken(StageKind):
+        name, spec, summary = "broken", EvaluateSpec, "A stage that fails."
+        check = flops = None
 
-    stages.register(
-        StageKind(name="broken", spec=EvaluateSpec, summary="A stage that fails.", check=None, run=run, flops=None)
-    )
+        def run(self, spec, model, ctx):
+            os.write(2, b"CUDA error from a C library\n")
+            raise RuntimeError("the stage broke")
+
+    stages.register(Broken())
     ctx = StageContext(progress_queue=object())  # a pipeline run: the queue to the driver is set
     publish_to = str(tmp_path / "tiny" / "pending" / "broken-0123456789ab")
     try:

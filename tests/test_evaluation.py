@@ -288,9 +288,9 @@ def test_evaluate_stage_loads_the_model_onto_its_own_gpu(tiny_teacher, tmp_path,
     model = ModelRef(path=str(tiny_teacher), key="teacher")
     if device == "cuda":
         with pytest.raises(LoaderCalled):
-            stage.run(EvaluateSpec(), model, ctx)
+            stage.KIND.run(EvaluateSpec(), model, ctx)
     else:
-        assert "ref_next.acc_stderr" in stage.run(EvaluateSpec(), model, ctx).metrics
+        assert "ref_next.acc_stderr" in stage.KIND.run(EvaluateSpec(), model, ctx).metrics
     assert loader_calls == [device]
 
 

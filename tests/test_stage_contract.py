@@ -28,7 +28,8 @@ def test_every_registered_kind_meets_the_contract(name):
 
     kind = stages.get(name)
     assert kind.name == name and kind.summary and kind.runs_as in ("task", "driver")
-    assert callable(kind.check) and callable(kind.run) and callable(kind.flops)
+    assert isinstance(kind, StageKind) and kind.output in ("model", "dataset", "scores")
+    assert not getattr(type(kind), "__abstractmethods__", None)  # check, run and flops are its own
     models = docs_gen.spec_models(kind.spec)
     assert models and all(m.model_config.get("extra") == "forbid" for m in models)  # a typo is an error
     assert all(set(m.NOT_IN_KEY) <= set(m.model_fields) for m in models)  # operational fields exist
@@ -52,24 +53,26 @@ class ToySpec(Strict):
     copies: int = Field(1, gt=0, description="How many times to say it copied.")
 
 
-def toy_run(spec: ToySpec, model, ctx) -> StageResult:
-    shutil.copytree(model.path, ctx.model_dir, dirs_exist_ok=True)
-    return StageResult(metrics={"copies": float(spec.copies)})
+class Toy(StageKind):
+    name, spec, summary = "toy", ToySpec, "Copy the model (a test kind)."
+
+    def check(self, spec, config):
+        return CheckResult(dict(config))
+
+    def run(self, spec: ToySpec, model, ctx) -> StageResult:
+        shutil.copytree(model.path, ctx.model_dir, dirs_exist_ok=True)
+        return StageResult(metrics={"copies": float(spec.copies)})
+
+    def flops(self, spec, given):
+        return 1e9 * spec.copies
+
+    def result_line(self, manifest):
+        return f"copied {manifest.metrics['copies']:g}x"
 
 
 @pytest.fixture
 def toy_kind():
-    kind = stages.register(
-        StageKind(
-            name="toy",
-            spec=ToySpec,
-            summary="Copy the model (a test kind).",
-            check=lambda spec, cfg: CheckResult(dict(cfg)),
-            run=toy_run,
-            flops=lambda spec, given: 1e9 * spec.copies,
-            result_line=lambda m: f"copied {m.metrics['copies']:g}x",
-        )
-    )
+    kind = stages.register(Toy())
     yield kind
     stages.unregister("toy")
 
@@ -140,3 +143,118 @@ def test_cli_help_shows_the_defaults_of_docs_reference(command, section):
             assert f"[default:{default.strip()}]" in line, (field, default, line)
         compared += 1
     assert compared >= 6
+
+
+# ----------------------------------------------------------------------------- a dataset kind in its own package
+PLUGIN = '''"""A stage kind of another project: each paragraph of a text source becomes a prompt/response row."""
+
+from pydantic import Field
+
+from compressor.config.base import Strict
+from compressor.stages import register
+from compressor.stages.base import CheckResult, StageKind, StageResult
+
+
+class ParagraphsSpec(Strict):
+    """Rows from a text source: the first sentence of a paragraph asks, the paragraph answers."""
+
+    data: str = Field(description="The data source whose paragraphs become rows.")
+    rows: int = Field(8, gt=0, description="Most rows written.")
+
+
+class Paragraphs(StageKind):
+    name, spec = "paragraphs", ParagraphsSpec
+    summary = "Turn a text source's paragraphs into prompt/response rows (a plugin kind)."
+    output = "dataset"
+
+    def check(self, spec, config):
+        return CheckResult(dict(config))
+
+    def run(self, spec, model, ctx):
+        import itertools
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from compressor.text_sources import documents
+
+        texts = list(itertools.islice(documents(ctx.data[spec.data]), spec.rows))
+        rows = {"prompt": [t.split(".")[0] for t in texts], "response": texts}
+        (ctx.work_dir / "data").mkdir()
+        pq.write_table(pa.table(rows), ctx.work_dir / "data" / "part-0.parquet")
+        return StageResult(metrics={"rows": float(len(texts))})
+
+    def flops(self, spec, given):
+        return 0.0
+
+    def result_line(self, manifest):
+        return f"wrote {manifest.metrics['rows']:g} rows"
+
+
+register(Paragraphs())
+'''
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    """A package outside compressor, installed the way pip leaves one: its module and a dist-info whose entry point
+    in the `compressor.stages` group names it. Nothing in compressor changes."""
+    site = tmp_path / "site"
+    (site / "paragraphs_kind").mkdir(parents=True)
+    (site / "paragraphs_kind" / "__init__.py").write_text(PLUGIN)
+    info = site / "paragraphs_kind-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: paragraphs-kind\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[compressor.stages]\nparagraphs = paragraphs_kind\n")
+    return site
+
+
+def test_a_dataset_kind_in_its_own_package_is_found_everywhere(plugin_path, tiny_teacher, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")])}
+
+    def compressor(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "compressor", *args], capture_output=True, text=True, env={**env, "COLUMNS": "200"}
+        )
+
+    pipeline = tmp_path / "plugin.yaml"
+    pipeline.write_text(
+        f"name: plugin\nteacher: {{model: {tiny_teacher}}}\nstorage: {tmp_path / 'store'}\n"
+        "data: {docs: {source: zoo:tiny-test}}\n"
+        "stages:\n  - paragraphs: {data: docs, rows: 4}\n  - distill: {data: paragraphs, steps: 2}\n"
+    )
+    validated = compressor("validate", str(pipeline))
+    assert validated.returncode == 0, validated.stderr
+    planned = compressor("plan", str(pipeline))
+    assert planned.returncode == 0, planned.stderr
+    assert re.search(r"paragraphs .*1 CPU .*to run", planned.stdout), planned.stdout
+    assert "the dataset of stage 'paragraphs'" in planned.stdout  # distill reads the plugin's output
+    bad = compressor("validate", str(pipeline), "stages.0.paragraphs.data=nowhere")
+    assert bad.returncode == 2 and "stages.0.paragraphs.data: unknown data source 'nowhere'" in bad.stderr
+    assert " paragraphs " in compressor("--help").stdout
+    help_text = compressor("paragraphs", "--help").stdout
+    assert "--rows" in help_text and "[default: 8]" in help_text
+    docs = subprocess.run(
+        [sys.executable, "-c", "from compressor import docs_gen; print(docs_gen.generate())"],
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+    assert "## ParagraphsSpec" in docs and "| `paragraphs` |" in docs and "| a dataset |" in docs
+
+    out = tmp_path / "rows"
+    made = compressor(
+        "paragraphs", "--model", str(tiny_teacher), "--out", str(out), "--data", "zoo:tiny-test", "--rows", "4"
+    )
+    assert made.returncode == 0, made.stderr
+    assert "wrote 4 rows" in made.stdout
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "data" / "part-0.parquet")
+    assert table.num_rows == 4 and table.column_names == ["prompt", "response"]
+    assert json.loads((out / "manifest.json").read_text())["dataset_uri"] == "data"
+    # and without the plugin on the path, compressor knows no such kind
+    assert (
+        "paragraphs"
+        not in subprocess.run([sys.executable, "-m", "compressor", "--help"], capture_output=True, text=True).stdout
+    )

@@ -138,3 +138,13 @@ def _local_teacher(teacher: str):
     if not zoo_name and not (Path(path) / "config.json").is_file():
         raise UserError(f"--teacher {teacher}: no checkpoint there (config.json missing); or give openai:MODEL")
     return resolve_teacher(TeacherSpec(model=zoo_ref(zoo_name) if zoo_name else path), "")[0]
+
+
+def register(app: typer.Typer) -> None:
+    """The generate stage's command: its own options (a teacher and prompts, not --model), before the generated ones
+    of compressor/commands/stage.py."""
+    from compressor.commands import stage
+    from compressor.stages import get
+
+    kind = get("generate")
+    stage.add_command(app, kind, make_command(kind))

@@ -337,7 +337,7 @@ def print_summary(summary, console: Console) -> None:
     parameter count and its bits."""
     from compressor.evaluation import primary_metric
     from compressor.gates import lookup
-    from compressor.tracking import stage_records, teacher_record
+    from compressor.records import stage_records, teacher_record
 
     rows = (
         [{**teacher_record(summary), "status": "baseline", "gate_verdict": "none", "seconds": None}]

@@ -434,6 +434,7 @@ def make_command(kind):
             remote_code.allow(given.get("teacher") or given["model"])
         spec, names = spec_of(kind, options, given)  # its errors first: no model or data is read
         model_dir, zoo_name = resolve_model(given["model"])
+        samples, seq_len = kind.calibration(spec)
         teacher_dir, teacher_zoo = resolve_model(given["teacher"]) if kind.needs_teacher else (None, None)
         sources, source, source_flag = {}, None, None
         for name in names:
@@ -448,9 +449,9 @@ def make_command(kind):
             source_flag = f"--{name}"
             source = DataSource(
                 source=text,
-                samples=getattr(spec, "samples", None),
+                samples=samples,
                 text_field=given["text_field"],
-                **({"seq_len": spec.seq_len} if getattr(spec, "seq_len", None) else {}),
+                **({"seq_len": seq_len} if seq_len else {}),
             )
             sources[name] = source
         if given.get("address"):
@@ -462,8 +463,8 @@ def make_command(kind):
             given["out"],
             source,
             source_flag or "--data",
-            getattr(spec, "samples", None) or 1,
-            getattr(spec, "seq_len", None),
+            samples or 1,
+            seq_len,
             teacher_dir=teacher_dir,
             model_flag="--model",
         )
@@ -485,21 +486,16 @@ def make_command(kind):
 
 
 def register(app: typer.Typer) -> None:
-    """A command per registered stage kind not yet on `app` (kinds registered later are added by the next call)."""
+    """A command per registered stage kind not yet on `app` (kinds registered later are added by the next call). A
+    built-in kind with its own command module (compressor/commands/generate.py) has registered it already."""
     from compressor.stages import kinds
 
     have = {c.name for c in app.registered_commands}
     for kind in kinds().values():
         if kind.standalone and kind.name not in have:
-            example = cli_help.EXAMPLES.get(kind.name, f"compressor {kind.name} --model IN --out OUT")
-            factory = kind.command or _own_commands().get(kind.name, make_command)
-            app.command(name=kind.name, help=kind.summary, cls=cli_help.Command, epilog=example)(factory(kind))
+            add_command(app, kind, kind.command() or make_command(kind))
 
 
-def _own_commands() -> dict:
-    """Built-in kinds whose command is not the generated `--model IN --out OUT` one: kind name -> (kind) -> callback.
-    Kept here, not in the kind's package: a stage package imports nothing of the CLI (import-linter contracts in
-    pyproject.toml); a plugin kind may still bring its own through StageKind.command."""
-    from compressor.commands import generate
-
-    return {"generate": generate.make_command}
+def add_command(app: typer.Typer, kind, callback) -> None:
+    example = cli_help.EXAMPLES.get(kind.name, f"compressor {kind.name} --model IN --out OUT")
+    app.command(name=kind.name, help=kind.summary, cls=cli_help.Command, epilog=example)(callback)

@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
+from compressor import stages as _stages
 from compressor.config.base import Resources, Strict, neutral
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -191,7 +192,7 @@ class StageEntry(Strict):
         description="Default: the stage kind, numbered if repeated. Letters, digits, "
         "'.', '_' and '-' (it names the stage's directory under the storage root).",
     )
-    # One optional field per registered stage kind (prune, distill, ...) is added by set_stage_kinds below.
+    # One optional field per registered stage kind (prune, distill, ...) is added by _set_stage_kinds below.
     gate: Optional[GateSpec] = None
     resources: Resources = Field(default_factory=Resources)
 
@@ -302,18 +303,12 @@ class PipelineSpec(Strict):
             if stage.name in seen:
                 raise ValueError(f"stages.{i}.name: duplicate stage name {stage.name!r}")
             seen.add(stage.name)
-            control = getattr(stage.spec, "hard_labels", None)  # distill's control reads a labelled source
-            if control is not None and control.data not in self.data:
-                known = ", ".join(sorted(self.data)) or "none defined"
-                raise ValueError(
-                    f"stages.{i}.{kind}.hard_labels.data: unknown data source {control.data!r} (known: {known})"
-                )
-            for field in ("calibration", "data", "prompts"):
-                ref = getattr(stage.spec, field, None)
-                if ref is not None and ref not in self.data and not (field == "data" and ref in datasets):
+            stage_kind = _stages.get(kind)
+            for field, ref in stage_kind.data_sources(stage.spec).items():  # a `data` may name an earlier dataset
+                if ref not in self.data and not (field == "data" and ref in datasets):
                     known = ", ".join(sorted(self.data | dict.fromkeys(datasets))) or "none defined"
                     raise ValueError(f"stages.{i}.{kind}.{field}: unknown data source {ref!r} (known: {known})")
-            if _stages.get(kind).produces_dataset:
+            if stage_kind.produces_dataset:
                 datasets.add(stage.name)
             if stage.gate:
                 for metric in stage.gate.metrics:
@@ -341,23 +336,23 @@ def _check_label_metric(tasks: list[TaskSpec], index: int, metric: str) -> None:
 STAGE_KINDS: dict[str, type] = {}  # kind name -> its spec type, in registry order
 
 
-def set_stage_kinds(specs: dict[str, type]) -> None:
-    """Give StageEntry one optional field per stage kind. Called by compressor.stages.register, so a kind declared in
-    its own package (or a plugin, or a test) is a YAML key with its spec's validation, with no edit here. Pydantic
-    models are classes fixed at definition: the fields are replaced and both models rebuilt."""
+def _set_stage_kinds(kinds: dict) -> None:
+    """Give StageEntry one optional field per registered stage kind, so a kind declared in its own package (or a
+    plugin, or a test) is a YAML key with its spec's validation, with no edit here. The registry calls this on every
+    change (it imports nothing of the schema). Pydantic models are classes fixed at definition: the fields are
+    replaced and both models rebuilt."""
     from pydantic.fields import FieldInfo
 
     fields = StageEntry.__pydantic_fields__
     for name in list(STAGE_KINDS):
         fields.pop(name, None)
     STAGE_KINDS.clear()
-    STAGE_KINDS.update(specs)
-    for name, spec in specs.items():
+    STAGE_KINDS.update({name: kind.spec for name, kind in kinds.items()})
+    for name, spec in STAGE_KINDS.items():
         fields[name] = FieldInfo(annotation=Optional[spec], default=None)  # type: ignore[valid-type]
     StageEntry.model_rebuild(force=True)
     PipelineSpec.model_rebuild(force=True)
 
 
-from compressor import stages as _stages  # noqa: E402  (the kinds register themselves through set_stage_kinds)
-
-_stages.kinds()
+_stages.on_change(_set_stage_kinds)
+_stages.kinds()  # the built-in kinds and the plugins, each a key of StageEntry from here on

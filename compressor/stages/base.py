@@ -1,29 +1,19 @@
 """The stage contract: what a stage kind declares, in its own package, to become part of compressor.
 
-A kind is a package `compressor/stages/<kind>/` (or any module of a plugin) whose import does NOT import torch,
-and which calls `compressor.stages.register(StageKind(...))` once. From that one declaration come the pipeline
-YAML key of the stage entry, `validate`, `plan` (shapes, cache key, FLOPs estimate), the standalone CLI command
-(its options generated from the spec's fields), docs/reference.md and the orchestrator's handling of its output.
-
-    check(spec, config) -> CheckResult
-        torch-free; `config` is the input model's config.json as a dict. Raises UserError on a bad spec
-        (exit 2 before any compute); returns the output config and warnings.
-    run(spec, model: ModelRef, ctx: StageContext) -> StageResult
-        reads `model.path`, writes an HF checkpoint + tokenizer into `ctx.model_dir` (a kind that makes no
-        model writes nothing there and returns its results in StageResult.details; a kind with
-        `produces_dataset` writes parquet files into `<ctx.work_dir>/data/` instead).
-    flops(spec, EstimateInput) -> float
-        the FLOPs `compressor plan` turns into GPU-hours (compressor/estimate.py has the shared formulas).
-
-The runner adds the key, sizes and timings and writes manifest.json last. Spec fields named `calibration` or
-`data` name a data source under the pipeline's `data:` (checked at validate, and part of the cache key).
+A kind is a package `compressor/stages/<kind>/` (found by its directory) or a plugin's module (found through the
+`compressor.stages` entry-point group). Importing it must NOT import torch. It subclasses `StageKind` below and
+registers one instance: `register(Prune())`. From that one class come the pipeline YAML key of the stage entry,
+`validate`, `plan` (shapes, cache key, FLOPs estimate, cost notes), the standalone CLI command (its options
+generated from the spec's fields), docs/reference.md and the orchestrator's handling of its output (a model, a
+dataset or scores).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
 if TYPE_CHECKING:
     from compressor.config.base import Strict
@@ -63,52 +53,107 @@ class PlanContext:
     teacher_key: str
 
 
-def _no_extra(spec: Any, plan: PlanContext) -> dict:
-    return {}
-
-
-def _as_given(spec: Any, plan: PlanContext) -> Any:
-    return spec
-
-
-def _no_lines(plan: Any, stage: Any) -> list[str]:
-    return []
-
-
-def _seconds(manifest: Any) -> str:
-    return f"done in {manifest.seconds or 0:.1f} s"
-
-
 def one_task(spec: Any, resources: Any) -> str:
     """`plan`'s resources column for a kind that runs as one Ray task with the stage entry's `resources`."""
     return f"{resources.num_cpus:g} CPU" + (f"+{resources.num_gpus:g} GPU" if resources.num_gpus else "")
 
 
-@dataclass(frozen=True)
-class StageKind:
-    name: str  # the stage entry's YAML key, the CLI command and the default stage name
-    spec: type[Strict]  # its options: a torch-free pydantic model (extra="forbid"; NOT_IN_KEY fields)
-    summary: str  # one line, for `compressor --help` and the docs
-    check: Callable[[Any, dict], CheckResult]
-    run: Callable[[Any, ModelRef, StageContext], StageResult]
-    flops: Callable[[Any, EstimateInput], float]
-    produces_model: bool = True  # False: the stage judges its input (evaluate); the next stage reads that input
-    # True: it writes a dataset into `<work_dir>/data/` (generate), published like a model; a later stage names the
-    # stage in its `data` field. Its input model passes through to the next stage (produces_model False).
-    produces_dataset: bool = False
-    runs_as: Literal["task", "driver"] = "task"  # a Ray task, or in the driver (it starts Ray Train itself)
-    # More inputs of its output than the spec, the input model, the seed and its data sources (cache key).
-    key_extra: Callable[[Any, PlanContext], dict] = _no_extra
-    # The spec as it will run, from what the pipeline says around it (e.g. prune warns about a later group size).
-    planned_spec: Callable[[Any, PlanContext], Any] = _as_given
-    # What it runs on, for `plan`: (spec, the entry's Resources) -> e.g. "1 CPU+1 GPU" or "8 x 1 CPU+1 GPU".
-    describe_resources: Callable[[Any, Any], str] = one_task
-    plan_notes: Callable[[Any, Any], list[str]] = _no_lines  # more `plan` lines: (Plan, PlannedStage) -> lines
-    needs_teacher: bool = False  # run() reads ctx.teacher (the standalone command then takes --teacher)
-    standalone: bool = True  # offer `compressor <name> --model IN --out OUT` (evaluate has `compressor eval`)
-    result_line: Callable[[Any], str] = _seconds  # the standalone command's last line, from the manifest
+class StageKind(ABC):
+    """A stage kind: subclass it in the kind's package, set the class attributes, implement `check`, `run` and
+    `flops`, and register an instance (`register(Prune())`). The other methods have defaults that fit a kind which
+    reads its input model and the data sources it names, and writes one model."""
+
+    name: ClassVar[str]  # the stage entry's YAML key, the CLI command and the default stage name
+    spec: ClassVar[type[Strict]]  # its options: a torch-free pydantic model (extra="forbid"; NOT_IN_KEY fields)
+    summary: ClassVar[str]  # one line, for `compressor --help` and the docs
+    # What it writes: a model (the next stage's input); a dataset in `<work_dir>/data/` (generate: a later stage names
+    # the stage in its `data` field, and the input model passes on to the next stage); or nothing but scores
+    # (evaluate judges its input, which the next stage reads).
+    output: ClassVar[Literal["model", "dataset", "scores"]] = "model"
+    runs_as: ClassVar[Literal["task", "driver"]] = "task"  # a Ray task, or in the driver (it starts Ray Train itself)
+    needs_teacher: ClassVar[bool] = False  # run() reads ctx.teacher (the standalone command then takes --teacher)
+    standalone: ClassVar[bool] = True  # offer `compressor <name> --model IN --out OUT` (evaluate has `compressor eval`)
     # Part of every key of this kind instead of the package version (compressor/cache.py): bump it when the kind's
     # output for the same spec and input changes, a changed default included, and only then.
-    output_version: str = "0.1.0"
-    # The standalone command, when the generated `--model IN --out OUT` one does not fit: (kind) -> a typer callback.
-    command: Optional[Callable[[Any], Callable]] = None
+    output_version: ClassVar[str] = "0.1.0"
+
+    def __repr__(self) -> str:
+        return f"<stage kind {self.name} ({type(self).__module__})>"
+
+    @property
+    def produces_model(self) -> bool:
+        return self.output == "model"
+
+    @property
+    def produces_dataset(self) -> bool:
+        return self.output == "dataset"
+
+    # ------------------------------------------------------------------ what every kind implements
+    @abstractmethod
+    def check(self, spec: Any, config: dict) -> CheckResult:
+        """Torch-free; `config` is the input model's config.json as a dict. Raises UserError on a bad spec (exit 2
+        before any compute); returns the output config and warnings."""
+
+    @abstractmethod
+    def run(self, spec: Any, model: ModelRef, ctx: StageContext) -> StageResult:
+        """Reads `model.path`, writes an HF checkpoint + tokenizer into `ctx.model_dir` (output "model"), parquet
+        files into `<ctx.work_dir>/data/` (output "dataset"), or nothing (output "scores": its results are in the
+        StageResult). The runner adds the key, sizes and timings and writes manifest.json last."""
+
+    @abstractmethod
+    def flops(self, spec: Any, given: EstimateInput) -> float:
+        """The FLOPs `compressor plan` turns into GPU-hours (compressor/estimate.py has the shared formulas)."""
+
+    # ------------------------------------------------------------------ what it reads
+    def data_sources(self, spec: Any) -> dict[str, str]:
+        """The data sources it reads: its spec's field path -> a name under the pipeline's `data:` (or, for a field
+        named `data`, an earlier stage that made a dataset). Checked at validate, keyed by content, tokenized by
+        `compressor data`. The default: the fields named `calibration` and `data`, where set."""
+        return {f: v for f in ("calibration", "data") if isinstance(v := getattr(spec, f, None), str)}
+
+    def calibration(self, spec: Any) -> tuple[Optional[int], Optional[int]]:
+        """(samples, seq_len) it takes from a calibration source, None where the source's own settings apply."""
+        return getattr(spec, "samples", None), getattr(spec, "seq_len", None)
+
+    # ------------------------------------------------------------------ what its output is
+    def bits(self, spec: Any) -> Optional[int]:
+        """The width of the output's weights, when the kind sets it (quantize); None: the input's dtype."""
+        return None
+
+    def group_size(self, spec: Any) -> Optional[int]:
+        """The quantization group size it will use, for an earlier prune to align its widths to; None: none."""
+        return None
+
+    def params(self, config: dict) -> int:
+        """The output's parameter count, from its predicted config (plan's "params" column)."""
+        from compressor import estimate
+
+        return estimate.param_count(config)
+
+    # ------------------------------------------------------------------ its plan
+    def key_extra(self, spec: Any, plan: PlanContext) -> dict:
+        """More inputs of its output than the spec, the input model, the seed and its data sources (cache key)."""
+        return {}
+
+    def planned_spec(self, spec: Any, plan: PlanContext) -> Any:
+        """The spec as it will run, from what the pipeline says around it (prune: a later group size)."""
+        return spec
+
+    def describe_resources(self, spec: Any, resources: Any) -> str:
+        """What it runs on, for `plan`: (spec, the entry's Resources) -> e.g. "1 CPU+1 GPU" or "8 x 1 CPU+1 GPU"."""
+        return one_task(spec, resources)
+
+    def plan_notes(self, plan: Any, stage: Any) -> list[str]:
+        """More `plan` lines: (Plan, PlannedStage) -> lines."""
+        return []
+
+    # ------------------------------------------------------------------ its command
+    def result_line(self, manifest: Any) -> str:
+        """The standalone command's last line, from the manifest."""
+        return f"done in {manifest.seconds or 0:.1f} s"
+
+    def command(self) -> Optional[Callable]:
+        """A plugin's own standalone command (a typer callback), when the generated `--model IN --out OUT` one does
+        not fit; None: the generated one. A built-in kind's own command lives in compressor/commands/ instead (a
+        stage imports nothing of the CLI), registered before the generated ones."""
+        return None

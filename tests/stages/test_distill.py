@@ -46,7 +46,7 @@ def run(tmp, models, stage_spec, sink, run_name="distill-test"):
     work = tmp / f"work-{run_name}-{len(list(tmp.iterdir()))}"
     work.mkdir()
     ctx = context(work, teacher, corpus, sink, run_name=run_name, storage=tmp / "ray")
-    return distill.run(stage_spec, ModelRef(path=str(student), key="student"), ctx), ctx
+    return distill.KIND.run(stage_spec, ModelRef(path=str(student), key="student"), ctx), ctx
 
 
 def trajectory(sink: FileSink) -> dict[int, float]:
@@ -201,5 +201,5 @@ def test_more_workers_than_the_cluster_can_place_are_refused(two_nodes, models, 
         ({"workers": 2, "gpus_per_worker": 1}, "need 2 GPU"),
     ]:
         with pytest.raises(UserError, match=words):
-            distill.run(spec(micro_batch=1, **overrides), ModelRef(path=str(student), key="student"), ctx)
+            distill.KIND.run(spec(micro_batch=1, **overrides), ModelRef(path=str(student), key="student"), ctx)
     assert not (tmp_path / "ray").exists()  # refused before Ray Train started anything

@@ -28,7 +28,7 @@ def test_importing_the_stage_does_not_import_torch():
 
 
 def test_check_keeps_the_shape():
-    assert distill.check(spec(), LLAMA).config == LLAMA
+    assert distill.KIND.check(spec(), LLAMA).config == LLAMA
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_check_keeps_the_shape():
 )
 def test_check_refuses(overrides, config, words):
     with pytest.raises(UserError, match=words):
-        distill.check(spec(**overrides), config)
+        distill.KIND.check(spec(**overrides), config)
 
 
 def test_spec_refuses_a_zero_or_missing_budget():
@@ -107,6 +107,6 @@ def test_run_refuses_bad_input_before_training(models, tmp_path, student, corpus
     ctx = context(work, models["teacher"], models[corpus], FileSink(tmp_path / "m.jsonl"), storage=tmp_path / "ray")
     ray_was_up = ray.is_initialized()
     with pytest.raises(UserError, match=words):
-        distill.run(spec(**overrides), ModelRef(path=str(models[student]), key="s"), ctx)
+        distill.KIND.run(spec(**overrides), ModelRef(path=str(models[student]), key="s"), ctx)
     assert not (tmp_path / "ray").exists() and not (tmp_path / "m.jsonl").exists()
     assert ray.is_initialized() == ray_was_up  # refused before Ray was even started

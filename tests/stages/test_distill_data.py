@@ -238,7 +238,7 @@ def test_bad_data_found_while_tokenizing_is_one_user_error(local_ray, tiny_teach
         quiet=True,
     )
     with pytest.raises(UserError, match="corpus.jsonl:2501: not valid JSON lines") as err:  # from the Ray task
-        distill.run(spec(steps=2000), ModelRef(path=str(tiny_teacher), key="student"), ctx)
+        distill.KIND.run(spec(steps=2000), ModelRef(path=str(tiny_teacher), key="student"), ctx)
     assert type(err.value) is UserError and "Traceback" not in str(err.value)
 
 
@@ -281,7 +281,7 @@ def test_a_killed_worker_resumes_at_the_step_after_the_checkpoint_with_the_plann
 
     def run():
         try:
-            outcome["result"] = distill.run(
+            outcome["result"] = distill.KIND.run(
                 spec(steps=steps, workers=2, checkpoint_every=every, max_failures=2),
                 ModelRef(path=str(tiny_teacher), key="student"),
                 ctx,

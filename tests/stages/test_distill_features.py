@@ -118,7 +118,7 @@ def pruned_student(tiny_teacher, tiny_corpus, tmp_path_factory):
     source = DataSource(source=str(tiny_corpus / "train.txt"), seq_len=64)
     ctx = StageContext(work_dir=work, data={"calib": source}, quiet=True)
     spec = PruneSpec(target={"hidden_size": PRUNED_HIDDEN}, calibration="calib", samples=16, batch_size=8)
-    prune.run(spec, ModelRef(path=str(tiny_teacher), key="tiny-test"), ctx)
+    prune.KIND.run(spec, ModelRef(path=str(tiny_teacher), key="tiny-test"), ctx)
     return work / "model"
 
 
@@ -142,7 +142,7 @@ def run(tmp, teacher, student, corpus, spec, name):
     work = tmp / f"work-{name}"
     work.mkdir()
     ctx = context(work, teacher, corpus, sink, seq_len=64, run_name=name, storage=tmp / "ray")
-    return distill.run(spec, ModelRef(path=str(student), key="student"), ctx), ctx, sink
+    return distill.KIND.run(spec, ModelRef(path=str(student), key="student"), ctx), ctx, sink
 
 
 def test_a_width_pruned_student_trains_with_projected_features_under_zero3_on_two_workers(

@@ -73,7 +73,7 @@ def test_distillation_beats_hard_labels_on_a_pruned_reference_teacher(ray_local,
 
     teacher = tiny_teacher
     pruned_ctx = context(tmp_path / "pruned", teacher)
-    prune.run(
+    prune.KIND.run(
         PruneSpec(target={"intermediate_size": 128}, calibration="corpus"),
         ModelRef(path=str(teacher), key="t"),
         pruned_ctx,
@@ -84,7 +84,7 @@ def test_distillation_beats_hard_labels_on_a_pruned_reference_teacher(ray_local,
     for name, alpha in (("kd", 0.0), ("ce", 1.0)):  # the same run but for the loss: logit KD, or hard labels only
         ctx = context(tmp_path / name, teacher)
         spec = DistillSpec(data="corpus", lr=3e-3, min_lr=3e-4, loss={"alpha": alpha}, **BUDGET)
-        distill.run(spec, pruned, ctx)
+        distill.KIND.run(spec, pruned, ctx)
         students[name] = ctx.model_dir
 
     tokenizer = load_tokenizer(teacher)

@@ -159,7 +159,7 @@ def searched(tmp_path_factory, tiny_teacher, tiny_corpus):
 
     driver.distill = recording
     try:
-        result = distill_stage.run(spec, ModelRef(path=str(student), key="random-student"), ctx)
+        result = distill_stage.KIND.run(spec, ModelRef(path=str(student), key="random-student"), ctx)
     finally:
         driver.distill = real
     during = list(opened)

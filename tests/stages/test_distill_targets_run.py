@@ -65,7 +65,7 @@ def run(tmp, models, stage_spec, name):
     sink = FileSink(tmp / f"{name}.jsonl")
     ctx = context(work, teacher, corpus, sink, run_name=name, storage=tmp / "ray")
     ctx.data_root = str(tmp / "data")
-    return distill.run(stage_spec, ModelRef(path=str(student), key="student"), ctx), sink
+    return distill.KIND.run(stage_spec, ModelRef(path=str(student), key="student"), ctx), sink
 
 
 def parts_computed(trace) -> list[int]:
@@ -157,6 +157,6 @@ def test_a_search_over_three_prune_candidates_runs_the_teacher_over_the_data_onc
         run_name="prune",
         quiet=True,
     )
-    result = prune_stage.run(spec, teacher, ctx)
+    result = prune_stage.KIND.run(spec, teacher, ctx)
     assert len(result.details["search"]["ranking_after"]) == 3  # three candidates short-distilled from the targets
     assert sorted(parts_computed(tmp_path / "parts.jsonl")) == [0, 4]  # 2 steps x 4 sequences, each part once

@@ -111,7 +111,7 @@ def run_stage(model_dir, tmp_path, target, calib, **spec):
     source = calib if isinstance(calib, DataSource) else DataSource(source=str(calib), seq_len=32)
     ctx = StageContext(work_dir=tmp_path, data={"calib": source}, sink=sink, quiet=True)
     spec = PruneSpec(target=target, calibration="calib", **{"samples": 8, "batch_size": 4, **spec})
-    result = prune_stage.run(spec, ModelRef(path=str(model_dir), key="test"), ctx)
+    result = prune_stage.KIND.run(spec, ModelRef(path=str(model_dir), key="test"), ctx)
     return result, sink, tmp_path / "model"
 
 
@@ -144,22 +144,24 @@ def config_of(family="llama", **overrides):
 )
 def test_bad_targets_name_the_field(target, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        prune_stage.check(PruneSpec(target=target), config_of())
+        prune_stage.KIND.check(PruneSpec(target=target), config_of())
 
 
 def test_llama_hidden_must_divide_by_heads_but_qwen2_need_not():
     spec = PruneSpec(target={"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4}, align=8)
     config = config_of(num_key_value_heads=4)
-    prune_stage.check(spec, config)  # 32 / 4 heads is fine
+    prune_stage.KIND.check(spec, config)  # 32 / 4 heads is fine
     spec = PruneSpec(target={"hidden_size": 40}, align=8)
     with pytest.raises(UserError, match="LlamaConfig refuses"):
-        prune_stage.check(spec, config_of(hidden_size=64, num_attention_heads=3, num_key_value_heads=3, head_dim=16))
-    assert prune_stage.check(spec, config_of("qwen2", num_attention_heads=3, num_key_value_heads=3, head_dim=16))
+        prune_stage.KIND.check(
+            spec, config_of(hidden_size=64, num_attention_heads=3, num_key_value_heads=3, head_dim=16)
+        )
+    assert prune_stage.KIND.check(spec, config_of("qwen2", num_attention_heads=3, num_key_value_heads=3, head_dim=16))
 
 
 def test_unsupported_architecture_is_refused():
     with pytest.raises(UserError, match="architecture GPT2LMHeadModel is not supported"):
-        prune_stage.check(PruneSpec(target={}), {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+        prune_stage.KIND.check(PruneSpec(target={}), {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
 
 
 def test_check_predicts_config_and_warns_on_group_size():
@@ -168,7 +170,7 @@ def test_check_predicts_config_and_warns_on_group_size():
         **config_of("qwen2"),
         "layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"],
     }
-    result = prune_stage.check(spec, config)
+    result = prune_stage.KIND.check(spec, config)
     assert (result.config["hidden_size"], result.config["num_attention_heads"], result.config["head_dim"]) == (
         32,
         2,
@@ -385,7 +387,7 @@ def test_stage_reports_metrics_importance_artifact_and_progress(saved, calib_fil
     sink = RecordingSink()
     ctx = Ctx(work_dir=tmp_path, data={"c": DataSource(source=str(calib_file), seq_len=32)}, sink=sink, quiet=True)
     spec = PruneSpec(target={"intermediate_size": 64, "num_layers": 2}, samples=6, batch_size=4)
-    result = prune_stage.run(spec, ModelRef(path=str(saved["llama"]), key="k"), ctx)
+    result = prune_stage.KIND.run(spec, ModelRef(path=str(saved["llama"]), key="k"), ctx)
     assert seen == [("prune: calibration", 2)]  # 6 samples in batches of 4
     assert sink.metrics["params_after"] < sink.metrics["params_before"] == result.details["params_before"]
     assert sink.metrics["importance_seconds"] > 0 and sink.metrics["calibration_tokens"] == 6 * 32

@@ -67,7 +67,7 @@ def test_every_candidate_meets_the_budget_the_alignment_and_the_constraints(teac
             assert width % align == 0 or width == source
         assert s.num_attention_heads % s.num_key_value_heads == 0 and s.heads_per_group <= src.heads_per_group
         assert s.hidden_size % s.num_attention_heads == 0  # LlamaConfig's rule
-        prune_stage.check(PruneSpec(target=_fixed(s), align=align), teacher_config)  # a fixed target of it passes
+        prune_stage.KIND.check(PruneSpec(target=_fixed(s), align=align), teacher_config)  # a fixed target of it passes
         if "hidden_size" in target:
             assert 64 <= s.hidden_size <= 96
         if target.get("num_layers") == 4:
@@ -143,7 +143,7 @@ def test_a_fixed_target_dumps_and_keys_as_before():
 )
 def test_bad_budgets_are_refused_naming_the_numbers(teacher_config, target, search, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        prune_stage.check(PruneSpec(target=target, search=search), teacher_config)
+        prune_stage.KIND.check(PruneSpec(target=target, search=search), teacher_config)
 
 
 def test_a_search_aligns_to_the_later_group_size_unless_align_is_set(teacher_config):
@@ -152,23 +152,23 @@ def test_a_search_aligns_to_the_later_group_size_unless_align_is_set(teacher_con
     for c in space.candidates:  # every width quantize groups, o_proj's input (heads x head_dim) included
         s = c.shape
         assert not prune_stage.shapes.group_size_warnings(s, 64), c.label()
-    assert prune_stage.check(spec, teacher_config).config["num_hidden_layers"]
+    assert prune_stage.KIND.check(spec, teacher_config).config["num_hidden_layers"]
     explicit = spec.model_copy(update={"align": 32})  # the user's own align is kept, and refused with the fix
     with pytest.raises(
         UserError,
         match=re.escape("the later quantize group size 64 does not divide") + ".*" + re.escape("set prune.align to 64"),
     ):
-        prune_stage.check(explicit, teacher_config)
+        prune_stage.KIND.check(explicit, teacher_config)
 
 
 def test_a_fixed_head_count_must_keep_the_attention_width_aligned(teacher_config):
     spec = PruneSpec(target={"params": 0.5, "num_attention_heads": 3}, align=64, search={"tolerance": 0.2})
     with pytest.raises(UserError, match=re.escape("3 heads x head_dim 32 = 96 is not a multiple of align=64")) as exc:
-        prune_stage.check(spec, teacher_config)
+        prune_stage.KIND.check(spec, teacher_config)
     assert "set prune.align" not in str(exc.value)  # never suggest a setting already in place
     fixed = PruneSpec(target={"num_attention_heads": 1, "num_key_value_heads": 1}, align=64)
     with pytest.raises(UserError, match=re.escape("1 heads x head_dim 32 = 32 is not a multiple of align=64")) as exc:
-        prune_stage.check(fixed, teacher_config)
+        prune_stage.KIND.check(fixed, teacher_config)
     assert "set prune.align" not in str(exc.value)
 
 
@@ -313,7 +313,7 @@ def searched(tmp_path_factory, tiny_teacher):
 
     teacher = ModelRef(path=str(tiny_teacher), key="zoo:tiny-test")
     ctx = context("prune", tracker.sink(stage_run))
-    result = prune_stage.run(search_spec(), teacher, ctx)
+    result = prune_stage.KIND.run(search_spec(), teacher, ctx)
     yield {
         "result": result,
         "ctx": ctx,
@@ -393,7 +393,7 @@ def test_the_chosen_shape_distills_no_worse_than_the_hand_picked_one(searched, t
 
     context, teacher = searched["context"], searched["teacher"]
     hand_ctx = context("hand-picked")
-    prune_stage.run(PruneSpec(target=HAND_PICKED, calibration="calib"), teacher, hand_ctx)
+    prune_stage.KIND.run(PruneSpec(target=HAND_PICKED, calibration="calib"), teacher, hand_ctx)
     spec = DistillSpec(data="distill", steps=MAIN_STEPS, **DISTILL)
     pruned = {"chosen": searched["ctx"].model_dir, "hand-picked": hand_ctx.model_dir}
     jobs = [

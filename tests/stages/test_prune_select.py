@@ -81,7 +81,7 @@ def env(tmp_path_factory, tiny_teacher):
             loss_steps=lambda r: [m.step for m in tracker.client.get_metric_history(r.info.run_id, "loss")],
         )
         try:
-            return prune_stage.run(prune_spec, teacher, ctx), ctx, runs
+            return prune_stage.KIND.run(prune_spec, teacher, ctx), ctx, runs
         except UserError as exc:
             return exc, ctx, runs
 

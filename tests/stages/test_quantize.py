@@ -38,7 +38,7 @@ LLAMA = {
 
 # ----------------------------------------------------------------------------- check(): torch-free decisions
 def test_check_aligned_predicts_the_gptq_config():
-    result = quantize_stage.check(QuantizeSpec(bits=4, group_size=128), LLAMA)
+    result = quantize_stage.KIND.check(QuantizeSpec(bits=4, group_size=128), LLAMA)
     assert result.warnings == []
     assert result.config["quantization_config"] == {
         "quant_method": "gptq",
@@ -52,7 +52,7 @@ def test_check_aligned_predicts_the_gptq_config():
 
 def test_check_error_names_the_layers_and_an_aligned_prune_target():
     with pytest.raises(UserError) as err:
-        quantize_stage.check(QuantizeSpec(group_size=128), {**LLAMA, "intermediate_size": 320})
+        quantize_stage.KIND.check(QuantizeSpec(group_size=128), {**LLAMA, "intermediate_size": 320})
     message = str(err.value)
     assert "model.layers.*.mlp.down_proj" in message and "in_features 320" in message
     assert "intermediate_size=256" in message and "largest here: 64" in message
@@ -62,11 +62,11 @@ def test_check_error_names_the_layers_and_an_aligned_prune_target():
 def test_check_error_for_attention_output_suggests_a_head_count():
     config = {**LLAMA, "num_attention_heads": 6, "num_key_value_heads": 2}  # o_proj reads 6 * 32 = 192 channels
     with pytest.raises(UserError, match=r"self_attn\.o_proj.*in_features 192.*num_attention_heads=4"):
-        quantize_stage.check(QuantizeSpec(group_size=128), config)
+        quantize_stage.KIND.check(QuantizeSpec(group_size=128), config)
 
 
 def test_check_largest_divisor_warns_which_group_size_is_used():
-    result = quantize_stage.check(
+    result = quantize_stage.KIND.check(
         QuantizeSpec(group_size=128, on_misaligned="largest_divisor"), {**LLAMA, "intermediate_size": 224}
     )
     assert result.config["quantization_config"]["group_size"] == 32
@@ -75,12 +75,12 @@ def test_check_largest_divisor_warns_which_group_size_is_used():
 
 def test_check_int8_kernel_pins_the_backend_and_limits_the_group_size():
     config = {**LLAMA, "intermediate_size": 224}
-    result = quantize_stage.check(QuantizeSpec(group_size=64, on_misaligned="int8_kernel"), config)
+    result = quantize_stage.KIND.check(QuantizeSpec(group_size=64, on_misaligned="int8_kernel"), config)
     assert result.config["quantization_config"]["backend"] == "gptq_torch_int8"
     assert result.config["quantization_config"]["group_size"] == 64
     assert "vLLM" in result.warnings[0]
     with pytest.raises(UserError, match="group_size <= 128"):
-        quantize_stage.check(QuantizeSpec(group_size=256, on_misaligned="int8_kernel"), config)
+        quantize_stage.KIND.check(QuantizeSpec(group_size=256, on_misaligned="int8_kernel"), config)
 
 
 def test_spec_rejects_group_sizes_gptqmodel_does_not_have():
@@ -91,7 +91,7 @@ def test_spec_rejects_group_sizes_gptqmodel_does_not_have():
 def test_importing_the_stage_and_checking_needs_no_torch():
     code = (
         "import sys; from compressor.stages import quantize as q; from compressor.stages.quantize.spec import GPTQSpec as QuantizeSpec; "
-        f"q.check(QuantizeSpec(), {LLAMA!r}); assert 'torch' not in sys.modules, 'torch imported'"
+        f"q.KIND.check(QuantizeSpec(), {LLAMA!r}); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

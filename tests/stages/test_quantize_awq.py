@@ -28,8 +28,8 @@ def test_check_refuses_or_shrinks_an_awq_group_that_does_not_divide_a_width():
     with pytest.raises(
         UserError, match=r"mlp\.down_proj.*in_features 320.*AWQ quantizes whole groups.*largest here: 64"
     ):
-        quantize_stage.check(AWQSpec(group_size=128), config)
-    result = quantize_stage.check(AWQSpec(group_size=128, on_misaligned="largest_divisor"), config)
+        quantize_stage.KIND.check(AWQSpec(group_size=128), config)
+    result = quantize_stage.KIND.check(AWQSpec(group_size=128, on_misaligned="largest_divisor"), config)
     assert result.config["quantization_config"] == {
         "quant_method": "awq",
         "bits": 4,

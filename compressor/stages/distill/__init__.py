@@ -13,45 +13,6 @@ from compressor.stages.distill.layout import batch_layout, budget_steps, check_s
 from compressor.stages.distill.spec import DistillSpec
 
 
-def check(spec: DistillSpec, config: dict) -> CheckResult:
-    """Distillation keeps the student's shape. Refuses batch layouts, budgets and layer pairs that cannot work."""
-    check_student(spec, config)
-    batch_layout(spec)
-    if spec.steps is not None or spec.seq_len is not None:  # a token budget may need the data source's seq_len
-        budget_steps(spec, spec.seq_len or 1)
-    if spec.loss.targets is not None and config.get("vocab_size"):  # the student's width: the teacher's or less
-        from compressor.targets import check_settings
-
-        check_settings(spec.loss.targets.kind, spec.loss.targets.k, config["vocab_size"], "distill.loss.targets")
-    warnings = []
-    if spec.black_box and spec.loss.temperature != 1.0:
-        warnings.append(
-            f"distill.loss.temperature {spec.loss.temperature:g} is not used with teacher {spec.teacher}: an API's "
-            "top_logprobs are the teacher's distribution at T = 1, and the KD term runs at T = 1"
-        )
-    if spec.deepspeed.bf16 and spec.gpus_per_worker == 0:
-        warnings.append("distill.deepspeed.bf16 on CPU workers: works, but usually slower than fp32 on CPUs")
-    if spec.deepspeed.offload_optimizer and spec.gpus_per_worker == 0:
-        warnings.append("distill.deepspeed.offload_optimizer has no effect on CPU workers (no GPU memory to save)")
-    return CheckResult(config=dict(config), warnings=warnings)
-
-
-def run(spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
-    if spec.search is not None:  # trials first (Ray Tune), then this run with the best settings
-        from compressor.stages.distill.search import search_then_distill
-
-        result = search_then_distill(spec, model, ctx)
-    else:
-        from compressor.stages.distill.driver import distill
-
-        result = distill(spec, model, ctx)
-    if spec.hard_labels is not None:  # the control: the same student on the labels alone
-        from compressor.stages.distill.hard_labels import train_control
-
-        result = train_control(spec, model, ctx, result)
-    return result
-
-
 def tokens(spec: DistillSpec, pipeline) -> tuple[float, int]:
     """(token budget, sequence length) of a distill stage."""
     from compressor.config.schema import DataSource
@@ -62,84 +23,113 @@ def tokens(spec: DistillSpec, pipeline) -> tuple[float, int]:
     return float(budget), seq_len
 
 
-def flops(spec: DistillSpec, given: EstimateInput) -> float:
-    """Per token: the teacher's forward and the student's forward + backward (3x)."""
-    from compressor import estimate
-    from compressor.models import offline_config
+class Distill(StageKind):
+    name = "distill"
+    spec = DistillSpec
+    summary = "Knowledge distillation from the teacher, in Ray Train with DeepSpeed ZeRO."
+    runs_as = "driver"
+    needs_teacher = True
 
-    budget, seq_len = tokens(spec, given.pipeline)
-    if spec.search is not None:  # each trial trains `fraction` of the budget (or less, when ASHA stops it)
-        budget *= 1 + spec.search.trials() * spec.search.fraction
-    student = 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
-    # the hard-label control: the same student, no teacher, its steps (default: the distillation's)
-    control = 0.0
-    if spec.hard_labels is not None:
-        own = (
-            spec.hard_labels.steps * spec.global_batch * seq_len
-            if spec.hard_labels.steps
-            else tokens(spec, given.pipeline)[0]
+    def check(self, spec: DistillSpec, config: dict) -> CheckResult:
+        """Distillation keeps the student's shape. Refuses batch layouts, budgets and layer pairs that cannot work."""
+        check_student(spec, config)
+        batch_layout(spec)
+        if spec.steps is not None or spec.seq_len is not None:  # a token budget may need the data source's seq_len
+            budget_steps(spec, spec.seq_len or 1)
+        if spec.loss.targets is not None and config.get("vocab_size"):  # the student's width: the teacher's or less
+            from compressor.targets import check_settings
+
+            check_settings(spec.loss.targets.kind, spec.loss.targets.k, config["vocab_size"], "distill.loss.targets")
+        warnings = []
+        if spec.black_box and spec.loss.temperature != 1.0:
+            warnings.append(
+                f"distill.loss.temperature {spec.loss.temperature:g} is not used with teacher {spec.teacher}: an API's "
+                "top_logprobs are the teacher's distribution at T = 1, and the KD term runs at T = 1"
+            )
+        if spec.deepspeed.bf16 and spec.gpus_per_worker == 0:
+            warnings.append("distill.deepspeed.bf16 on CPU workers: works, but usually slower than fp32 on CPUs")
+        if spec.deepspeed.offload_optimizer and spec.gpus_per_worker == 0:
+            warnings.append("distill.deepspeed.offload_optimizer has no effect on CPU workers (no GPU memory to save)")
+        return CheckResult(config=dict(config), warnings=warnings)
+
+    def data_sources(self, spec: DistillSpec) -> dict[str, str]:
+        """Its training data (a data source or a generate stage's dataset) and its control's labelled rows."""
+        return {"data": spec.data, **({"hard_labels.data": spec.hard_labels.data} if spec.hard_labels else {})}
+
+    def run(self, spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
+        if spec.search is not None:  # trials first (Ray Tune), then this run with the best settings
+            from compressor.stages.distill.search import search_then_distill
+
+            result = search_then_distill(spec, model, ctx)
+        else:
+            from compressor.stages.distill.driver import distill
+
+            result = distill(spec, model, ctx)
+        if spec.hard_labels is not None:  # the control: the same student on the labels alone
+            from compressor.stages.distill.hard_labels import train_control
+
+            result = train_control(spec, model, ctx, result)
+        return result
+
+    def flops(self, spec: DistillSpec, given: EstimateInput) -> float:
+        """Per token: the teacher's forward and the student's forward + backward (3x)."""
+        from compressor import estimate
+        from compressor.models import offline_config
+
+        budget, seq_len = tokens(spec, given.pipeline)
+        if spec.search is not None:  # each trial trains `fraction` of the budget (or less, when ASHA stops it)
+            budget *= 1 + spec.search.trials() * spec.search.fraction
+        student = 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
+        # the hard-label control: the same student, no teacher, its steps (default: the distillation's)
+        control = 0.0
+        if spec.hard_labels is not None:
+            own = (
+                spec.hard_labels.steps * spec.global_batch * seq_len
+                if spec.hard_labels.steps
+                else tokens(spec, given.pipeline)[0]
+            )
+            control = own * student
+        if spec.black_box:  # no teacher forward
+            return budget * student + control
+        teacher = given.teacher_config or offline_config(given.pipeline.teacher) or given.in_config
+        return budget * (estimate.forward_flops_per_token(teacher, seq_len) + student) + control
+
+    def key_extra(self, spec: DistillSpec, plan: PlanContext) -> dict:
+        # The teacher's logits are what the student learns; a black box's answers (and log-probs) are the data, keyed.
+        extra = {} if spec.black_box else {"teacher": plan.teacher_key}
+        if spec.hard_labels is not None:  # the control's labelled data, by content (it is not the stage's `data`)
+            from compressor.cache import key_fields
+
+            source = plan.pipeline.data.get(spec.hard_labels.data)
+            extra["hard_labels_data"] = key_fields(source) if source is not None else spec.hard_labels.data
+        if spec.search is not None:  # the validation data picks the settings: other validation data, another output
+            from compressor.stages.distill.search_spec import validation_source
+
+            extra["search_validation"] = validation_source(spec, plan)
+        return extra
+
+    def describe_resources(self, spec: DistillSpec, resources) -> str:
+        worker = type(resources)(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker)
+        searched = f"; search: {spec.search.trials()} trials of the same" if spec.search is not None else ""
+        control = "; then its hard-label control on the same" if spec.hard_labels is not None else ""
+        return f"{spec.workers} x {one_task(spec, worker)}{searched}{control}"
+
+    def plan_notes(self, plan, stage) -> list[str]:
+        if stage.cached:
+            return []
+        if stage.entry.spec.data not in plan.spec.data:
+            return [f"{stage.name} data: the dataset of stage {stage.entry.spec.data!r}, tokenized once it is made"]
+        from compressor.stages.distill.status import shard_status, targets_status
+
+        targets = targets_status(plan, stage)
+        return [f"{stage.name} data: {shard_status(plan, stage)}"] + ([targets] if targets else [])
+
+    def result_line(self, manifest) -> str:
+        metrics, d = manifest.metrics, manifest.details
+        return (
+            f"distilled {d['steps']} steps ({d['tokens']:,} tokens) on {d['workers']} worker(s): loss "
+            f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('mean_tokens_per_s', 0):.0f} tokens/s"
         )
-        control = own * student
-    if spec.black_box:  # no teacher forward
-        return budget * student + control
-    teacher = given.teacher_config or offline_config(given.pipeline.teacher) or given.in_config
-    return budget * (estimate.forward_flops_per_token(teacher, seq_len) + student) + control
 
 
-def key_extra(spec: DistillSpec, plan: PlanContext) -> dict:
-    # The teacher's logits are what the student learns; a black box's answers (and log-probs) are the data, keyed.
-    extra = {} if spec.black_box else {"teacher": plan.teacher_key}
-    if spec.hard_labels is not None:  # the control's labelled data, by content (it is not the stage's `data`)
-        from compressor.cache import key_fields
-
-        source = plan.pipeline.data.get(spec.hard_labels.data)
-        extra["hard_labels_data"] = key_fields(source) if source is not None else spec.hard_labels.data
-    if spec.search is not None:  # the validation data picks the settings: other validation data, another output
-        from compressor.stages.distill.search_spec import validation_source
-
-        extra["search_validation"] = validation_source(spec, plan)
-    return extra
-
-
-def describe_resources(spec: DistillSpec, resources) -> str:
-    worker = type(resources)(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker)
-    searched = f"; search: {spec.search.trials()} trials of the same" if spec.search is not None else ""
-    control = "; then its hard-label control on the same" if spec.hard_labels is not None else ""
-    return f"{spec.workers} x {one_task(spec, worker)}{searched}{control}"
-
-
-def plan_notes(plan, stage) -> list[str]:
-    if stage.cached:
-        return []
-    if stage.entry.spec.data not in plan.spec.data:
-        return [f"{stage.name} data: the dataset of stage {stage.entry.spec.data!r}, tokenized once it is made"]
-    from compressor.stages.distill.status import shard_status, targets_status
-
-    targets = targets_status(plan, stage)
-    return [f"{stage.name} data: {shard_status(plan, stage)}"] + ([targets] if targets else [])
-
-
-def result_line(manifest) -> str:
-    metrics, d = manifest.metrics, manifest.details
-    return (
-        f"distilled {d['steps']} steps ({d['tokens']:,} tokens) on {d['workers']} worker(s): loss "
-        f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('mean_tokens_per_s', 0):.0f} tokens/s"
-    )
-
-
-KIND = register(
-    StageKind(
-        name="distill",
-        spec=DistillSpec,
-        summary="Knowledge distillation from the teacher, in Ray Train with DeepSpeed ZeRO.",
-        check=check,
-        run=run,
-        flops=flops,
-        runs_as="driver",
-        key_extra=key_extra,
-        describe_resources=describe_resources,
-        plan_notes=plan_notes,
-        needs_teacher=True,
-        result_line=result_line,
-    )
-)
+KIND = register(Distill())

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from compressor.models.reference import is_zoo, zoo_name
+
 
 @dataclass
 class StageData:
@@ -44,10 +46,10 @@ def tokenizer_on_disk(teacher) -> Optional[str]:
     from compressor import storage
 
     path = teacher.path
-    if path.startswith("zoo:"):
+    if is_zoo(path):
         from compressor import zoo
 
-        name = path[len("zoo:") :]
+        name = zoo_name(path)
         return str(zoo.model_path(name)) if zoo.is_built(name) else None
     if storage.is_remote(path):
         return path if storage.exists(storage.join(path, "config.json")) else None

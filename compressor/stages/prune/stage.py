@@ -10,7 +10,7 @@ from compressor.manifest import ModelRef
 from compressor.models import count_params, load_model, load_tokenizer, read_config, save_checkpoint
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
-from compressor.stages.prune import budget, candidates, check, search, select, shapes
+from compressor.stages.prune import KIND, budget, candidates, search, select, shapes
 from compressor.stages.prune.importance import estimate, loss_increase
 from compressor.stages.prune.plan import make_plan
 from compressor.stages.prune.spec import PruneSpec
@@ -40,7 +40,7 @@ def calibration_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: di
 
 def prune(spec: PruneSpec, model_ref: ModelRef, ctx: StageContext) -> StageResult:
     config = read_config(model_ref, fetch=True)
-    warnings = check(spec, config).warnings
+    warnings = KIND.check(spec, config).warnings
     for warning in warnings:
         ctx.info(f"warning: {warning}")
     src = shapes.source_shape(config)

@@ -13,52 +13,51 @@ from compressor.stages.quantize.spec import QuantizeSpec
 DEFAULT_SAMPLES = 128  # the GPTQ paper's calibration set
 
 
-def check(spec: QuantizeSpec, config: dict) -> CheckResult:
-    """Refuse a group size that misaligns with the layer widths (on_misaligned=error) and predict the output config."""
-    from compressor.stages.quantize import alignment
+class Quantize(StageKind):
+    name = "quantize"
+    spec = QuantizeSpec
+    summary = "Weight quantization through GPTQModel (GPTQ, AWQ) or to a GGUF file."
 
-    resolution = alignment.resolve(spec, config)
-    if not config:  # a hub id not fetched yet: the same decision is taken again when the stage starts
-        return CheckResult(
-            config={}, warnings=["quantize: input config.json not available; alignment is checked at run time"]
+    def check(self, spec: QuantizeSpec, config: dict) -> CheckResult:
+        """Refuse a group size that misaligns with the layer widths (on_misaligned=error) and predict the output config."""
+        from compressor.stages.quantize import alignment
+
+        resolution = alignment.resolve(spec, config)
+        if not config:  # a hub id not fetched yet: the same decision is taken again when the stage starts
+            return CheckResult(
+                config={}, warnings=["quantize: input config.json not available; alignment is checked at run time"]
+            )
+        return CheckResult(config=alignment.output_config(config, spec, resolution), warnings=resolution.warnings)
+
+    def run(self, spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageResult:
+        from compressor.stages.quantize.methods import quantize
+
+        return quantize(spec, model, ctx)
+
+    def bits(self, spec: QuantizeSpec):
+        """GPTQ and AWQ set the linear weights' width; a GGUF's varies by tensor (its plan reports bits per weight)."""
+        return getattr(spec, "bits", None)
+
+    def group_size(self, spec: QuantizeSpec):
+        return getattr(spec, "group_size", None)
+
+    def flops(self, spec: QuantizeSpec, given: EstimateInput) -> float:
+        from compressor import estimate
+        from compressor.stages.quantize import methods
+
+        calibrated = hasattr(spec, "samples")  # GGUF rounds without calibration data
+        samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES) if calibrated else (0, 0)
+        return methods.flops(spec, given.in_config, samples, seq_len)
+
+    def result_line(self, manifest) -> str:
+        d = manifest.details
+        if d.get("method") == "gguf":
+            return f"quantized to GGUF {d.get('quant_type', '?')} ({d.get('bits_per_weight', '?')} bits per weight)"
+        return (
+            f"quantized with {d.get('method', 'gptq')} to {d.get('bits', '?')}-bit, group size {d.get('group_size', '-')}: "
+            f"linear weights {d.get('linear_bytes_in') or '?'} -> {d.get('linear_bytes_out', '?')} bytes "
+            f"({d.get('linear_compression') or '?'}x), kernel here {d.get('kernel_here', '-')}"
         )
-    return CheckResult(config=alignment.output_config(config, spec, resolution), warnings=resolution.warnings)
 
 
-def run(spec: QuantizeSpec, model: ModelRef, ctx: StageContext) -> StageResult:
-    from compressor.stages.quantize.methods import quantize
-
-    return quantize(spec, model, ctx)
-
-
-def flops(spec: QuantizeSpec, given: EstimateInput) -> float:
-    from compressor import estimate
-    from compressor.stages.quantize import methods
-
-    calibrated = hasattr(spec, "samples")  # GGUF rounds without calibration data
-    samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES) if calibrated else (0, 0)
-    return methods.flops(spec, given.in_config, samples, seq_len)
-
-
-def result_line(manifest) -> str:
-    d = manifest.details
-    if d.get("method") == "gguf":
-        return f"quantized to GGUF {d.get('quant_type', '?')} ({d.get('bits_per_weight', '?')} bits per weight)"
-    return (
-        f"quantized with {d.get('method', 'gptq')} to {d.get('bits', '?')}-bit, group size {d.get('group_size', '-')}: "
-        f"linear weights {d.get('linear_bytes_in') or '?'} -> {d.get('linear_bytes_out', '?')} bytes "
-        f"({d.get('linear_compression') or '?'}x), kernel here {d.get('kernel_here', '-')}"
-    )
-
-
-KIND = register(
-    StageKind(
-        name="quantize",
-        spec=QuantizeSpec,
-        summary="Weight quantization through GPTQModel (GPTQ, AWQ) or to a GGUF file.",
-        check=check,
-        run=run,
-        flops=flops,
-        result_line=result_line,
-    )
-)
+KIND = register(Quantize())
