@@ -70,12 +70,13 @@ class Orchestrator:
         console: Optional[Console] = None,
         register: Optional[str] = None,
         overrides: Sequence[str] = (),
+        plan: Optional[Plan] = None,
     ):
         self.spec, self.pipeline_yaml, self.address = spec, pipeline_yaml, address
         self.overrides = list(overrides)  # KEY=VALUE given on the command line: named in the run's description
         self.register = register  # registered model name for the final model (`run --register NAME`)
         self.console = console or Console(stderr=True)
-        self.plan = make_plan(spec, storage)
+        self.plan = plan or make_plan(spec, storage)  # the one `run` checked, or a new one
         self.tracking_uri = (
             tracking_uri
             or spec.tracking.uri
@@ -358,7 +359,7 @@ class Orchestrator:
         """ray.get(ref), showing the task's progress meanwhile."""
         import ray
 
-        self._drain(label, lambda: bool(ray.wait([ref], timeout=0)[0]))
+        self._drain(label, lambda timeout: bool(ray.wait([ref], timeout=timeout)[0]))
         return ray.get(ref)
 
     def _in_thread(self, label: str, work):
@@ -375,7 +376,12 @@ class Orchestrator:
 
         thread = threading.Thread(target=target, name=f"stage-{label}", daemon=True)
         thread.start()
-        self._drain(label, lambda: not thread.is_alive())
+
+        def ended(timeout: float) -> bool:
+            thread.join(timeout)
+            return not thread.is_alive()
+
+        self._drain(label, ended)
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]

@@ -57,7 +57,7 @@ def test_driver_progress_without_a_tty_prints_a_line_per_interval_not_per_update
     out = io.StringIO()
     polls = iter(range(3))
     DriverProgress(Console(file=out, width=120), "prune", FakeQueue(updates), interval=0.0).wait(
-        lambda: next(polls, 2) >= 2
+        lambda timeout: next(polls, 2) >= 2
     )
     lines = out.getvalue().splitlines()
     assert "prune: 1 -> 2 parameters" in lines

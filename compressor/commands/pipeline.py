@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +82,10 @@ def register(app: typer.Typer) -> None:
         quiet_driver_logs()
         path, spec = _load(pipeline, overrides)
         with storage_mod.credentials(storage or spec.storage):
-            check_pipeline(spec, path, storage)  # bad input is refused before Ray, MLflow or the storage are touched
+            from compressor.planning import make_plan
+
+            plan = make_plan(spec, storage)
+            check_pipeline(spec, path, storage, plan)  # bad input is refused before Ray, MLflow or storage are touched
         for model in (spec.teacher, spec.student):
             if model is not None and model.trust_remote_code:
                 from compressor import remote_code
@@ -100,12 +104,15 @@ def register(app: typer.Typer) -> None:
                 console=console,
                 register=register,
                 overrides=overrides or (),
+                plan=plan,
             ).run()
         print_summary(summary, Console())
         if summary_json:
             summary_json.write_text(
                 json.dumps(summary_dict(summary) | {"stage_seconds": summary.stage_seconds}, indent=2)
             )
+        if (ray := sys.modules.get("ray")) is not None and ray.is_initialized():
+            ray.shutdown()  # now: Ray's own exit hook first sleeps 0.5 s for output the workers no longer send here
 
     @app.command()
     def validate(

@@ -176,6 +176,9 @@ class StageContext:
         return self.data[name]
 
 
+POLL_S = 0.5  # how often the driver shows a running stage's progress
+
+
 class DriverProgress:
     """The driver's view of one running stage: drains its `progress_queue` into one rich progress line with ETA on a
     terminal, or (no TTY, e.g. CI) into one plain line every `interval` seconds; `info` messages print as they come."""
@@ -188,7 +191,9 @@ class DriverProgress:
         self.bar = None
 
     def wait(self, finished) -> None:
-        """Drain until `finished()` is true (the stage's task or thread is done), then whatever is left."""
+        """Drain until `finished(timeout)` is true, then whatever is left. `finished` blocks up to `timeout` seconds
+        for the stage's task or thread to end and returns as soon as it does: the next stage starts at once, not at
+        the next poll of the queue (which the messages wait for, at most POLL_S)."""
         from ray.util.queue import Empty
 
         if self.console.is_terminal:
@@ -214,15 +219,14 @@ class DriverProgress:
             self.bar.start()
         try:
             while True:
-                stop = finished()
+                stop = finished(POLL_S)
                 try:
                     while True:
-                        self._show(self.queue.get(timeout=0.5) if not stop else self.queue.get_nowait())
+                        self._show(self.queue.get_nowait())
                 except Empty:
                     pass
                 except Exception:  # noqa: BLE001  (the queue actor died: keep waiting for the stage itself)
-                    if not stop:
-                        time.sleep(0.5)
+                    pass
                 if stop:
                     break
                 self._line()

@@ -12,6 +12,7 @@ import sys
 import pytest
 from distill_helpers import build_llama
 
+from compressor.config.schema import DataSource
 from compressor.errors import UserError
 from compressor.stages.distill.search import draw_settings, flat, trial_steps
 from compressor.stages.distill.spec import DistillSpec
@@ -25,7 +26,7 @@ def test_a_grid_is_every_combination_and_a_random_search_is_seeded():
     grid = [flat(s) for s in draw_settings(spec.search, seed=0)]
     assert spec.search.trials() == 4 and len(grid) == 4
     assert {(s["lr"], s["loss.temperature"]) for s in grid} == {(a, b) for a in GRID["lr"] for b in [1.0, 2.0]}
-    assert trial_steps(spec, 64) == (STEPS, 4)
+    assert trial_steps(spec, DataSource(source="zoo:tiny-test", seq_len=64)) == (STEPS, 4)
     space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "loss.alpha": [0.0, 0.5]}
     random = DistillSpec(data="d", steps=STEPS, search={"space": space, "samples": 5}).search
     drawn = [flat(s) for s in draw_settings(random, seed=3)]

@@ -9,18 +9,8 @@ from compressor.manifest import ModelRef
 from compressor.stages import register
 from compressor.stages.base import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
 from compressor.stages.context import StageContext
-from compressor.stages.distill.layout import batch_layout, budget_steps, check_student
+from compressor.stages.distill.layout import batch_layout, budget, budget_steps, check_student
 from compressor.stages.distill.spec import DistillSpec
-
-
-def tokens(spec: DistillSpec, pipeline) -> tuple[float, int]:
-    """(token budget, sequence length) of a distill stage."""
-    from compressor.config.schema import DataSource
-
-    source = pipeline.data.get(spec.data)  # None: a generate stage's dataset, read at a data source's default seq_len
-    seq_len = spec.seq_len or (source or DataSource(source=spec.data)).seq_len
-    budget = spec.tokens if spec.tokens is not None else spec.steps * spec.global_batch * seq_len
-    return float(budget), seq_len
 
 
 class Distill(StageKind):
@@ -76,23 +66,20 @@ class Distill(StageKind):
         from compressor import estimate
         from compressor.models import offline_config
 
-        budget, seq_len = tokens(spec, given.pipeline)
+        planned = budget(spec, given.pipeline.data.get(spec.data))
+        seq_len, tokens = planned.seq_len, float(planned.tokens)
         if spec.search is not None:  # each trial trains `fraction` of the budget (or less, when ASHA stops it)
-            budget *= 1 + spec.search.trials() * spec.search.fraction
+            tokens *= 1 + spec.search.trials() * spec.search.fraction
         student = 3 * estimate.forward_flops_per_token(given.in_config, seq_len)
         # the hard-label control: the same student, no teacher, its steps (default: the distillation's)
         control = 0.0
         if spec.hard_labels is not None:
-            own = (
-                spec.hard_labels.steps * spec.global_batch * seq_len
-                if spec.hard_labels.steps
-                else tokens(spec, given.pipeline)[0]
-            )
-            control = own * student
+            steps = spec.hard_labels.steps or planned.steps
+            control = steps * spec.global_batch * seq_len * student
         if spec.black_box:  # no teacher forward
-            return budget * student + control
+            return tokens * student + control
         teacher = given.teacher_config or offline_config(given.pipeline.teacher) or given.in_config
-        return budget * (estimate.forward_flops_per_token(teacher, seq_len) + student) + control
+        return tokens * (estimate.forward_flops_per_token(teacher, seq_len) + student) + control
 
     def key_extra(self, spec: DistillSpec, plan: PlanContext) -> dict:
         # The teacher's logits are what the student learns; a black box's answers (and log-probs) are the data, keyed.

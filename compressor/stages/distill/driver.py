@@ -15,7 +15,7 @@ from compressor.manifest import ModelRef
 from compressor.stages.base import StageResult
 from compressor.stages.context import StageContext
 from compressor.stages.distill.deepspeed_config import effective_zero_stage
-from compressor.stages.distill.layout import batch_layout, budget_steps, check_pair, check_student
+from compressor.stages.distill.layout import batch_layout, budget, check_pair, check_student
 from compressor.stages.distill.spec import DistillSpec
 from compressor.stages.distill.train import EXPORT_DIR, DistillJob, train_func
 
@@ -70,9 +70,9 @@ def distill(
                 f"distill: {source.source} {'@ ' + given.revision if given.revision else 'unpinned'}: reading commit "
                 f"{source.revision} (set `revision: {source.revision}` on the data source to pin it)"
             )
-    seq_len = spec.seq_len or source.seq_len
     layout = batch_layout(spec)
-    steps = budget_steps(spec, seq_len)
+    planned = budget(spec, source)
+    seq_len, steps = planned.seq_len, planned.steps
     # The data: token shards under ctx.shards_root, keyed by source, tokenizer and seq_len (compressor.shards).
     needed = steps * spec.global_batch
     speaks = tokenizer_of or teacher
@@ -195,14 +195,14 @@ def distill(
     metrics.update({f"soft_{name}": float(v) for name, v in soft.items() if isinstance(v, (int, float))})
     ctx.log_metrics(
         {
-            "tokens": float(steps * spec.global_batch * seq_len),
+            "tokens": float(planned.tokens),
             "distinct_tokens": float(data.distinct_tokens),
             "epochs": data.epochs,
         }
     )  # per-step metrics came from rank 0; these describe the whole run
     details = {
         "steps": steps,
-        "tokens": steps * spec.global_batch * seq_len,
+        "tokens": planned.tokens,
         "seq_len": seq_len,
         "distinct_tokens": data.distinct_tokens,
         "epochs": data.epochs,

@@ -38,6 +38,26 @@ def batch_layout(spec: DistillSpec) -> Layout:
     return Layout(per_worker, micro, per_worker // micro)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a distill spec's budget comes to on its data: the one place steps, sequences and tokens are derived."""
+
+    seq_len: int
+    steps: int
+    sequences: int  # steps x global_batch
+    tokens: int  # sequences x seq_len
+
+
+def budget(spec: DistillSpec, source) -> Budget:
+    """The budget of `spec` on its data source (a DataSource; None for a generate stage's dataset, read at a data
+    source's default seq_len). A search trial's spec has its own steps: call it with the spec that will train."""
+    from compressor.config.schema import DataSource
+
+    seq_len = spec.seq_len or (source or DataSource(source=spec.data)).seq_len
+    steps = budget_steps(spec, seq_len)
+    return Budget(seq_len, steps, steps * spec.global_batch, steps * spec.global_batch * seq_len)
+
+
 def budget_steps(spec: DistillSpec, seq_len: int) -> int:
     """Optimizer steps: `steps`, or enough global batches to train on at least `tokens` tokens (rounded up)."""
     if spec.steps is not None:

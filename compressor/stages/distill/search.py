@@ -31,7 +31,7 @@ from compressor.errors import CompressorError, StageFailed, UserError
 from compressor.manifest import ModelRef
 from compressor.stages.base import StageResult
 from compressor.stages.context import MetricsSink, StageContext
-from compressor.stages.distill.layout import budget_steps
+from compressor.stages.distill.layout import budget
 from compressor.stages.distill.search_spec import DistillSearch, Range, with_settings
 from compressor.stages.distill.spec import DistillSpec
 
@@ -96,9 +96,9 @@ def draw_settings(search: DistillSearch, seed: int) -> list[dict[str, Any]]:
     return [next(generate_variants(space, random_state=state))[1] for _ in range(search.samples)]
 
 
-def trial_steps(spec: DistillSpec, seq_len: int) -> tuple[int, int]:
+def trial_steps(spec: DistillSpec, source) -> tuple[int, int]:
     """(steps of the full run, steps of one trial)."""
-    full = budget_steps(spec, seq_len)
+    full = budget(spec, source).steps
     return full, max(1, math.ceil(spec.search.fraction * full))
 
 
@@ -142,8 +142,8 @@ def run_search(spec: DistillSpec, model: ModelRef, ctx: StageContext):
     search, start = spec.search, time.perf_counter()
     teacher = teacher_ref(spec, ctx, model)
     source = normalized(ctx.data_source(spec.data))
-    seq_len = spec.seq_len or source.seq_len
-    full, steps = trial_steps(spec, seq_len)
+    seq_len = budget(spec, source).seq_len
+    full, steps = trial_steps(spec, source)
     settings = draw_settings(search, ctx.seed)
     trials = [Trial(i, flat(s), trial_spec(spec, flat(s), steps)) for i, s in enumerate(settings)]
     ensure_ray(ctx.ray_address)

@@ -30,15 +30,16 @@ def distill_stages(plan) -> list:
 def stage_data(plan, stage) -> StageData:
     from compressor.manifest import ModelRef
     from compressor.shards import data_root_for
-    from compressor.stages.distill.layout import budget_steps
+    from compressor.stages.distill.layout import budget
     from compressor.text_sources import normalized
 
     spec = stage.entry.spec
     source = normalized(plan.spec.data[spec.data])
-    seq_len = spec.seq_len or source.seq_len
-    steps = budget_steps(spec, seq_len)
+    planned = budget(spec, source)
     teacher = ModelRef(path=spec.teacher, key=f"path:{spec.teacher}") if spec.teacher else plan.teacher
-    return StageData(source, seq_len, steps, steps * spec.global_batch, teacher, data_root_for(plan.storage_uri))
+    return StageData(
+        source, planned.seq_len, planned.steps, planned.sequences, teacher, data_root_for(plan.storage_uri)
+    )
 
 
 def tokenizer_on_disk(teacher) -> Optional[str]:

@@ -297,12 +297,12 @@ def prepare_data(distill_spec, teacher: ModelRef, ctx: StageContext) -> None:
     """Tokenize the distillation source into its token shards once (distill's own path; runs starting together
     would each try to write them), and compute teacher targets once when the distillations read them."""
     from compressor.stages.distill.batches import prepare_task
-    from compressor.stages.distill.layout import budget_steps
+    from compressor.stages.distill.layout import budget
     from compressor.text_sources import normalized
 
     source = normalized(ctx.data_source(distill_spec.data))
-    seq_len = distill_spec.seq_len or source.seq_len
-    sequences = budget_steps(distill_spec, seq_len) * distill_spec.global_batch
+    planned = budget(distill_spec, source)
+    seq_len, sequences = planned.seq_len, planned.sequences
     shard_dir, index = prepare_task(source, teacher, seq_len, sequences, ctx.shards_root)
     if distill_spec.loss.targets is not None:  # the teacher's one pass for every candidate (and the distill stage)
         from compressor.stages.distill.targets_compute import prepare_targets

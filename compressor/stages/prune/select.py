@@ -257,13 +257,14 @@ def heldout_blocks(spec, ctx, teacher: ModelRef, data: str, distill_spec, config
 
     from compressor.shards import ShardReader
     from compressor.stages.distill.batches import prepare_task
-    from compressor.stages.distill.layout import budget_steps
+    from compressor.stages.distill.layout import budget
     from compressor.text_sources import normalized, token_blocks
 
     settings = spec.search_settings()
     source = normalized(ctx.data_source(data))
-    seq_len = (distill_spec.seq_len if distill_spec else settings.distill.get("seq_len")) or source.seq_len
-    trained = budget_steps(distill_spec, seq_len) * distill_spec.global_batch if distill_spec else 0
+    planned = budget(distill_spec, source) if distill_spec else None
+    seq_len = planned.seq_len if planned else (settings.distill.get("seq_len") or source.seq_len)
+    trained = planned.sequences if planned else 0
     extra = 0 if settings.heldout else settings.heldout_samples
     if distill_spec is not None or extra:
         shard_dir, index = prepare_task(source, teacher, seq_len, trained + extra, ctx.shards_root)
