@@ -1,3 +1,3 @@
-from compressor.cli import main
+from compressor.cli import entry
 
-main()
+entry()
