@@ -5,10 +5,11 @@ and the wall time of a fully cached re-run (which must not start Ray). Prints JS
     .venv/bin/python benchmarks/overhead.py --quick   # the tiny pipeline cut to one prune stage of the test teacher
     .venv/bin/python benchmarks/overhead.py --test-size --profile   # the test suite's tiny run, and where it goes
 
---profile runs the first `compressor run` under cProfile and adds `profile`: the driver's seconds in each phase
+--profile runs the first `compressor run` under cProfile and adds `profile`: the main thread's seconds in each phase
 (imports, Ray start and stop, MLflow, planning and checks, waiting on stage and evaluation tasks). The wait includes
-the compute measured inside the tasks, so wait minus compute is the tasks' own start-up (a Ray worker process and
-its imports, or Ray Train's workers and process group).
+the compute measured inside the tasks, so wait minus compute is the tasks' own start-up. cProfile slows Python code
+(Ray's start most), only sees the main thread (MLflow starts in another one), and turns off the fast exit of
+`compressor.cli.entry`: its figures tell where the time goes, the run without it how much there is.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PHASES = {
     "ray_stop": ("worker.py:shutdown",),
     "mlflow": ("compressor/tracking.py:",),
     "plan_and_checks": ("planning.py:build_plan", "preflight.py:"),
-    "waiting_on_tasks": ("worker.py:get", "worker.py:wait"),
+    "waiting_on_tasks": ("worker.py:get", "worker.py:wait", "orchestrator.py:ended"),  # Ray tasks, driver stages
     "imports": ("<frozen importlib._bootstrap>:_find_and_load",),
 }
 

@@ -139,7 +139,7 @@ def entry() -> None:
         code = 0
     except SystemExit as exc:
         code = exc.code
-    if "ray" not in sys.modules:
+    if "ray" not in sys.modules or sys.getprofile() is not None:  # a profiler writes its file after this returns
         raise SystemExit(code)
     if not isinstance(code, int):  # SystemExit("message"): Python prints it and exits 1
         if code is not None:
