@@ -86,7 +86,7 @@ def _parquet_batches(parquet) -> Iterator[tuple[int, list[dict]]]:
 
 
 def _chat_row(row, where: str) -> ChatRow:
-    from compressor.stages.generate.prompts import normalize
+    from compressor.prompt_rows import normalize
 
     if not isinstance(row, dict):
         raise UserError(f"{where}: a chat row must be an object with `messages` or `prompt`, and `response`")

@@ -364,7 +364,7 @@ def check_chat_rows(source, flag: str, rows: int = 100) -> None:
 def check_prompts(source, flag: str) -> None:
     """A generate stage's prompts: the first batch is read and validated (the stage validates every row before it
     sends one)."""
-    from compressor.stages.generate.prompts import scan
+    from compressor.prompt_rows import scan
     from compressor.text_sources import normalized
 
     try:

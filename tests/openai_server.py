@@ -77,7 +77,7 @@ class OpenAIServer:
             self.log.append(entry)
 
     def complete(self, body: dict) -> dict:
-        from compressor.stages.generate.prompts import prompt_id
+        from compressor.prompt_rows import prompt_id
 
         messages = body["messages"]
         n, logprobs = int(body.get("n") or 1), int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
@@ -165,7 +165,7 @@ def _handler(server: OpenAIServer):
             self._send(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
 
         def do_POST(self) -> None:
-            from compressor.stages.generate.prompts import prompt_id
+            from compressor.prompt_rows import prompt_id
 
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
             if not self.path.endswith("/chat/completions") or "messages" not in body:

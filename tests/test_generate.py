@@ -154,8 +154,8 @@ def test_plan_shows_prompts_tokens_and_cost_matching_a_hand_computation(tmp_path
 def test_prompts_stream_in_batches_that_read_back_alike_from_jsonl_and_parquet(tmp_path):
     import pyarrow as pa
 
+    from compressor import prompt_rows as prompts
     from compressor.config.schema import DataSource
-    from compressor.stages.generate import prompts
 
     (tmp_path / "src").mkdir()
     lines = [json.dumps({"prompt": f"p{i}", **({"id": f"x{i}"} if i % 2 else {})}) for i in range(5)]
@@ -174,9 +174,9 @@ def test_prompts_stream_in_batches_that_read_back_alike_from_jsonl_and_parquet(t
 def test_hf_prompts_resume_each_batch_from_the_stream_state(monkeypatch):
     import datasets
 
+    from compressor import prompt_rows as prompts
     from compressor import text_sources as data
     from compressor.config.schema import DataSource
-    from compressor.stages.generate import prompts
 
     rows = [{"prompt": f"q{i}", "system": "s"} for i in range(5)]
     monkeypatch.setattr(data, "_open_hf", lambda *a: datasets.Dataset.from_list(rows).to_iterable_dataset(2))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from compressor.stages.generate.prompts import normalize, prompt_id
+from compressor.prompt_rows import normalize, prompt_id
 from compressor.stages.generate.spec import GenerateSpec
 from compressor.stages.generate.store import AnswerStore
 

@@ -326,8 +326,8 @@ def run_trial(config: dict, job: SearchJob) -> None:
     from ray import tune
 
     from compressor.models import load_model
+    from compressor.models.loss import lm_loss
     from compressor.stages.distill.driver import distill
-    from compressor.stages.prune.importance import lm_loss
 
     trial = job.trials[config["trial"]["index"]]
     ctx = dataclasses.replace(

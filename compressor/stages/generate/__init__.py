@@ -42,7 +42,7 @@ class Generate(StageKind):
         if spec.api_model:
             return 0.0
         from compressor import estimate
-        from compressor.stages.generate.prompts import scan
+        from compressor.prompt_rows import scan
         from compressor.text_sources import normalized
 
         teacher = given.teacher_config or given.in_config

@@ -16,7 +16,7 @@ CHARS_PER_TOKEN = 4
 
 
 def estimate(spec, source, tokenizer=None, measured: Optional[dict] = None) -> dict:
-    from compressor.stages.generate import prompts
+    from compressor import prompt_rows as prompts
 
     count, chars, tokens = 0, 0, 0
     for _, rows in prompts.scan(source, 256):

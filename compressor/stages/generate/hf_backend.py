@@ -11,8 +11,8 @@ import json
 import time
 from typing import Any
 
+from compressor import prompt_rows as prompts
 from compressor.manifest import ModelRef
-from compressor.stages.generate import prompts
 from compressor.stages.generate.store import AnswerStore
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from compressor import prompt_rows as prompts
 from compressor import secrets, storage
 from compressor.cache import digest
 from compressor.config.schema import DataSource
 from compressor.errors import StageFailed, UserError
 from compressor.manifest import ModelRef
 from compressor.stages.base import StageResult
-from compressor.stages.generate import prompts
 from compressor.stages.generate.store import AnswerStore
 
 # The spec fields an answer depends on (filters and review only shape the dataset made from the answers).

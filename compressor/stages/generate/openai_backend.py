@@ -13,8 +13,8 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+from compressor import prompt_rows as prompts
 from compressor.errors import UserError
-from compressor.stages.generate import prompts
 from compressor.stages.generate.store import AnswerStore
 
 

@@ -12,9 +12,9 @@ import json
 import time
 from collections.abc import Iterator
 
+from compressor import prompt_rows as prompts
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
-from compressor.stages.generate import prompts
 from compressor.stages.generate.store import AnswerStore
 
 

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from compressor.models.loss import lm_loss
+
 Progress = Callable[..., Iterable]
 
 
@@ -157,16 +159,6 @@ class _SkipLayer(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
-
-
-@torch.no_grad()
-def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    total, tokens = 0.0, 0
-    for batch in _batches(blocks, batch_size):
-        batch, n = batch.to(model.device), batch[:, 1:].numel()
-        total += model(input_ids=batch, labels=batch, use_cache=False).loss.item() * n
-        tokens += n
-    return total / tokens
 
 
 @torch.no_grad()

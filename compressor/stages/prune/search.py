@@ -30,11 +30,12 @@ from compressor import storage
 from compressor.cache import digest, key_fields
 from compressor.errors import CompressorError, UserError
 from compressor.manifest import Manifest, ModelRef
+from compressor.models.loss import lm_loss
 from compressor.models.reference import is_zoo
 from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.prune import budget as budgets
 from compressor.stages.prune import shapes
-from compressor.stages.prune.importance import Importance, lm_loss
+from compressor.stages.prune.importance import Importance
 from compressor.stages.prune.plan import make_plan
 from compressor.stages.prune.spec import PruneSpec
 from compressor.stages.prune.surgery import apply_plan

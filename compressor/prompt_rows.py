@@ -1,4 +1,5 @@
-"""Prompts, streamed from a data source (.jsonl / .parquet file or directory, local or on storage, or `hf:`).
+"""Prompts, streamed from a data source (.jsonl / .parquet file or directory, local or on storage, or `hf:`): what the
+generate stage answers, what chat data (compressor.chat_data) is made of, what preflight checks.
 
 A row has a `messages` column (OpenAI chat format: a list of {role, content}) or a `prompt` column with an optional
 `system` column, and an optional `id` column (used as is; without one the id is a hash of the messages).
