@@ -199,7 +199,7 @@ def test_check_and_command_import_no_torch():
     code = (
         "import sys, compressor.stages.prune as p, compressor.commands.stage\n"
         "from compressor.stages.prune.spec import PruneSpec\n"
-        "p.check(PruneSpec(target={'num_layers': 1}), {'architectures': ['LlamaForCausalLM'], 'hidden_size': 64, "
+        "p.KIND.check(PruneSpec(target={'num_layers': 1}), {'architectures': ['LlamaForCausalLM'], 'hidden_size': 64, "
         "'intermediate_size': 128, 'num_attention_heads': 4, 'num_hidden_layers': 2})\n"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
