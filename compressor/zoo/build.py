@@ -1,57 +1,20 @@
-"""Building zoo entries: under a file lock, into a private temp dir, renamed into place when complete.
-
-A final directory therefore exists only when it is whole; a crash leaves a `.tmp-*` dir that the next
-builder of the same key (holding the lock) removes."""
+"""Building zoo entries (corpora, models, task splits), each once (compressor.zoo.once)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
-import shutil
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from compressor.zoo import corpus, eval_tasks
+from compressor.zoo.once import build_once
 from compressor.zoo.recipes import model_config, model_key, recipe
 
 BUILD_INFO = "zoo.json"
-
-
-@contextmanager
-def _locked(final: Path) -> Iterator[None]:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process builds the same entry
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _build_once(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Run `fill(tmp_dir)` unless `final` exists, then publish tmp_dir as `final` atomically."""
-    if final.is_dir():
-        return final
-    with _locked(final):
-        if final.is_dir():  # built by another process while we waited for the lock
-            return final
-        for stale in final.parent.glob(f".tmp-{final.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        work = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        work.mkdir()
-        try:
-            fill(work)
-            work.rename(final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-    return final
 
 
 def build_corpus(name: str, final: Path) -> Path:
@@ -62,7 +25,7 @@ def build_corpus(name: str, final: Path) -> Path:
         eval_tasks.write_data(work / "tasks", heldout)
         eval_tasks.materialize(data_dir=final / "tasks", out_dir=work / "tasks")
 
-    return _build_once(final, fill)
+    return build_once(final, fill)
 
 
 PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal (CI, a Ray worker's log): a line this often, not a live bar
@@ -93,7 +56,7 @@ def _plain_progress(iterable, description: str, interval: float = PLAIN_PROGRESS
 
 def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
     if recipe(name).finetune_of:
-        return _build_once(final, lambda work: _fill_task_model(name, work, log))
+        return build_once(final, lambda work: _fill_task_model(name, work, log))
 
     def fill(work: Path) -> None:
         import torch
@@ -135,7 +98,7 @@ def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
             f"(unigram {info['unigram_ppl']:.1f})"
         )
 
-    return _build_once(final, fill)
+    return build_once(final, fill)
 
 
 def _fill_task_model(name: str, work: Path, log: Callable[[str], None]) -> None:

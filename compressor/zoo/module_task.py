@@ -9,6 +9,7 @@ in), so the task is real, labelled and offline. Splits, by a seeded shuffle of a
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -65,15 +66,22 @@ def write_splits(directory: Path, seed: int = 0) -> Path:
 ZOO_PREFIX = zoo_ref("modules/")  # `zoo:modules/<split>` names a split file wherever a data file is expected
 
 
+def task_key() -> str:
+    """The task's items depend on this Python's standard library and on how they are made (the key of its splits
+    and of the models fine-tuned on them)."""
+    identity = {"items": items(), "splits": SPLITS, "labels": LABELS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
 def split_file(split: str) -> Path:
     """The JSONL of one split, written once per task key under the zoo cache (a few seconds, no torch)."""
     from compressor.errors import UserError
-    from compressor.zoo import build, home
-    from compressor.zoo.recipes import task_key
+    from compressor.zoo import home
+    from compressor.zoo.once import build_once
 
     if split not in SPLITS:
         raise UserError(f"{ZOO_PREFIX}{split}: no such split of the stdlib-module task (splits: {', '.join(SPLITS)})")
-    directory = build._build_once(home() / f"task-modules-{task_key()[:12]}", write_splits)
+    directory = build_once(home() / f"task-modules-{task_key()[:12]}", write_splits)
     return directory / f"{split}.jsonl"
 
 

@@ -138,9 +138,10 @@ def model_key(name: str) -> str:
     r = recipe(name)
     task = {}
     if r.finetune_of:
+        from compressor.zoo import module_task
         from compressor.zoo.chat import CHAT_TEMPLATE
 
-        task = {"base": model_key(r.finetune_of), "task": task_key(), "chat_template": CHAT_TEMPLATE}
+        task = {"base": model_key(r.finetune_of), "task": module_task.task_key(), "chat_template": CHAT_TEMPLATE}
     return _digest(
         {
             "recipe": r.key_fields(),
@@ -149,13 +150,6 @@ def model_key(name: str) -> str:
             **task,
         }
     )
-
-
-def task_key() -> str:
-    """The stdlib-module task's items depend on this Python's standard library and on how they are made."""
-    from compressor.zoo import module_task
-
-    return _digest({"items": module_task.items(), "splits": module_task.SPLITS, "labels": module_task.LABELS})
 
 
 def model_config(name: str) -> dict:

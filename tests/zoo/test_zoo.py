@@ -13,7 +13,8 @@ import pytest
 
 from compressor import zoo
 from compressor.errors import UserError
-from compressor.zoo import build, corpus, eval_tasks
+from compressor.zoo import corpus, eval_tasks
+from compressor.zoo.once import build_once
 
 
 def paragraphs(path):
@@ -177,7 +178,7 @@ def test_concurrent_builders_build_once_and_failures_leave_nothing(tmp_path):
         time.sleep(0.3)  # the other thread arrives while this one holds the lock
         (work / "done").write_text("x")
 
-    threads = [threading.Thread(target=build._build_once, args=(final, fill)) for _ in range(2)]
+    threads = [threading.Thread(target=build_once, args=(final, fill)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -189,7 +190,7 @@ def test_concurrent_builders_build_once_and_failures_leave_nothing(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        build._build_once(tmp_path / "other", broken)
+        build_once(tmp_path / "other", broken)
     assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
