@@ -220,8 +220,7 @@ def main() -> None:
     if args.probe:
         print(json.dumps(prepare_probe(args.probe, args.tokenizer, args.tokens)))
         return
-    from compressor import zoo
-    from compressor.models import load_tokenizer
+    from compressor.models import load_tokenizer, zoo
 
     tokenizer_dir = str(zoo.ensure_model("tiny-test"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,8 +51,8 @@ def plain_loop(model_dir: str, prompts: list[str], batch: int, new_tokens: int) 
 def bench_hf(work: Path, count: int, batch: int, new_tokens: int) -> dict:
     import ray
 
-    from compressor import zoo
     from compressor.commands.generate import run_generate
+    from compressor.models import zoo
     from compressor.stages.generate.spec import GenerateSpec
 
     model_dir = str(zoo.ensure_model("tiny-test"))

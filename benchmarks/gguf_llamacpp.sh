@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from llama_cpp import Llama
 
-from compressor import zoo
+from compressor.models import zoo
 from compressor.models import load_model, load_tokenizer
 
 out = Path(sys.argv[1])

@@ -78,7 +78,7 @@ def quick_teacher(root: Path) -> tuple[Path, list[str], list[str]]:
 
 
 def zoo_teacher() -> tuple[Path, list[str], list[str]]:
-    from compressor import zoo
+    from compressor.models import zoo
 
     corpus = zoo.corpus_dir("tiny")
 
@@ -90,9 +90,9 @@ def zoo_teacher() -> tuple[Path, list[str], list[str]]:
 
 def prune_width(teacher: Path, train: list[str], hidden: int, root: Path, samples: int) -> Path:
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.manifest import ModelRef
     from compressor.stages import prune
-    from compressor.stages.context import StageContext
     from compressor.stages.prune.spec import PruneSpec
 
     (root / "calib.txt").write_text("\n\n".join(train[:2000]))
@@ -164,10 +164,10 @@ def search_benchmark(quick: bool, steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.manifest import ModelRef
     from compressor.models import load_tokenizer
     from compressor.stages import distill as distill_stage
-    from compressor.stages.context import StageContext
     from compressor.stages.distill.spec import DistillSpec
 
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
@@ -178,7 +178,7 @@ def search_benchmark(quick: bool, steps: int) -> dict:
             teacher_dir, train, heldout = quick_teacher(root)
             hidden, steps, seq_len, heldout = 32, 8, 64, heldout[:8]
         else:
-            from compressor import zoo
+            from compressor.models import zoo
 
             corpus = zoo.corpus_dir("tiny-test")
             teacher_dir = zoo.ensure_model("tiny-test")

@@ -133,7 +133,7 @@ def main() -> None:
         return worker(args)
 
     if args.model.startswith("zoo:"):
-        from compressor import zoo
+        from compressor.models import zoo
 
         name = args.model[len("zoo:") :]
         args.calibration = args.calibration or args.model

@@ -142,7 +142,7 @@ def main() -> None:
         args = parser.parse_args()
     storage = args.storage or Path(tempfile.mkdtemp(prefix="compressor-search-bench-"))
     storage.mkdir(parents=True, exist_ok=True)
-    from compressor import zoo
+    from compressor.models import zoo
 
     searched_spec, hand_spec = pipelines(args.budget, args.top_k, args.steps, QUICK_OVERRIDES if args.quick else [])
     teacher = zoo.model_config(hand_spec["teacher"]["model"].removeprefix("zoo:"))

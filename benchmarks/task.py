@@ -59,7 +59,7 @@ def accuracy(scores: dict) -> float:
 
 
 def module_task_rows(split: str) -> list:
-    from compressor.zoo import module_task
+    from compressor.models.zoo import module_task
 
     return module_task.splits(0)[split]
 
@@ -82,7 +82,7 @@ def main() -> None:
         # generate and prune come from the cache)
         black = None if args.quick else run_pipeline(storage, [*overrides, "stages.distill.loss.alpha=1.0"])
         (row,) = [r for r in white["distillation"]["distill"] if r["metric"] == f"{TASK}.accuracy"]
-        from compressor import zoo
+        from compressor.models import zoo
 
         report = {
             "quick": args.quick,

@@ -35,9 +35,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         if args.fresh:
             os.environ["COMPRESSOR_HOME"] = home
-        from compressor import zoo
         from compressor.config.schema import TaskSpec
         from compressor.evaluation import evaluate
+        from compressor.models import zoo
 
         start = time.perf_counter()
         path = zoo.ensure_model(args.name)

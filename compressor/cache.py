@@ -8,10 +8,10 @@ neither re-runs a finished stage nor restarts a distillation from zero.
 
 **Keys survive releases.** A 3,756 GPU-hour distillation must not be re-keyed by a release that did not change what
 it computes, nor lose its resume when compressor is upgraded mid-run. So the key holds no package version:
-- each stage kind declares `output_version` (compressor.stages.base.StageKind), bumped only when that kind's output
+- each stage kind declares `output_version` (compressor.contract.kind.StageKind), bumped only when that kind's output
   for the same spec and input changes (and a changed default IS such a change);
 - a field added to a spec later, whose default keeps the old behaviour, is declared with `neutral(default)`
-  (compressor.config.base): at that default it stays out of the key, so adding it re-keys nothing.
+  (compressor.contract.spec): at that default it stays out of the key, so adding it re-keys nothing.
 tests/test_cache.py pins the tiny pipeline's keys, which catches a field added without `neutral`."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from compressor.config.base import is_neutral_default
+from compressor.contract.spec import is_neutral_default
 
 # What every built-in kind's output_version started at: the release whose keys held the package version instead, so
 # that the keys (and caches, and resumable distillations) written by it stay valid.

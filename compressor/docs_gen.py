@@ -39,7 +39,7 @@ A stage entry holds exactly one stage kind (table below). Its `gate` is either
 
 def kinds_section() -> str:
     """The registered stage kinds: their YAML key (also their `compressor KIND` command) and what they do."""
-    from compressor.stages import kinds
+    from compressor.contract import kinds
 
     lines = ["## Stage kinds", "", "| key | what it does | runs as | makes a model |", "|---|---|---|---|"]
     for kind in kinds().values():
@@ -128,7 +128,7 @@ def model_section(model: type[BaseModel], where: str) -> str:
 
 def cache_key_section() -> str:
     """Which fields of each stage kind enter its cache key (compressor.cache.stage_key), and which do not."""
-    from compressor.stages import kinds
+    from compressor.contract import kinds
 
     lines = [
         "## Stage cache keys",

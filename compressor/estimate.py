@@ -96,14 +96,16 @@ def forward_flops_per_token(config: dict, seq_len: int) -> float:
 
 
 # ----------------------------------------------------------------------------- stages
-def calibration_size(spec, pipeline, default_samples: int) -> tuple[int, int]:
-    """(samples, seq_len) a calibrating stage will use, resolved like the stage does."""
-    name = getattr(spec, "calibration", None)
+def calibration_size(
+    name: Optional[str], samples: Optional[int], seq_len: Optional[int], pipeline, default_samples: int
+) -> tuple[int, int]:
+    """(samples, seq_len) a stage calibrating on data source `name` (default: the pipeline's only one) will use,
+    resolved like the stage does: its own `samples`/`seq_len`, else the source's, else the defaults."""
     if name is None and len(pipeline.data) == 1:
         name = next(iter(pipeline.data))
     source = pipeline.data.get(name) if name else None
-    samples = spec.samples or (source.samples if source else None) or default_samples
-    seq_len = spec.seq_len or (source.seq_len if source else 512)
+    samples = samples or (source.samples if source else None) or default_samples
+    seq_len = seq_len or (source.seq_len if source else 512)
     return samples, seq_len
 
 
@@ -127,18 +129,6 @@ def gptq_flops(config: dict, samples: int, seq_len: int) -> float:
     forwards = 2 * tokens * forward_flops_per_token(config, seq_len)
     per_layer = sum(2.0 * d_in**2 * tokens + d_in**3 + d_in**2 * d_out for _, d_in, d_out in _linears(config))
     return forwards + s["layers"] * per_layer
-
-
-def stage_flops(
-    kind: str, spec, in_config: dict, out_config: dict, pipeline, teacher_cfg: Optional[dict] = None
-) -> float:
-    """Estimated FLOPs of one stage, by its kind's own `flops` (compressor/stages/<kind>/__init__.py).
-    `in_config`/`out_config` are the model before and after it (from the stages' `check`); `teacher_cfg` is the
-    pipeline teacher's (default: resolved from the pipeline, else `in_config` when it cannot be found offline)."""
-    from compressor.stages import get
-    from compressor.stages.base import EstimateInput
-
-    return get(kind).flops(spec, EstimateInput(in_config, out_config, pipeline, teacher_cfg))
 
 
 def gpu_hours(flops: float, gpu: str, mfu: float) -> float:

@@ -49,7 +49,7 @@ BOOTSTRAP_ITERS = 1000
 def include_dir(include: str) -> Path:
     """`zoo:NAME` -> the zoo model's task dir (materialized on first use); else a directory of task YAMLs."""
     if (name := zoo_name(include)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         return zoo.tasks_dir(name)
     path = Path(include).expanduser()
@@ -261,7 +261,7 @@ def _include_fingerprint(include: Optional[str]) -> Optional[str]:
     if include is None:
         return None
     if (name := zoo_name(include)) is not None:
-        from compressor.zoo import corpus_key
+        from compressor.models.zoo import corpus_key
 
         return corpus_key(name)
     path = Path(include).expanduser()

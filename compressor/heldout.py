@@ -108,7 +108,7 @@ def task_yaml(task, data_file: Path) -> str:
 
 def materialize(task) -> Path:
     """The task directory for an evaluation task with `data`, written once per key (atomically: a rename)."""
-    from compressor.zoo import home
+    from compressor.models.zoo import home
 
     rows = read_rows(task)  # every row checked before anything is written
     final = home().parent / "tasks" / f"{task.name}-{task_key(task)[:12]}"

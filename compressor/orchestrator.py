@@ -7,6 +7,7 @@ run, tagged `cached`, with the figures of what it reused."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import traceback
@@ -17,15 +18,16 @@ from typing import Optional
 
 from rich.console import Console
 
+from compressor import contract as stage_kinds
 from compressor import gates
-from compressor import stages as stage_kinds
 from compressor.config.schema import PipelineSpec
+from compressor.contract.context import StageContext
 from compressor.errors import CompressorError, GateFailed, StageFailed
 from compressor.manifest import Manifest, ModelRef
 from compressor.models import zoo_name
 from compressor.planning import Plan, PlannedStage, check_local_tasks, check_storage, make_plan
+from compressor.records import StageRecord, stage_records
 from compressor.runner import drop_scratch
-from compressor.stages.context import StageContext
 from compressor.storage import join, move_stage
 from compressor.tracking import default_uri, log_pipeline_summary, score_values
 
@@ -52,6 +54,12 @@ class RunSummary:
     seconds: float
     stage_seconds: float = 0.0  # time inside stage and evaluation functions (for the overhead benchmark)
     experiment_id: Optional[str] = None  # the MLflow experiment of the parent run (for the UI's address)
+
+    @functools.cached_property
+    def records(self) -> list[StageRecord]:
+        """One record per stage, built once (it reads quantized checkpoints' headers, maybe on object storage): the
+        summary JSON, MLflow and the console table all read these."""
+        return stage_records(self)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -291,6 +299,7 @@ class Orchestrator:
             ray_address=self.address,
             tasks=self.spec.evaluation.tasks,
             eval_batch_size=self.spec.evaluation.batch_size,
+            planned=stage.derived,
         )
 
     def _datasets(self) -> dict:
@@ -349,7 +358,7 @@ class Orchestrator:
         return self._queue
 
     def _drain(self, label: str, finished) -> None:
-        from compressor.stages.context import DriverProgress
+        from compressor.contract.context import DriverProgress
 
         DriverProgress(
             self.console, label, self._progress_queue(), float(os.environ.get("COMPRESSOR_PROGRESS_SECONDS", "30"))
@@ -390,7 +399,7 @@ class Orchestrator:
     def _build_reference_models(self) -> None:
         """On a fresh machine `make run` first trains the offline reference teacher (minutes): say so, with the
         build's own progress, instead of letting the time pass for the teacher's evaluation. A zoo student too."""
-        from compressor import zoo
+        from compressor.models import zoo
 
         for role, given in (("teacher", self.spec.teacher), ("student", self.spec.student)):
             name = zoo_name(given.model) if given is not None else None

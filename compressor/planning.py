@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Optional
 
 from compressor import cache as cache_mod
-from compressor import stages as stage_kinds
+from compressor import contract as stage_kinds
 from compressor import storage as storage_mod
 from compressor.cache import key_fields, stage_key
 from compressor.config.schema import PipelineSpec, StageEntry, TaskSpec, TeacherSpec
+from compressor.contract.kind import PlanContext, StageKind
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
 from compressor.models import is_hub_id, offline_config, read_config, zoo_name, zoo_ref
-from compressor.stages.base import PlanContext, StageKind
 
 
 @dataclass
@@ -35,6 +35,7 @@ class PlannedStage:
     held: Optional[tuple[str, Manifest]] = (
         None  # (where, manifest): ran before, its model kept in pending/ or rejected/
     )
+    derived: dict = field(default_factory=dict)  # its kind's figures of it (StageKind.derived), computed here once
 
     @property
     def name(self) -> str:
@@ -46,7 +47,7 @@ class PlannedStage:
 
     @property
     def kind_of(self) -> StageKind:
-        """Its stage kind (the contract of compressor/stages/base.py)."""
+        """Its stage kind (the contract of compressor/contract/kind.py)."""
         return stage_kinds.get(self.kind)
 
     @property
@@ -110,7 +111,7 @@ def resolve_teacher(
     revision (no network, so `validate` and `plan` stay offline and fast), else the revision text."""
     model = teacher.model
     if (name := zoo_name(model)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         if name not in zoo.RECIPES:
             raise UserError(
@@ -174,7 +175,7 @@ def local_task_names(include: str) -> set[str]:
     import yaml
 
     if (name := zoo_name(include)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         zoo.recipe(name)  # unknown name -> UserError
         return set(zoo.TASK_NAMES)
@@ -228,8 +229,7 @@ def make_plan(
         stage_spec = kind.planned_spec(entry.spec, around)
         # The text it calibrates on or trains on, by content; what else it reads (generate's prompts, a control's
         # labels) its key_extra keys, as it always did.
-        reads = kind.data_sources(stage_spec)
-        named = {reads[f] for f in ("calibration", "data") if f in reads}
+        named = {ref.name for ref in kind.data_sources(stage_spec) if ref.keyed}
         extra = {
             "seed": spec.seed,
             **kind.key_extra(entry.spec, around),
@@ -238,6 +238,7 @@ def make_plan(
         extra["data"].update({n: {"stage": datasets[n]} for n in named if n in datasets and n not in spec.data})
         try:
             checked = kind.check(stage_spec, config) if config else None
+            derived = kind.derived(stage_spec, spec.data)
         except UserError as exc:
             raise UserError(f"stages.{i}.{entry.kind}: {exc}") from None
         # A dataset stage reads the teacher (in its key_extra), not the model the stages before it made.
@@ -264,6 +265,7 @@ def make_plan(
             cached,
             checked.warnings if checked else [],
             uri,
+            derived=derived,
         )
         # An hf: source without `revision` follows its branch: each run reads the head of its day (the commit is
         # printed and keys the token shards), so two runs of one pipeline may not read the same data.

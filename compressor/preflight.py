@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from compressor.contract import get as stage_kind
 from compressor.errors import UserError
 from compressor.models import is_zoo, zoo_name
 
@@ -242,7 +243,6 @@ def check_standalone(
     stage's own shape checks, the data (enough tokens for `samples` sequences of `seq_len`), and --out with room
     for the output."""
     from compressor.models import checkpoint
-    from compressor.stages import get as stage_kind
 
     try:  # what the stage refuses in the config alone (an architecture, a shape) is said before file problems
         early = json.loads(Path(model_dir, "config.json").read_text())
@@ -291,22 +291,23 @@ def check_pipeline(spec, path: Optional[Path] = None, storage: Optional[str] = N
             if s.produces_model and not s.cached and s.out_config
         )
         check_space(plan.storage_root, need, f"storage {plan.storage_uri}")
-    prompt_sources = {s.kind_of.data_sources(s.entry.spec).get("prompts") for s in plan.stages}  # rows to answer
+    reads = source_reads(spec)
     for name, source in spec.data.items():
-        if name in prompt_sources:
+        if "prompts" in reads.get(name, ()):  # rows to answer
             check_prompts(source, f"data.{name}.source")
-        elif name in chat_sources(spec):
+        elif "chat" in reads.get(name, ()):
             check_chat_rows(source, f"data.{name}.source")
         else:
             check_data(source, f"data.{name}.source")
     check_gate_metrics(spec, path)
-    check_chat_templates(spec)
+    for i, entry in enumerate(spec.stages):
+        stage_kind(entry.kind).preflight(entry.spec, spec, i)
 
 
 def has_chat_template(model: str) -> Optional[bool]:
     """Whether the tokenizer of a zoo name or local checkpoint has a chat template; None: not knowable offline."""
     if (name := zoo_name(model)) is not None:
-        from compressor.zoo import recipe
+        from compressor.models.zoo import recipe
 
         return recipe(name).finetune_of is not None  # task models ship the zoo chat template
     path = Path(model).expanduser()
@@ -317,30 +318,13 @@ def has_chat_template(model: str) -> Optional[bool]:
     return bool(config.get("chat_template")) or (path / "chat_template.jinja").is_file()
 
 
-def check_chat_templates(spec) -> None:
-    """A distill stage on chat data without `chat.template` needs a tokenizer with a chat template."""
-    for i, entry in enumerate(spec.stages):
-        chat = getattr(entry.spec, "chat", None)
-        if entry.kind != "distill" or chat is None or chat.template is not None:
-            continue
-        teacher = getattr(entry.spec, "teacher", None) or spec.teacher.model
-        if has_chat_template(teacher) is False:
-            raise UserError(
-                f"stages.{i}.distill.chat: the data is rendered with the tokenizer's chat template, and the tokenizer "
-                f"of {teacher} has none: set `chat.template` to a plain template with a {{prompt}} placeholder "
-                '(e.g. "{prompt}\\nAnswer: "), or use a model whose tokenizer has a chat template'
-            )
-
-
-def chat_sources(spec) -> set[str]:
-    """Data sources read as chat rows: a chat distillation's data and its hard-label control's."""
-    names = set()
+def source_reads(spec) -> dict[str, set[str]]:
+    """How the stages read each data source they name: "text", "prompts" or "chat" (StageKind.data_sources)."""
+    reads: dict[str, set[str]] = {}
     for entry in spec.stages:
-        if getattr(entry.spec, "chat", None) is not None:
-            names.add(entry.spec.data)
-        if (control := getattr(entry.spec, "hard_labels", None)) is not None:
-            names.add(control.data)
-    return names
+        for ref in stage_kind(entry.kind).data_sources(entry.spec):
+            reads.setdefault(ref.name, set()).add(ref.reads)
+    return reads
 
 
 def check_chat_rows(source, flag: str, rows: int = 100) -> None:
@@ -410,7 +394,7 @@ def task_metrics(include: str, task: str) -> Optional[set[str]]:
     import yaml
 
     if is_zoo(include):
-        files = [Path(str(resources.files("compressor") / "zoo" / "tasks" / f"{task}.yaml"))]
+        files = [Path(str(resources.files("compressor.models.zoo") / "tasks" / f"{task}.yaml"))]
     else:
         files = sorted(Path(include).expanduser().rglob("*.yaml"))
     for file in files:

@@ -96,8 +96,8 @@ def stage_records(summary) -> list[StageRecord]:
 def teacher_record(summary) -> dict:
     """The teacher's size (parameters from its config; bytes of its checkpoint where this process can see it,
     else parameters x dtype width) and its baseline scores."""
-    from compressor import estimate, storage, zoo
-    from compressor.models import checkpoint
+    from compressor import estimate, storage
+    from compressor.models import checkpoint, zoo
 
     plan, spec = summary.plan, summary.plan.spec.teacher
     num_params = estimate.param_count(plan.teacher_config) if plan.teacher_config else None
@@ -122,4 +122,4 @@ def teacher_record(summary) -> dict:
 
 def summary_records(summary) -> list[dict]:
     """The stages as `--summary-json` and the parent run's summary.json show them: SUMMARY_FIELDS of each record."""
-    return [{k: record[k] for k in SUMMARY_FIELDS} for record in stage_records(summary)]
+    return [{k: record[k] for k in SUMMARY_FIELDS} for record in summary.records]

@@ -14,12 +14,12 @@ from typing import Optional
 from pydantic import BaseModel
 
 from compressor import __version__, storage
-from compressor import stages as stage_kinds
+from compressor import contract as stage_kinds
 from compressor.config.schema import DataSource, TaskSpec
+from compressor.contract.context import StageContext
 from compressor.errors import UserError
 from compressor.manifest import Manifest, ModelRef
 from compressor.models import checkpoint, materialize, read_config
-from compressor.stages.context import StageContext
 
 STAGE_LOG = "stage.log"  # third-party output of a pipeline stage, published with it
 
@@ -193,7 +193,9 @@ def run_standalone(
         raise UserError(f"--out {out}: exists and is not an empty directory; choose a new one")
     local = Path(model_path_in).expanduser().resolve()
     model = ModelRef(path=str(local) if local.exists() else model_path_in, key=f"path:{local}")
-    stage_kinds.get(kind).check(spec, read_config(model))
+    stage_kind = stage_kinds.get(kind)
+    stage_kind.check(spec, read_config(model))
+    planned = stage_kind.derived(spec, data or {})  # no plan: its figures are derived here, before anything runs
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -206,6 +208,7 @@ def run_standalone(
         data_root=str(out_dir.parent / "_data"),
         run_name=f"{kind}-{out_dir.name}",
         quiet=quiet,
+        planned=planned,
     )
     from compressor.cache import stage_key
 

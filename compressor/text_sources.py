@@ -41,6 +41,8 @@ from compressor.models.reference import is_zoo, zoo_name
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from compressor.contract.context import StageContext
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 SUPPORTED = ".txt/.md/.rst, .jsonl/.json, .parquet, a directory of them, hf:ORG/NAME[:CONFIG][@SPLIT], or zoo:NAME"
@@ -107,7 +109,7 @@ def _hf_commit(name: str, revision: Optional[str]) -> str:
 def resolve_local(source: str) -> Path:
     """The local path behind a file or zoo source (zoo corpora are built on first use)."""
     if is_zoo(source):
-        from compressor import zoo
+        from compressor.models import zoo
 
         return zoo.corpus_dir(zoo_name(source))
     path = Path(source).expanduser()
@@ -148,7 +150,7 @@ def source_identity(ds: DataSource) -> dict:
     each file's name, size and modification stamp (a file edited in place is other data); zoo corpora by their key."""
     ident = {"text_field": ds.text_field}
     if is_zoo(ds.source):
-        from compressor import zoo
+        from compressor.models import zoo
 
         return {**ident, "source": ds.source, "split": ds.split, "corpus": zoo.corpus_key(zoo_name(ds.source))}
     if ds.source.startswith("hf:"):  # the commit, not the branch: new upstream data is other data
@@ -513,6 +515,31 @@ def token_blocks(
         )
     n = n if samples is None else samples
     return torch.from_numpy(np.concatenate(pieces)[: n * seq_len].reshape(n, seq_len))
+
+
+def calibration_blocks(
+    ctx: StageContext,
+    name: Optional[str],
+    tokenizer,
+    samples: Optional[int],
+    seq_len: Optional[int],
+    max_positions: Optional[int],
+    default_samples: int,
+    stage: str,
+) -> torch.Tensor:
+    """A stage's calibration: exactly `samples` [samples, seq_len] token blocks of its data source `name` (UserError
+    naming the stage and the numbers when the source is too small); the stage's own samples/seq_len win over the
+    source's, and seq_len is capped at the model's context (`max_positions`)."""
+    source = ctx.data_source(name)
+    seq_len = seq_len or source.seq_len
+    if max_positions and seq_len > max_positions:
+        ctx.info(f"{stage}: seq_len {seq_len} is beyond the model's max_position_embeddings; using {max_positions}")
+        seq_len = max_positions
+    samples = samples or source.samples or default_samples
+    try:
+        return token_blocks(source, tokenizer, samples, seq_len, ctx.seed)
+    except UserError as exc:
+        raise UserError(f"{stage} calibration: {exc}") from None
 
 
 def first_sequence_check(ds: DataSource, tokenizer, seq_len: int) -> None:

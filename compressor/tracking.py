@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from compressor.contract.context import MetricsSink
 from compressor.models import is_zoo
-from compressor.records import stage_records, teacher_record
+from compressor.records import teacher_record
 from compressor.secrets import redact, redact_mapping
-from compressor.stages.context import MetricsSink
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # log_batch limits of MLflow's REST API, per request
@@ -388,12 +388,12 @@ def log_pipeline_summary(tracker: Tracker, parent_run_id: str, summary) -> None:
     from mlflow.entities import LoggedModelOutput
 
     spec = summary.plan.spec
-    stages, teacher = stage_records(summary), teacher_record(summary)
+    stages, teacher = summary.records, teacher_record(summary)
     sink = tracker.sink(parent_run_id)
     sink.log_params(pipeline_settings(spec))
     for s in stages:
         if s["model_uri"]:
-            tracker.logged_models[s["name"]] = s["model_id"] = _stage_model(tracker, spec.name, s)
+            tracker.logged_models[s["name"]] = _stage_model(tracker, spec.name, s)
     tracker.client.log_outputs(
         parent_run_id,
         [
@@ -457,7 +457,7 @@ def register_final_model(tracker: Tracker, name: str, summary, parent_run_id: st
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    stages = stage_records(summary)
+    stages = summary.records
     final = next((s for s in reversed(stages) if s["model_uri"]), None)
     if final is None or final["name"] not in tracker.logged_models:
         return None

@@ -9,7 +9,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_teacher() -> Path:
     """HF checkpoint dir of zoo recipe "tiny-test": a ~1M-param Llama (GQA 4/2) trained on CPython's docs."""
-    from compressor import zoo
+    from compressor.models import zoo
 
     return zoo.ensure_model("tiny-test")
 
@@ -17,7 +17,7 @@ def tiny_teacher() -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus() -> Path:
     """Directory with train.txt and heldout.txt (blank-line separated paragraphs) of the tiny-test corpus."""
-    from compressor import zoo
+    from compressor.models import zoo
 
     return zoo.corpus_dir("tiny-test")
 

@@ -30,7 +30,7 @@ GOLDEN = {
 def tiny_keys(tmp_path, monkeypatch, *overrides) -> dict[str, str]:
     from importlib.resources import files
 
-    import compressor.zoo as zoo
+    import compressor.models.zoo as zoo
     from compressor.config.load import load_pipeline
     from compressor.planning import make_plan
 
@@ -49,7 +49,7 @@ def test_the_tiny_pipelines_keys_are_pinned_and_do_not_change_with_the_package_v
 
 @contextmanager
 def kind_replaced(name: str, **changes):
-    from compressor import stages
+    from compressor import contract as stages
 
     kind = stages.get(name)
     stages.register(type(type(kind).__name__, (type(kind),), changes)())  # the same kind, those attributes changed
@@ -67,8 +67,8 @@ def test_a_kinds_output_version_re_keys_that_kind_and_what_follows_it_only(tmp_p
 
 
 def test_a_field_added_with_a_neutral_default_leaves_every_key_unchanged(tmp_path, monkeypatch):
-    from compressor import stages
-    from compressor.config.base import Strict, neutral
+    from compressor import contract as stages
+    from compressor.contract.spec import Strict, neutral
 
     distill_spec = stages.get("distill").spec
     loss_spec = distill_spec.model_fields["loss"].annotation

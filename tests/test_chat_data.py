@@ -1,4 +1,4 @@
-"""Chat data for distillation: rendering, the loss mask, packing (attention within each example) and chat shards.
+"""Chat data for distillation: the loss mask, packing (attention within each example) and chat shards.
 
 The loss-mask claim, as tested: with causal attention an answer token's loss depends on the prompt through its
 context, so "random prompts give the same loss" holds for the loss *terms at prompt positions*, which must not be
@@ -17,56 +17,6 @@ import torch
 
 from compressor import chat_data
 from compressor.errors import UserError
-from compressor.zoo.chat import CHAT_TEMPLATE
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_teacher):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_teacher)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def test_answer_tokens_follow_the_prompt_tokens(tokenizer):
-    prompt, answer = chat_data.encode(tokenizer, [{"role": "user", "content": "sqrt: Return x."}], "math", None)
-    full = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "sqrt: Return x."}, {"role": "assistant", "content": "math"}], tokenize=False
-    )
-    assert tokenizer.decode(prompt + answer) == full
-    assert tokenizer.decode(answer).strip().startswith("math") and answer[-2] == tokenizer.eos_token_id
-
-
-def test_plain_template_and_missing_template(tokenizer, tiny_teacher):
-    from transformers import AutoTokenizer
-
-    plain = AutoTokenizer.from_pretrained(tiny_teacher)  # the zoo tokenizer has no chat template
-    with pytest.raises(UserError, match="needs a chat template"):
-        chat_data.check_template(plain, None, "data x")
-    prompt, answer = chat_data.encode(plain, [{"role": "user", "content": "Q"}], "A", "{prompt}\nAnswer: ")
-    assert plain.decode(prompt, skip_special_tokens=True) == "Q\nAnswer: " and answer[-1] == plain.eos_token_id
-
-
-def test_a_plain_template_becomes_the_chat_template_it_was_trained_with(tiny_teacher):
-    from transformers import AutoTokenizer
-
-    plain = AutoTokenizer.from_pretrained(tiny_teacher)
-    template = "Q: {prompt}\nAnswer {with braces}:"
-    plain.chat_template = chat_data.template_as_jinja(plain, template)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sqrt: Return x."}]
-    prompt, answer = chat_data.encode(plain, messages, "math", template)
-    rendered = plain.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert plain(rendered, add_special_tokens=False)["input_ids"] == prompt
-    full = plain.apply_chat_template([*messages, {"role": "assistant", "content": "math"}], tokenize=False)
-    assert plain(full, add_special_tokens=False)["input_ids"] == prompt + answer
-
-
-def test_fit_drops_or_truncates_the_prompt():
-    assert chat_data.fit([1, 2, 3], [4, 5], 5, "drop") == ([1, 2, 3, 4, 5], "kept")
-    assert chat_data.fit([1, 2, 3], [4, 5], 4, "drop") == (None, "dropped")
-    assert chat_data.fit([1, 2, 3], [4, 5], 4, "prompt") == ([2, 3, 4, 5], "truncated")
-    assert chat_data.fit([1], [4, 5, 6, 7], 4, "prompt") == (None, "dropped")  # the answer alone fills it
 
 
 def test_packing_keeps_examples_whole():
@@ -120,8 +70,8 @@ def test_packed_examples_have_their_unpacked_loss():
 def test_chat_shards_hold_tokens_mask_and_positions(tmp_path, tiny_teacher):
     import shutil
 
+    from compressor.models.zoo.chat import add_chat_template
     from compressor.shards import ShardReader
-    from compressor.zoo.chat import add_chat_template
 
     model = tmp_path / "tok"
     shutil.copytree(tiny_teacher, model)

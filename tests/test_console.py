@@ -40,7 +40,7 @@ def test_driver_progress_without_a_tty_prints_a_line_per_interval_not_per_update
     from ray.util.queue import Empty
     from rich.console import Console
 
-    from compressor.stages.context import DriverProgress
+    from compressor.contract.context import DriverProgress
 
     class FakeQueue:  # ray.util.queue.Queue's get/get_nowait, fed from a list
         def __init__(self, items):
@@ -90,7 +90,7 @@ def test_run_console_without_tty_is_short_and_libraries_output_is_in_stage_logs(
 
 
 def test_teacher_build_without_a_terminal_prints_a_line_per_interval(capsys):
-    from compressor.zoo.build import _plain_progress
+    from compressor.models.zoo.build import _plain_progress
 
     assert list(_plain_progress(range(4), "training", interval=0.0)) == [0, 1, 2, 3]
     lines = capsys.readouterr().err.splitlines()
@@ -100,10 +100,10 @@ def test_teacher_build_without_a_terminal_prints_a_line_per_interval(capsys):
 
 
 def test_a_failing_stage_keeps_its_log_where_the_driver_says(tmp_path, monkeypatch, capfd):
-    from compressor import runner, stages
+    from compressor import contract, runner
+    from compressor.contract.context import StageContext
+    from compressor.contract.kind import StageKind
     from compressor.manifest import ModelRef
-    from compressor.stages.base import StageKind
-    from compressor.stages.context import StageContext
     from compressor.stages.evaluate.spec import EvaluateSpec
 
     class Broken(StageKind):
@@ -114,7 +114,7 @@ def test_a_failing_stage_keeps_its_log_where_the_driver_says(tmp_path, monkeypat
             os.write(2, b"CUDA error from a C library\n")
             raise RuntimeError("the stage broke")
 
-    stages.register(Broken())
+    contract.register(Broken())
     ctx = StageContext(progress_queue=object())  # a pipeline run: the queue to the driver is set
     publish_to = str(tmp_path / "tiny" / "pending" / "broken-0123456789ab")
     try:
@@ -123,7 +123,7 @@ def test_a_failing_stage_keeps_its_log_where_the_driver_says(tmp_path, monkeypat
                 "broken", "broken", None, ModelRef(path=str(tmp_path), key="dir:x"), ctx, "0" * 64, publish_to
             )
     finally:
-        stages.unregister("broken")
+        contract.unregister("broken")
     assert "CUDA error from a C library" in Path(runner.failed_log_uri(publish_to)).read_text()
     assert "CUDA error" not in capfd.readouterr().err
     assert not Path(ctx.work_dir).exists()

@@ -119,13 +119,13 @@ def test_calibration_from_a_source_too_small_names_the_numbers(tokenizer, tmp_pa
 
 
 def test_stage_calibration_is_exact_or_a_user_error_naming_the_stage(tokenizer, tmp_path):
-    from compressor.stages.context import StageContext
+    from compressor.contract.context import StageContext
 
     ctx = StageContext(work_dir=tmp_path, data={"calib": DataSource(source="zoo:tiny-test", seq_len=128)}, quiet=True)
-    blocks = ctx.calibration_blocks("calib", tokenizer, 50, None, 128, 1024, "prune")
+    blocks = data.calibration_blocks(ctx, "calib", tokenizer, 50, None, 128, 1024, "prune")
     assert blocks.shape == (50, 128)
     with pytest.raises(UserError, match=r"prune calibration: .*1,000,000 sequences of 128 tokens"):
-        ctx.calibration_blocks("calib", tokenizer, 1_000_000, None, 128, 1024, "prune")
+        data.calibration_blocks(ctx, "calib", tokenizer, 1_000_000, None, 128, 1024, "prune")
 
 
 # ----------------------------------------------------------------------------- hf: sources (local files via `datasets`)

@@ -12,7 +12,7 @@ import yaml
 
 from compressor import docs_gen
 from compressor.config.schema import PipelineSpec
-from compressor.stages import kinds
+from compressor.contract import kinds
 
 
 def test_reference_is_current():
@@ -109,7 +109,7 @@ def check_command(line: str) -> None:
     from compressor.commands import stage
     from compressor.commands.pipeline import resolve_pipeline
     from compressor.config.load import load_pipeline
-    from compressor.stages import kinds
+    from compressor.contract import kinds
 
     ctx = dry_parse(placeholders(shlex.split(line, comments=True)[1:]))
     kind = kinds().get(ctx.command.name)

@@ -12,6 +12,7 @@ import pytest
 from compressor import estimate
 from compressor.config.load import load_pipeline
 from compressor.config.schema import TeacherSpec
+from compressor.contract import stage_flops
 from compressor.errors import UserError
 from compressor.models import offline_config
 from compressor.models.config import SHIPPED_CONFIGS
@@ -82,7 +83,7 @@ def test_forward_flops_follow_the_palm_convention():
 def test_distill_flops_teacher_forward_plus_student_train_step():
     spec = load_pipeline(ROOT / "pipelines" / "llama8b_to_4b.yaml")
     distill = spec.stages[1]
-    flops = estimate.stage_flops("distill", distill.spec, WIDTH_4B, WIDTH_4B, spec, teacher_cfg=LLAMA_8B)
+    flops = stage_flops("distill", distill.spec, WIDTH_4B, WIDTH_4B, spec, teacher_cfg=LLAMA_8B)
     teacher = estimate.forward_flops_per_token(LLAMA_8B, 8192)
     student = estimate.forward_flops_per_token(WIDTH_4B, 8192)
     # 94e9 tokens, rounded up to whole optimizer steps: what the run trains (distill.layout.budget)
@@ -90,27 +91,48 @@ def test_distill_flops_teacher_forward_plus_student_train_step():
     assert 94e9 <= trained < 94e9 + distill.spec.global_batch * 8192
     assert flops == pytest.approx(trained * (teacher + 3 * student))
     # Without an explicit teacher config the pipeline's teacher is resolved offline (shipped config).
-    assert estimate.stage_flops("distill", distill.spec, WIDTH_4B, WIDTH_4B, spec) == pytest.approx(flops)
+    assert stage_flops("distill", distill.spec, WIDTH_4B, WIDTH_4B, spec) == pytest.approx(flops)
     # Thousands of H100-hours at 40% MFU, as the issue expects of the real job.
     assert 2_000 < estimate.gpu_hours(flops, "H100", 0.4) < 10_000
+
+
+def test_the_plan_derives_the_distill_budget_once_and_its_estimate_reads_those_figures(tmp_path):
+    """Distill's steps follow from its token budget and its data's seq_len: the plan derives them once
+    (PlannedStage.derived, what the run gets as ctx.planned) and the FLOPs estimate takes them from there."""
+    from compressor.planning import make_plan
+
+    spec = load_pipeline(ROOT / "pipelines" / "llama8b_to_4b.yaml")
+    stage = make_plan(spec, storage=str(tmp_path)).stages[1]
+    batch = stage.entry.spec.global_batch
+    steps = math.ceil(94e9 / (batch * 8192))
+    assert stage.derived == {
+        "seq_len": 8192,
+        "steps": steps,
+        "sequences": steps * batch,
+        "tokens": steps * batch * 8192,
+    }
+    planned = stage_flops("distill", stage.entry.spec, WIDTH_4B, WIDTH_4B, spec, LLAMA_8B, derived=stage.derived)
+    assert planned == pytest.approx(stage_flops("distill", stage.entry.spec, WIDTH_4B, WIDTH_4B, spec, LLAMA_8B))
+    halved = {**stage.derived, "tokens": stage.derived["tokens"] // 2}
+    assert stage_flops("distill", stage.entry.spec, WIDTH_4B, WIDTH_4B, spec, LLAMA_8B, derived=halved) == (
+        pytest.approx(planned / 2)
+    )
 
 
 def test_stage_flops_scale_with_calibration_and_steps():
     spec = load_pipeline(ROOT / "pipelines" / "llama8b_to_4b.yaml")
     prune, quantize = spec.stages[0].spec, spec.stages[2].spec
-    base = estimate.stage_flops("prune", prune, LLAMA_8B, WIDTH_4B, spec)
+    base = stage_flops("prune", prune, LLAMA_8B, WIDTH_4B, spec)
     assert base == pytest.approx(1024 * 4096 * estimate.forward_flops_per_token(LLAMA_8B, 4096))
-    doubled = estimate.stage_flops("prune", prune.model_copy(update={"samples": 2048}), LLAMA_8B, WIDTH_4B, spec)
+    doubled = stage_flops("prune", prune.model_copy(update={"samples": 2048}), LLAMA_8B, WIDTH_4B, spec)
     assert doubled == pytest.approx(2 * base)
     by_loss = prune.model_copy(
         update={"depth_metric": "loss", "target": prune.target.model_copy(update={"num_layers": 16})}
     )
-    assert estimate.stage_flops("prune", by_loss, LLAMA_8B, WIDTH_4B, spec) == pytest.approx(
-        33 * base
-    )  # +1 pass per layer
-    gptq = estimate.stage_flops("quantize", quantize, WIDTH_4B, WIDTH_4B, spec)
+    assert stage_flops("prune", by_loss, LLAMA_8B, WIDTH_4B, spec) == pytest.approx(33 * base)  # +1 pass per layer
+    gptq = stage_flops("quantize", quantize, WIDTH_4B, WIDTH_4B, spec)
     assert gptq > 2 * 256 * 2048 * estimate.forward_flops_per_token(WIDTH_4B, 2048)  # forwards plus Hessian work
-    evaluate = estimate.stage_flops("evaluate", EvaluateSpec(tasks=["winogrande"]), WIDTH_4B, WIDTH_4B, spec)
+    evaluate = stage_flops("evaluate", EvaluateSpec(tasks=["winogrande"]), WIDTH_4B, WIDTH_4B, spec)
     assert 0 < evaluate < estimate.eval_flops(WIDTH_4B, spec.evaluation.tasks)
 
 
@@ -143,7 +165,7 @@ def test_teacher_config_resolves_offline(tmp_path, monkeypatch):
 
 
 def test_teacher_config_of_a_zoo_model():
-    from compressor import zoo
+    from compressor.models import zoo
 
     config = offline_config(TeacherSpec(model="zoo:tiny-test"))
     assert config == zoo.model_config("tiny-test")

@@ -155,7 +155,7 @@ def test_eval_cache_key_follows_the_bootstrap_setting(monkeypatch):
 
 
 def _zoo_tasks():
-    from compressor import zoo
+    from compressor.models import zoo
 
     return zoo.tasks_dir("tiny-test")
 
@@ -276,10 +276,10 @@ def test_pipeline_evaluation_loads_the_model_onto_the_reserved_gpu(tiny_teacher,
 
 @pytest.mark.parametrize("num_gpus,device", [(1, "cuda"), (0, "cpu")])
 def test_evaluate_stage_loads_the_model_onto_its_own_gpu(tiny_teacher, tmp_path, loader_calls, num_gpus, device):
-    from compressor.config.base import Resources
+    from compressor.contract.context import StageContext
+    from compressor.contract.spec import Resources
     from compressor.manifest import ModelRef
     from compressor.stages import evaluate as stage
-    from compressor.stages.context import StageContext
     from compressor.stages.evaluate.spec import EvaluateSpec
 
     ctx = StageContext(

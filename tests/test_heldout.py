@@ -15,8 +15,8 @@ import pytest
 from compressor.config.schema import GateSpec, TaskSpec
 from compressor.errors import UserError
 from compressor.heldout_metrics import first_label, macro_f1, normalize
-from compressor.zoo import module_task
-from compressor.zoo.chat import add_chat_template
+from compressor.models.zoo import module_task
+from compressor.models.zoo.chat import add_chat_template
 
 
 def test_metrics_normalize_and_take_the_first_label():

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from compressor import __version__
 from compressor.cli import application, main
 from compressor.commands import recipes
+from compressor.contract import kinds
 from compressor.docs_gen import spec_models
-from compressor.stages import kinds
 
 ROOT = Path(__file__).resolve().parents[1]
 

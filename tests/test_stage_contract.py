@@ -1,4 +1,4 @@
-"""The stage contract (compressor/stages/base.py): every registered kind meets it, and a kind declared outside the
+"""The stage contract (compressor/contract/kind.py): every registered kind meets it, and a kind declared outside the
 package - here, in this test module - appears in validate, plan, the CLI and the docs with no edit elsewhere."""
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import pytest
 from pydantic import Field
 from typer.testing import CliRunner
 
-from compressor import docs_gen, stages
-from compressor.config.base import Strict
-from compressor.stages.base import CheckResult, StageKind, StageResult
+from compressor import contract, docs_gen
+from compressor.contract.kind import CheckResult, StageKind, StageResult
+from compressor.contract.spec import Strict
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", list(stages.kinds()))
+@pytest.mark.parametrize("name", list(contract.kinds()))
 def test_every_registered_kind_meets_the_contract(name):
     from compressor.config.schema import StageEntry
 
-    kind = stages.get(name)
+    kind = contract.get(name)
     assert kind.name == name and kind.summary and kind.runs_as in ("task", "driver")
     assert isinstance(kind, StageKind) and kind.output in ("model", "dataset", "scores")
     assert not getattr(type(kind), "__abstractmethods__", None)  # check, run and flops are its own
@@ -40,9 +40,7 @@ def test_every_registered_kind_meets_the_contract(name):
 
 
 def test_importing_every_kind_imports_no_torch():
-    code = (
-        "import sys, compressor.stages as s; s.kinds(); import compressor.config.schema; print('torch' in sys.modules)"
-    )
+    code = "import sys, compressor.contract as c; c.kinds(); import compressor.config.schema; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -72,9 +70,9 @@ class Toy(StageKind):
 
 @pytest.fixture
 def toy_kind():
-    kind = stages.register(Toy())
+    kind = contract.register(Toy())
     yield kind
-    stages.unregister("toy")
+    contract.unregister("toy")
 
 
 def test_a_kind_registered_from_a_test_module_is_everywhere(toy_kind, tiny_teacher, tmp_path):
@@ -150,15 +148,15 @@ PLUGIN = '''"""A stage kind of another project: each paragraph of a text source 
 
 from pydantic import Field
 
-from compressor.config.base import Strict
-from compressor.stages import register
-from compressor.stages.base import CheckResult, StageKind, StageResult
+from compressor.contract import register
+from compressor.contract.kind import CheckResult, StageKind, StageResult
+from compressor.contract.spec import Strict, data_source
 
 
 class ParagraphsSpec(Strict):
     """Rows from a text source: the first sentence of a paragraph asks, the paragraph answers."""
 
-    data: str = Field(description="The data source whose paragraphs become rows.")
+    data: str = data_source(description="The data source whose paragraphs become rows.")
     rows: int = Field(8, gt=0, description="Most rows written.")
 
 

@@ -62,9 +62,9 @@ def test_targets_on_s3_are_written_by_the_actors_and_range_read_by_id(s3, tiny_t
 
     from compressor import shards
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.manifest import ModelRef
     from compressor.ray_runtime import ensure_ray
-    from compressor.stages.context import StageContext
     from compressor.stages.distill.spec import DistillSpec
     from compressor.stages.distill.targets_compute import prepare_targets
 

@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
                 need.source.source,
             )  # a source too small for the budget: the same exit 2 the run would give
             if distill.loss.targets is not None:  # the teacher's one pass, ahead of the run too
+                from compressor.contract.context import StageContext
                 from compressor.ray_runtime import ensure_ray
-                from compressor.stages.context import StageContext
                 from compressor.stages.distill.targets_compute import prepare_targets
 
                 ensure_ray(None)

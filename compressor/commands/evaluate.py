@@ -36,7 +36,7 @@ def resolve(model: str, include: Optional[str]) -> tuple[str, Optional[str]]:
     from compressor.models import zoo_name
 
     if (name := zoo_name(model)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         return str(zoo.ensure_model(name)), include or model
     if not (Path(model).expanduser() / "config.json").is_file():

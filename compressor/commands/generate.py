@@ -87,12 +87,12 @@ def make_command(kind):
 
 def run_generate(spec, teacher: str, prompts: str, out: str, seed: int = 0, quiet: bool = False, address=None):
     """Check, run into a hidden sibling of OUT, and rename it into place; the answers store stays beside OUT."""
-    from compressor import stages
+    from compressor import contract
     from compressor.cache import stage_key
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.manifest import ModelRef
     from compressor.runner import execute_stage
-    from compressor.stages.context import StageContext
     from compressor.stages.generate.job import api_key, teacher_identity
 
     out_dir = Path(out).expanduser().resolve()
@@ -113,7 +113,7 @@ def run_generate(spec, teacher: str, prompts: str, out: str, seed: int = 0, quie
     if address:
         os.environ["RAY_ADDRESS"] = address
     extra = {"prompts": {"content": identity}, "teacher": teacher_identity(spec, ref), "seed": seed}
-    key = stage_key("generate", spec, "", extra, stages.get("generate").output_version)
+    key = stage_key("generate", spec, "", extra, contract.get("generate").output_version)
     ctx = StageContext(
         teacher=ref, shared_teacher=ref, data={"prompts": source}, seed=seed, quiet=quiet, ray_address=address
     )
@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
     """The generate stage's command: its own options (a teacher and prompts, not --model), before the generated ones
     of compressor/commands/stage.py."""
     from compressor.commands import stage
-    from compressor.stages import get
+    from compressor.contract import get
 
     kind = get("generate")
     stage.add_command(app, kind, make_command(kind))

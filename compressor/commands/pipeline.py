@@ -188,8 +188,8 @@ def stage_gpus(stage) -> float:
 def plan_dict(plan, gpu: str, mfu: float) -> dict:
     """The plan as data: what `plan` prints and `plan --json` emits. GPU-hours are left out (None) for a stage that
     runs on CPUs only (an H100 estimate says nothing of it); wall-hours divide GPU-hours by the stage's GPUs."""
+    from compressor import contract as stage_kinds
     from compressor import estimate
-    from compressor import stages as stage_kinds
 
     def params(config: dict) -> Optional[int]:
         return estimate.param_count(config) if config else None
@@ -198,7 +198,9 @@ def plan_dict(plan, gpu: str, mfu: float) -> dict:
     for i, stage in enumerate(plan.stages):
         spec, kind = stage.entry.spec, stage_kinds.get(stage.kind)
         flops = (
-            estimate.stage_flops(stage.kind, spec, stage.in_config, stage.out_config, plan.spec)
+            stage_kinds.stage_flops(
+                stage.kind, spec, stage.in_config, stage.out_config, plan.spec, derived=stage.derived
+            )
             if stage.in_config
             else None
         )
@@ -344,14 +346,14 @@ def print_summary(summary, console: Console) -> None:
     parameter count and its bits."""
     from compressor.evaluation import primary_metric
     from compressor.gates import lookup
-    from compressor.records import stage_records, teacher_record
+    from compressor.records import teacher_record
 
     rows = (
         [{**teacher_record(summary), "status": "baseline", "gate_verdict": "none", "seconds": None}]
         if summary.baseline
         else []
     )
-    rows += stage_records(summary)
+    rows += summary.records
     gated = {
         tuple(lookup(r["scores"], key)[0].split(".", 1))
         for e in summary.plan.spec.stages

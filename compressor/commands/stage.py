@@ -3,8 +3,9 @@
 The options are generated from the kind's spec (compressor/stages/<kind>/spec.py): one per field, with the field's
 name, description and default, so the command and a pipeline YAML cannot disagree (docs/reference.md shows the same
 defaults). A nested field takes its keys in one option (`--target hidden_size=3072,num_layers=24`); any field can
-also be given as a `KEY=VALUE` override argument (`loss.hidden_mse=[[3,7]]`). A field named `calibration` or
-`data` takes a text source here (a pipeline names one of its `data:` sources there). OUT is the model itself: a
+also be given as a `KEY=VALUE` override argument (`loss.hidden_mse=[[3,7]]`). A field declared as a data
+source (`data_source(...)`, e.g. `calibration`, `data`) takes a text source here (a pipeline names one of its
+`data:` sources there). OUT is the model itself: a
 checkpoint directory that transformers loads, with the stage's manifest.json beside the weights."""
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pydantic import BaseModel
 from compressor import cli_help
 from compressor.errors import UserError
 
-DATA_FIELDS = ("calibration", "data")  # spec fields naming a data source
 SOURCE_HELP = "Text/JSONL/parquet path or directory, hf:ORG/NAME[:CONFIG][@SPLIT] or zoo:NAME."
 # The KEY=VALUE example in each kind's help: one of its own fields.
 OVERRIDE_EXAMPLES = {"prune": "target.num_layers=24", "distill": "loss.hidden_mse=[[3,7]]", "quantize": "bits=8"}
@@ -85,16 +85,24 @@ def _panel(kind, members: list[str], data: bool = False) -> str:
     return " and ".join(m.upper() for m in members) + " options"
 
 
+def source_fields(kind) -> list[str]:
+    """The spec fields (of any union member, not nested) declared as data sources: each is a `--FIELD SOURCE` option."""
+    from compressor.contract.spec import source_marks
+
+    return list(dict.fromkeys(name for model in _models(kind.spec) for name in source_marks(model)))
+
+
 def _option_specs(kind) -> dict[tuple[str, ...], dict]:
     """One entry per CLI option of a kind: path -> {type, helps, choices, defaults, ...}. A union spec (quantize
     methods) merges its members' fields; what differs between members (description, default) is kept per member."""
     from compressor.docs_gen import default_text
 
     options: dict[tuple[str, ...], dict] = {}
+    sources = source_fields(kind)
     for model in _models(kind.spec):
         member = _member(model)
         for name, field in model.model_fields.items():
-            if name in DATA_FIELDS or (name == "teacher" and kind.needs_teacher):
+            if name in sources or (name == "teacher" and kind.needs_teacher):
                 continue  # given as a source / a model below
             nested = _nested_model(field.annotation)
             click_type = str if nested else _scalar(field.annotation)
@@ -186,7 +194,6 @@ def _help(path: tuple[str, ...], entry: dict) -> str:
 
 def _signature(kind, options: dict) -> inspect.Signature:
     P = inspect.Parameter
-    fields = {f for m in _models(kind.spec) for f in m.model_fields}
     params = [
         P(
             "model",
@@ -227,7 +234,7 @@ def _signature(kind, options: dict) -> inspect.Signature:
                 ),
             )
         )
-    for name in (n for n in DATA_FIELDS if n in fields):
+    for name in source_fields(kind):
         panel = _panel(kind, [_member(m) for m in _models(kind.spec) if name in m.model_fields], data=True)
         params.append(
             P(
@@ -414,7 +421,7 @@ def spec_of(kind, options: dict, given: dict) -> tuple:
     data = _spec_data(options, given, given["overrides"] or [])
     # `--calibration` exists for the union (gptq/awq have it); a method without the field gets it only if given
     member = _member_fields(kind, data)
-    names = [n for n in DATA_FIELDS if f"source_{n}" in given and (n in member or given[f"source_{n}"])]
+    names = [n for n in source_fields(kind) if n in member or given[f"source_{n}"]]
     return build_spec(kind, {**data, **{n: n for n in names}}), names
 
 
@@ -488,7 +495,7 @@ def make_command(kind):
 def register(app: typer.Typer) -> None:
     """A command per registered stage kind not yet on `app` (kinds registered later are added by the next call). A
     built-in kind with its own command module (compressor/commands/generate.py) has registered it already."""
-    from compressor.stages import kinds
+    from compressor.contract import kinds
 
     have = {c.name for c in app.registered_commands}
     for kind in kinds().values():

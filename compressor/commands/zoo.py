@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from compressor import zoo
+        from compressor.models import zoo
 
         table = Table(title=f"zoo ({zoo.home()})", title_justify="left")
         for col in ("name", "params", "layers", "hidden", "heads/kv", "mlp", "vocab", "seq", "built", "description"):
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         """Build (or find) a reference model; print its path, size, build time and held-out perplexity."""
         from rich.console import Console
 
-        from compressor import zoo
+        from compressor.models import zoo
 
         cached = zoo.is_built(name)
         path = zoo.ensure_model(name)

@@ -7,8 +7,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
-from compressor import stages as _stages
-from compressor.config.base import Resources, Strict, neutral
+from compressor import contract
+from compressor.contract.spec import Resources, Strict, neutral
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -54,7 +54,7 @@ class DataSource(Strict):
     @field_validator("source")
     @classmethod
     def _zoo_task_split(cls, v: str) -> str:
-        from compressor.zoo.module_task import resolve
+        from compressor.models.zoo.module_task import resolve
 
         return resolve(v)  # `zoo:modules/<split>`: the zoo task's split file, written on first use
 
@@ -98,7 +98,7 @@ class TaskSpec(Strict):
     @classmethod
     def _zoo_task_split(cls, v: Optional[str]) -> Optional[str]:
         from compressor.models import is_zoo
-        from compressor.zoo.module_task import resolve
+        from compressor.models.zoo.module_task import resolve
 
         if v is None or "://" in v:
             return v
@@ -303,11 +303,13 @@ class PipelineSpec(Strict):
             if stage.name in seen:
                 raise ValueError(f"stages.{i}.name: duplicate stage name {stage.name!r}")
             seen.add(stage.name)
-            stage_kind = _stages.get(kind)
-            for field, ref in stage_kind.data_sources(stage.spec).items():  # a `data` may name an earlier dataset
-                if ref not in self.data and not (field == "data" and ref in datasets):
+            stage_kind = contract.get(kind)
+            for ref in stage_kind.data_sources(stage.spec):  # a `dataset` field may name an earlier dataset stage
+                if ref.name not in self.data and not (ref.dataset and ref.name in datasets):
                     known = ", ".join(sorted(self.data | dict.fromkeys(datasets))) or "none defined"
-                    raise ValueError(f"stages.{i}.{kind}.{field}: unknown data source {ref!r} (known: {known})")
+                    raise ValueError(
+                        f"stages.{i}.{kind}.{ref.field}: unknown data source {ref.name!r} (known: {known})"
+                    )
             if stage_kind.produces_dataset:
                 datasets.add(stage.name)
             if stage.gate:
@@ -354,5 +356,5 @@ def _set_stage_kinds(kinds: dict) -> None:
     PipelineSpec.model_rebuild(force=True)
 
 
-_stages.on_change(_set_stage_kinds)
-_stages.kinds()  # the built-in kinds and the plugins, each a key of StageEntry from here on
+contract.on_change(_set_stage_kinds)
+contract.kinds()  # the built-in kinds and the plugins, each a key of StageEntry from here on

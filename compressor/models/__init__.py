@@ -8,6 +8,8 @@
 - hub:        Hugging Face hub snapshots, resolved to a commit and published once per pipeline;
 - checkpoint: facts about a checkpoint directory from its safetensors headers (no weights read);
 - shapes:     the widths of a Llama / Mistral / Qwen2-style decoder, from its config.json.
+- zoo:        the reference models built offline (with their corpora and task sets), as the hub is for hub ids;
+              it builds with `io`, and `local` and `config` resolve `zoo:NAME` through it.
 
 torch-free to import: torch and transformers are imported inside the functions that need them."""
 

@@ -20,7 +20,7 @@ def read_config(model: ModelRef, fetch: bool = False) -> dict:
     a zoo model (computed from its recipe, nothing built). A hub id gives {} (checked once loaded) unless `fetch`:
     then its config comes through the Hugging Face cache, with the pipeline's trust_remote_code."""
     if (name := zoo_name(model.path)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         return zoo.model_config(name)
     if storage.is_remote(model.path):
@@ -89,7 +89,7 @@ def offline_config(teacher_spec, base_dir: Optional[Path] = None) -> Optional[di
         )
     model = teacher_spec.model
     if (name := zoo_name(model)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         return zoo.model_config(name)
     local = Path(model).expanduser()

@@ -15,7 +15,7 @@ from compressor.models.reference import is_hub_id, zoo_name
 def resolve_model(model: str) -> tuple[str, Optional[str]]:
     """(checkpoint dir, zoo name or None). Accepts a checkpoint dir, a stage output dir, or zoo:NAME."""
     if (name := zoo_name(model)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         return str(zoo.ensure_model(name)), name
     path = Path(model).expanduser()
@@ -30,7 +30,7 @@ def materialize(ref: ModelRef) -> ModelRef:
     storage (`s3://.../<stage>-<key>/model`) is downloaded into this node's mirror (once per node, under a lock);
     a hub id not resolved by a pipeline is fetched through the Hugging Face cache."""
     if (name := zoo_name(ref.path)) is not None:
-        from compressor import zoo
+        from compressor.models import zoo
 
         return ref.model_copy(update={"path": str(zoo.ensure_model(name))})
     if storage.is_remote(ref.path):

@@ -12,8 +12,8 @@ from typing import Optional
 import pytest
 
 from compressor.config.schema import DataSource
+from compressor.contract.context import MetricsSink, StageContext
 from compressor.manifest import ModelRef
-from compressor.stages.context import MetricsSink, StageContext
 
 VOCAB = 320
 

@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import simulated_cluster
 
+from compressor.contract.context import StageContext
 from compressor.errors import UserError
-from compressor.stages.context import StageContext
 from compressor.stages.distill.cluster import wait_for_workers
 from compressor.stages.distill.layout import check_cluster
 from compressor.stages.distill.spec import DistillSpec

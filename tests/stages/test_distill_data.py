@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from compressor.config.schema import DataSource
+from compressor.contract.context import MetricsSink, StageContext
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.shards import ShardIndex
-from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.distill.batches import TRACE_ENV, BatchPlan, run_data
 from compressor.stages.distill.layout import budget_steps
 from compressor.stages.distill.spec import DistillSpec

@@ -110,8 +110,8 @@ def two_nodes():
 def pruned_student(tiny_teacher, tiny_corpus, tmp_path_factory):
     """tiny-test width-pruned by the prune stage: hidden 128 -> 96 (heads, MLP and layers kept)."""
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.stages import prune
-    from compressor.stages.context import StageContext
     from compressor.stages.prune.spec import PruneSpec
 
     work = tmp_path_factory.mktemp("pruned")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from compressor.config.schema import DataSource
+from compressor.contract.context import MetricsSink, StageContext
 from compressor.manifest import ModelRef
-from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.distill.spec import DistillSpec
 from compressor.stages.prune.spec import PruneSpec
 

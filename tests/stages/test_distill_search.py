@@ -103,10 +103,10 @@ def searched(tmp_path_factory, tiny_teacher, tiny_corpus):
     import ray
 
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.manifest import ModelRef
     from compressor.models import load_tokenizer
     from compressor.stages import distill as distill_stage
-    from compressor.stages.context import StageContext
     from compressor.stages.distill import driver
     from compressor.tracking import Tracker
 

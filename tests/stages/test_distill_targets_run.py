@@ -127,8 +127,8 @@ def test_a_search_over_three_prune_candidates_runs_the_teacher_over_the_data_onc
     two_nodes, tiny_teacher, tmp_path, monkeypatch
 ):
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.stages import prune as prune_stage
-    from compressor.stages.context import StageContext
     from compressor.stages.prune.spec import PruneSpec
 
     monkeypatch.setattr(tg, "PART_SEQUENCES", 4)

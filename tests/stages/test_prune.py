@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from compressor.config.schema import DataSource
+from compressor.contract.context import MetricsSink, StageContext
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.stages import prune as prune_stage
-from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.prune.spec import PruneSpec
 
 torch.set_num_threads(1)
@@ -339,8 +339,7 @@ def test_units_zeroed_by_construction_are_pruned_first(depth_metric, calib_file,
 
 def test_importance_beats_random_channels_on_the_reference_teacher(tmp_path):
     """About 50% of the non-embedding parameters go; no distillation, so both lose quality, random more."""
-    from compressor import zoo
-    from compressor.models import load_model, load_tokenizer, perplexity
+    from compressor.models import load_model, load_tokenizer, perplexity, zoo
     from compressor.models.shapes import Shape
     from compressor.stages.prune.importance import Importance
     from compressor.stages.prune.plan import make_plan
@@ -461,9 +460,8 @@ def test_cli_refuses_bad_input_with_exit_2_and_writes_nothing(case, saved, calib
 
 
 def test_cli_model_may_be_a_zoo_name_or_a_stage_output(saved, calib_file, tmp_path):
-    from compressor import zoo
     from compressor.manifest import Manifest
-    from compressor.models import resolve_model
+    from compressor.models import resolve_model, zoo
 
     assert resolve_model("zoo:tiny-test") == (str(zoo.ensure_model("tiny-test")), "tiny-test")
     run_stage(saved["llama"], tmp_path / "stage", {"num_layers": 3}, calib_file)

@@ -175,7 +175,7 @@ def test_a_fixed_head_count_must_keep_the_attention_width_aligned(teacher_config
 def _tiny_plan(tmp_path, monkeypatch, *overrides):
     from importlib.resources import files
 
-    import compressor.zoo as zoo
+    import compressor.models.zoo as zoo
     from compressor.config.load import load_pipeline
     from compressor.planning import make_plan
 
@@ -282,8 +282,8 @@ def searched(tmp_path_factory, tiny_teacher):
     import ray
 
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.manifest import ModelRef
-    from compressor.stages.context import StageContext
     from compressor.tracking import Tracker
 
     if ray.is_initialized():  # another test module's connection; this one needs its own cluster

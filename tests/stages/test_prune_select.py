@@ -42,8 +42,8 @@ def env(tmp_path_factory, tiny_teacher):
     import ray
 
     from compressor.config.schema import DataSource
+    from compressor.contract.context import StageContext
     from compressor.manifest import ModelRef
-    from compressor.stages.context import StageContext
     from compressor.tracking import Tracker
 
     if ray.is_initialized():  # another test module's connection; this one needs its own cluster

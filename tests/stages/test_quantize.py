@@ -235,7 +235,7 @@ def test_checkpoint_reloads_through_gptqmodel_and_transformers_and_generates(qua
 
 def lm_eval_cli_ref_ppl(model_dir: Path, output: Path) -> dict:
     """The `lm_eval` command on a checkpoint directory, as a user runs it: ref_ppl's scores."""
-    from compressor import zoo
+    from compressor.models import zoo
 
     lm_eval = Path(sys.executable).with_name("lm_eval")
     args = ["--model", "hf", "--model_args", f"pretrained={model_dir}", "--device", "cpu", "--tasks", "ref_ppl"]

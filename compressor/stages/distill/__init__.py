@@ -5,11 +5,14 @@ Importing this module does not import torch (the stage contract); the work happe
 
 from __future__ import annotations
 
+import dataclasses
+
+from compressor.contract import register
+from compressor.contract.context import StageContext
+from compressor.contract.kind import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
+from compressor.contract.spec import SourceRef
 from compressor.manifest import ModelRef
-from compressor.stages import register
-from compressor.stages.base import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
-from compressor.stages.context import StageContext
-from compressor.stages.distill.layout import batch_layout, budget, budget_steps, check_student
+from compressor.stages.distill.layout import Budget, batch_layout, budget, budget_steps, check_student
 from compressor.stages.distill.spec import DistillSpec
 
 
@@ -42,9 +45,27 @@ class Distill(StageKind):
             warnings.append("distill.deepspeed.offload_optimizer has no effect on CPU workers (no GPU memory to save)")
         return CheckResult(config=dict(config), warnings=warnings)
 
-    def data_sources(self, spec: DistillSpec) -> dict[str, str]:
-        """Its training data (a data source or a generate stage's dataset) and its control's labelled rows."""
-        return {"data": spec.data, **({"hard_labels.data": spec.hard_labels.data} if spec.hard_labels else {})}
+    def data_sources(self, spec: DistillSpec) -> list[SourceRef]:
+        """Its data is read as chat rows (prompt and answer) when `chat` is set, else as text."""
+        refs = super().data_sources(spec)
+        if spec.chat is None:
+            return refs
+        return [dataclasses.replace(ref, reads="chat") if ref.field == "data" else ref for ref in refs]
+
+    def preflight(self, spec: DistillSpec, pipeline, index: int) -> None:
+        """Chat data rendered with the tokenizer's chat template needs a tokenizer that has one."""
+        from compressor.errors import UserError
+        from compressor.preflight import has_chat_template
+
+        if spec.chat is None or spec.chat.template is not None:
+            return
+        teacher = spec.teacher or pipeline.teacher.model
+        if has_chat_template(teacher) is False:
+            raise UserError(
+                f"stages.{index}.distill.chat: the data is rendered with the tokenizer's chat template, and the "
+                f"tokenizer of {teacher} has none: set `chat.template` to a plain template with a {{prompt}} "
+                'placeholder (e.g. "{prompt}\\nAnswer: "), or use a model whose tokenizer has a chat template'
+            )
 
     def run(self, spec: DistillSpec, model: ModelRef, ctx: StageContext) -> StageResult:
         if spec.search is not None:  # trials first (Ray Tune), then this run with the best settings
@@ -54,19 +75,23 @@ class Distill(StageKind):
         else:
             from compressor.stages.distill.driver import distill
 
-            result = distill(spec, model, ctx)
+            result = distill(spec, model, ctx, planned=Budget(**ctx.planned) if ctx.planned else None)
         if spec.hard_labels is not None:  # the control: the same student on the labels alone
             from compressor.stages.distill.hard_labels import train_control
 
             result = train_control(spec, model, ctx, result)
         return result
 
+    def derived(self, spec: DistillSpec, data: dict) -> dict[str, int]:
+        """Its budget on its data source (steps from `tokens`, at the source's seq_len), computed once per plan."""
+        return dataclasses.asdict(budget(spec, data.get(spec.data)))
+
     def flops(self, spec: DistillSpec, given: EstimateInput) -> float:
         """Per token: the teacher's forward and the student's forward + backward (3x)."""
         from compressor import estimate
         from compressor.models import offline_config
 
-        planned = budget(spec, given.pipeline.data.get(spec.data))
+        planned = Budget(**given.derived)
         seq_len, tokens = planned.seq_len, float(planned.tokens)
         if spec.search is not None:  # each trial trains `fraction` of the budget (or less, when ASHA stops it)
             tokens *= 1 + spec.search.trials() * spec.search.fraction

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
+from compressor.contract.context import StageContext
 from compressor.errors import UserError
-from compressor.stages.context import StageContext
 from compressor.stages.distill.layout import check_cluster, worker_bundle
 from compressor.stages.distill.spec import DistillSpec
 

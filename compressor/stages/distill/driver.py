@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from compressor.cache import digest, key_fields
+from compressor.contract.context import StageContext
+from compressor.contract.kind import StageResult
 from compressor.errors import StageFailed, UserError
 from compressor.manifest import ModelRef
-from compressor.stages.base import StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.distill.deepspeed_config import effective_zero_stage
-from compressor.stages.distill.layout import batch_layout, budget, check_pair, check_student
+from compressor.stages.distill.layout import Budget, batch_layout, budget, check_pair, check_student
 from compressor.stages.distill.spec import DistillSpec
 from compressor.stages.distill.train import EXPORT_DIR, DistillJob, train_func
 
@@ -40,10 +40,16 @@ def teacher_ref(spec: DistillSpec, ctx: StageContext, student: ModelRef) -> Mode
 
 
 def distill(
-    spec: DistillSpec, model: ModelRef, ctx: StageContext, tokenizer_of: Optional[ModelRef] = None
+    spec: DistillSpec,
+    model: ModelRef,
+    ctx: StageContext,
+    tokenizer_of: Optional[ModelRef] = None,
+    planned: Optional[Budget] = None,
 ) -> StageResult:
     """`tokenizer_of`: the model whose tokenizer renders and tokenizes the data and goes with the exported student
-    (default: the teacher's, for a black box the student's); the hard-label control uses its distillation's."""
+    (default: the teacher's, for a black box the student's); the hard-label control uses its distillation's.
+    `planned`: the stage's budget as its plan derived it (ctx.planned); None for a spec no plan saw (a search's
+    best settings, the control, prune's short distillations), whose budget is derived here from the spec itself."""
     import ray
 
     from compressor.models import load_tokenizer
@@ -71,7 +77,7 @@ def distill(
                 f"{source.revision} (set `revision: {source.revision}` on the data source to pin it)"
             )
     layout = batch_layout(spec)
-    planned = budget(spec, source)
+    planned = planned or budget(spec, source)
     seq_len, steps = planned.seq_len, planned.steps
     # The data: token shards under ctx.shards_root, keyed by source, tokenizer and seq_len (compressor.shards).
     needed = steps * spec.global_batch

@@ -13,9 +13,9 @@ import dataclasses
 import time
 from pathlib import Path
 
+from compressor.contract.context import StageContext
+from compressor.contract.kind import StageResult
 from compressor.manifest import ModelRef
-from compressor.stages.base import StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.distill.spec import DistillSpec
 
 REFERENCE = "hard_labels"

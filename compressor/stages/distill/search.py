@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from compressor import storage
+from compressor.contract.context import MetricsSink, StageContext
+from compressor.contract.kind import StageResult
 from compressor.errors import CompressorError, StageFailed, UserError
 from compressor.manifest import ModelRef
-from compressor.stages.base import StageResult
-from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.distill.layout import budget
 from compressor.stages.distill.search_spec import DistillSearch, Range, with_settings
 from compressor.stages.distill.spec import DistillSpec

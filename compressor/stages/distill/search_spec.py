@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from compressor.config.base import Strict
+from compressor.contract.spec import Strict, data_source
 
 # Fields that change how well a student learns from the same teacher and data, not which student or data it is: the
 # optimizer's and the loss's. The rest (data, budget, batch layout, workers) would make trials incomparable.
@@ -72,8 +72,9 @@ class DistillSearch(Strict):
         description="Share of the stage's steps each trial trains (at least one step), on the first sequences of "
         "its data.",
     )
-    validation: Optional[str] = Field(
+    validation: Optional[str] = data_source(
         None,
+        keyed=False,  # keyed by the kind, with the search (key_extra)
         description="Data source (under `data:`) of the validation split the trials are scored on; never the "
         "pipeline's evaluation data. Default: the `validation_samples` sequences of the distill data right after "
         "the ones the full run trains on (so no run trains on them).",

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from compressor.config.base import Strict, neutral
+from compressor.contract.spec import Strict, data_source, neutral
 from compressor.stages.distill.search_spec import DistillSearch, Range, with_settings
 
 FeatureKind = Literal["hidden_mse", "hidden_cosine", "attention_mse"]
@@ -172,9 +172,11 @@ class HardLabels(Strict):
     student, and the summary and report show the distillation table: teacher, hard labels, distilled and the
     fraction of the gap recovered, (distilled - hard labels) / (teacher - hard labels)."""
 
-    data: str = Field(
+    data: str = data_source(
+        keyed=False,  # keyed by the kind (key_extra): the control's data is not the stage's
+        reads="chat",
         description="Name of a data source under `data:` of labelled rows: `prompt` or `messages`, with `answer` "
-        "(the held-out format) or `response`; e.g. the scarce labelled train split the teacher learned from."
+        "(the held-out format) or `response`; e.g. the scarce labelled train split the teacher learned from.",
     )
     steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; default: the distillation's.")
 
@@ -196,7 +198,11 @@ class DistillSpec(Strict):
         }
     )
 
-    data: str = Field(description="Name of a data source under `data:`; tokenized with the teacher's tokenizer.")
+    data: str = data_source(
+        dataset=True,
+        description="Name of a data source under `data:`, or of an earlier stage that made a dataset (generate); "
+        "tokenized with the teacher's tokenizer.",
+    )
     chat: Optional[ChatData] = neutral(
         None, description="The data is chat rows: the loss on the answer tokens only (docs/task.md)."
     )

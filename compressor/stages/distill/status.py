@@ -30,12 +30,12 @@ def distill_stages(plan) -> list:
 def stage_data(plan, stage) -> StageData:
     from compressor.manifest import ModelRef
     from compressor.shards import data_root_for
-    from compressor.stages.distill.layout import budget
+    from compressor.stages.distill.layout import Budget
     from compressor.text_sources import normalized
 
     spec = stage.entry.spec
     source = normalized(plan.spec.data[spec.data])
-    planned = budget(spec, source)
+    planned = Budget(**stage.derived)  # as the plan derived it
     teacher = ModelRef(path=spec.teacher, key=f"path:{spec.teacher}") if spec.teacher else plan.teacher
     return StageData(
         source, planned.seq_len, planned.steps, planned.sequences, teacher, data_root_for(plan.storage_uri)
@@ -48,7 +48,7 @@ def tokenizer_on_disk(teacher) -> Optional[str]:
 
     path = teacher.path
     if is_zoo(path):
-        from compressor import zoo
+        from compressor.models import zoo
 
         name = zoo_name(path)
         return str(zoo.model_path(name)) if zoo.is_built(name) else None

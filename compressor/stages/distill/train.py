@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import torch
 
+from compressor.contract.context import MetricsSink
 from compressor.errors import UserError
-from compressor.stages.context import MetricsSink
 from compressor.stages.distill.batches import BatchPlan, WorkerData
 from compressor.stages.distill.engines import Engines, build_engines, lr_at, train_step
 from compressor.stages.distill.spec import DistillSpec
@@ -236,7 +236,7 @@ def export_student(engines: Engines, job: DistillJob, out_dir: Path, rank: int) 
     tokenizer = load_tokenizer(local_path(job.tokenizer_path or job.teacher_path))
     chat = job.spec.chat
     if chat is not None and chat.template is not None and not getattr(tokenizer, "chat_template", None):
-        from compressor.chat_data import template_as_jinja
+        from compressor.chat_encoding import template_as_jinja
 
         tokenizer.chat_template = template_as_jinja(tokenizer, chat.template)  # prompted as it was trained
     save_checkpoint(model, tokenizer, out_dir)

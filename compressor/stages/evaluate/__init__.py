@@ -4,11 +4,11 @@ Its gate then judges those scores; use it to gate the teacher itself or to re-ch
 
 from __future__ import annotations
 
+from compressor.contract import register
+from compressor.contract.context import StageContext
+from compressor.contract.kind import CheckResult, EstimateInput, PlanContext, StageKind, StageResult
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
-from compressor.stages import register
-from compressor.stages.base import CheckResult, EstimateInput, PlanContext, StageKind, StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.evaluate.spec import EvaluateSpec
 
 

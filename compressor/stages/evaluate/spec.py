@@ -6,7 +6,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from compressor.config.base import Strict
+from compressor.contract.spec import Strict
 
 
 class EvaluateSpec(Strict):

@@ -6,11 +6,11 @@ Importing this module does not import torch (the stage contract)."""
 
 from __future__ import annotations
 
+from compressor.contract import register
+from compressor.contract.context import StageContext
+from compressor.contract.kind import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
-from compressor.stages import register
-from compressor.stages.base import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
-from compressor.stages.context import StageContext
 from compressor.stages.generate.spec import GenerateSpec
 
 
@@ -27,9 +27,6 @@ class Generate(StageKind):
         if spec.backend == "vllm" and not spec.api_model and (spec.n > 1 or spec.logprobs):
             raise UserError("generate.backend vllm: n > 1 and logprobs are not supported yet; use backend hf")
         return CheckResult(config=dict(config))
-
-    def data_sources(self, spec: GenerateSpec) -> dict[str, str]:
-        return {"prompts": spec.prompts}
 
     def run(self, spec: GenerateSpec, model: ModelRef, ctx: StageContext) -> StageResult:
         from compressor.stages.generate.job import generate

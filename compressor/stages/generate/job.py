@@ -9,9 +9,9 @@ from compressor import prompt_rows as prompts
 from compressor import secrets, storage
 from compressor.cache import digest
 from compressor.config.schema import DataSource
+from compressor.contract.kind import StageResult
 from compressor.errors import StageFailed, UserError
 from compressor.manifest import ModelRef
-from compressor.stages.base import StageResult
 from compressor.stages.generate.store import AnswerStore
 
 # The spec fields an answer depends on (filters and review only shape the dataset made from the answers).

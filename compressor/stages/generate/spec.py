@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from compressor.config.base import Strict
+from compressor.contract.spec import Strict, data_source
 
 API_PREFIX = "openai:"
 
@@ -46,9 +46,11 @@ class Filters(Strict):
 class GenerateSpec(Strict):
     """The teacher answers the prompts of a data source; the output is a dataset of (prompt, answer) rows."""
 
-    prompts: str = Field(
+    prompts: str = data_source(
+        keyed=False,  # keyed by the kind (key_extra): the files' content, an hf: commit
+        reads="prompts",
         description="Name of a data source under `data:` with a `messages` (OpenAI chat format) or `prompt` "
-        "(+ optional `system`) column, and an optional `id` column."
+        "(+ optional `system`) column, and an optional `id` column.",
     )
     teacher: Optional[str] = Field(
         None, description="Unset: the pipeline's teacher (local weights). `openai:MODEL`: an API teacher."

@@ -4,10 +4,12 @@ Torch-free at import: `check` reads only config.json; `run` imports the torch pa
 
 from __future__ import annotations
 
+from typing import Optional
+
+from compressor.contract import register, stage_flops
+from compressor.contract.context import StageContext
+from compressor.contract.kind import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
 from compressor.manifest import ModelRef
-from compressor.stages import register
-from compressor.stages.base import CheckResult, EstimateInput, PlanContext, StageKind, StageResult, one_task
-from compressor.stages.context import StageContext
 from compressor.stages.prune.spec import PruneSpec
 
 DEFAULT_SAMPLES = 1024  # Minitron's calibration set
@@ -15,7 +17,7 @@ DEFAULT_SAMPLES = 1024  # Minitron's calibration set
 
 def later_group_size(plan: PlanContext):
     """The group size of the first later stage that has one (a quantize stage), or None."""
-    from compressor.stages import get
+    from compressor.contract import get
 
     later = (get(entry.kind).group_size(entry.spec) for entry in plan.pipeline.stages[plan.index + 1 :])
     group = next((g for g in later if g is not None), None)
@@ -79,13 +81,18 @@ class Prune(StageKind):
 
         return prune(spec, model, ctx)
 
+    def calibration(self, spec: PruneSpec) -> tuple[Optional[int], Optional[int]]:
+        return spec.samples, spec.seq_len
+
     def flops(self, spec: PruneSpec, given: EstimateInput) -> float:
         """One calibration pass gives width and block importance; depth_metric=loss adds a pass per layer dropped; a
         budget adds its search (scoring every candidate, short-distilling the best: budget.search_flops)."""
         from compressor import estimate
         from compressor.stages.prune import budget
 
-        samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES)
+        samples, seq_len = estimate.calibration_size(
+            spec.calibration, spec.samples, spec.seq_len, given.pipeline, DEFAULT_SAMPLES
+        )
         passes = 1
         if spec.selecting:
             from compressor.stages.prune import candidates
@@ -170,7 +177,6 @@ class Prune(StageKind):
             return selection_notes(plan, stage)
         if not spec.searching or not stage.in_config or stage.cached:
             return []
-        from compressor import estimate
         from compressor.stages.prune import budget
 
         space, settings = budget.cached_space(spec, stage.in_config), spec.search_settings()
@@ -188,8 +194,9 @@ class Prune(StageKind):
         later = [s for s in plan.stages[plan.stages.index(stage) + 1 :] if s.kind == "distill" and s.in_config]
         main = ""
         if later:
-            flops = estimate.stage_flops(
-                "distill", later[0].entry.spec, later[0].in_config, later[0].out_config, plan.spec
+            after = later[0]
+            flops = stage_flops(
+                "distill", after.entry.spec, after.in_config, after.out_config, plan.spec, derived=after.derived
             )
             main = (
                 f"; the {later[0].name} stage after it: {flops:.2e} (the search is {cost['total'] / flops:.0%} of it)"

@@ -348,7 +348,7 @@ def search_flops(spec: PruneSpec, config: dict, pipeline, teacher_config: Option
     losses. Candidates are priced at their mean cost: which ones make the top_k is known only at run time."""
     settings = spec.search_settings()
     space = cached_space(spec, config)
-    samples, seq_len = estimate.calibration_size(spec, pipeline, 1024)
+    samples, seq_len = estimate.calibration_size(spec.calibration, spec.samples, spec.seq_len, pipeline, 1024)
     name, source = search_source(spec, pipeline.data)
     short = settings.distill_spec(name or "search") if settings.steps > 0 else None
     distill_seq = (short.seq_len if short else None) or (source.seq_len if source else seq_len)

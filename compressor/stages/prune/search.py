@@ -28,11 +28,11 @@ import torch
 
 from compressor import storage
 from compressor.cache import digest, key_fields
+from compressor.contract.context import MetricsSink, StageContext
 from compressor.errors import CompressorError, UserError
 from compressor.manifest import Manifest, ModelRef
 from compressor.models.loss import lm_loss
 from compressor.models.reference import is_zoo
-from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.prune import budget as budgets
 from compressor.stages.prune import shapes
 from compressor.stages.prune.importance import Importance

@@ -31,11 +31,11 @@ import torch
 
 from compressor import storage
 from compressor.cache import digest, key_fields
+from compressor.contract.context import MetricsSink, StageContext
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.models.loss import lm_loss
 from compressor.models.shapes import Shape
-from compressor.stages.context import MetricsSink, StageContext
 from compressor.stages.prune import budget, candidates, search, shapes
 from compressor.stages.prune.importance import Importance
 from compressor.stages.prune.spec import PruneSpec

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from compressor.config.base import Strict, neutral
+from compressor.contract.spec import Strict, data_source, neutral
 
 # A dimension of the target: a fixed value, or (with `params`, a budget) an inclusive [lo, hi] range to search in.
 Dimension = Optional[Union[int, tuple[int, int]]]
@@ -141,11 +141,14 @@ class SearchSpec(Strict):
     score_samples: int = Field(
         64, gt=0, description="Calibration sequences each shape's pruned loss is measured on (the first of the set)."
     )
-    data: Optional[str] = Field(
-        None, description="Data source (under `data:`) of the short distillations; default: the calibration one."
-    )
-    heldout: Optional[str] = Field(
+    data: Optional[str] = data_source(
         None,
+        keyed=False,  # keyed by the kind, with the search (key_extra)
+        description="Data source (under `data:`) of the short distillations; default: the calibration one.",
+    )
+    heldout: Optional[str] = data_source(
+        None,
+        keyed=False,
         description="Data source of the held-out loss that picks the winner; default: the `data` source's "
         "held-out split for `zoo:` sources, else the calibration source with another seed (the short "
         "distillations never train on it, unless it is also `data`). With `candidates`: default the "
@@ -204,7 +207,7 @@ class PruneSpec(Strict):
         "output (the source pruned to it, or the checkpoint), for the following distill stage to train fully.",
     )
     bar: Optional[SelectionBar] = neutral(None, description="The quality bar of `candidates` (required with them).")
-    calibration: Optional[str] = Field(
+    calibration: Optional[str] = data_source(
         None, description="Name of a data source under `data:`; default: the only one defined."
     )
     samples: Optional[int] = Field(

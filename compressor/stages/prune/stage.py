@@ -6,10 +6,11 @@ import time
 
 import torch
 
+from compressor import text_sources
+from compressor.contract.context import StageContext
+from compressor.contract.kind import StageResult
 from compressor.manifest import ModelRef
 from compressor.models import count_params, load_model, load_tokenizer, read_config, save_checkpoint
-from compressor.stages.base import StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.prune import KIND, budget, candidates, search, select, shapes
 from compressor.stages.prune.importance import estimate, loss_increase
 from compressor.stages.prune.plan import make_plan
@@ -27,7 +28,8 @@ def non_embedding_params(model) -> int:
 
 
 def calibration_blocks(spec: PruneSpec, ctx: StageContext, tokenizer, config: dict) -> torch.Tensor:
-    return ctx.calibration_blocks(
+    return text_sources.calibration_blocks(
+        ctx,
         spec.calibration,
         tokenizer,
         spec.samples,

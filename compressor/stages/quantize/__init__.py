@@ -4,10 +4,12 @@ Torch-free at import: `check` reads only config.json (see alignment.py); `run` i
 
 from __future__ import annotations
 
+from typing import Optional
+
+from compressor.contract import register
+from compressor.contract.context import StageContext
+from compressor.contract.kind import CheckResult, EstimateInput, StageKind, StageResult
 from compressor.manifest import ModelRef
-from compressor.stages import register
-from compressor.stages.base import CheckResult, EstimateInput, StageKind, StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.quantize.spec import QuantizeSpec
 
 DEFAULT_SAMPLES = 128  # the GPTQ paper's calibration set
@@ -34,6 +36,9 @@ class Quantize(StageKind):
 
         return quantize(spec, model, ctx)
 
+    def calibration(self, spec: QuantizeSpec) -> tuple[Optional[int], Optional[int]]:
+        return getattr(spec, "samples", None), getattr(spec, "seq_len", None)  # GGUF has no calibration
+
     def bits(self, spec: QuantizeSpec):
         """GPTQ and AWQ set the linear weights' width; a GGUF's varies by tensor (its plan reports bits per weight)."""
         return getattr(spec, "bits", None)
@@ -46,7 +51,11 @@ class Quantize(StageKind):
         from compressor.stages.quantize import methods
 
         calibrated = hasattr(spec, "samples")  # GGUF rounds without calibration data
-        samples, seq_len = estimate.calibration_size(spec, given.pipeline, DEFAULT_SAMPLES) if calibrated else (0, 0)
+        samples, seq_len = (
+            estimate.calibration_size(spec.calibration, spec.samples, spec.seq_len, given.pipeline, DEFAULT_SAMPLES)
+            if calibrated
+            else (0, 0)
+        )
         return methods.flops(spec, given.in_config, samples, seq_len)
 
     def result_line(self, manifest) -> str:

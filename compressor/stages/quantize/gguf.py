@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.contract.context import StageContext
+from compressor.contract.kind import StageResult
 from compressor.errors import UserError
 from compressor.manifest import ModelRef
 from compressor.models import read_config
-from compressor.stages.base import StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.quantize import alignment, gguf_plan
 from compressor.stages.quantize.gptq import source_dir
 from compressor.stages.quantize.spec import GGUFSpec

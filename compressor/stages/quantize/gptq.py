@@ -16,10 +16,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from compressor import text_sources
+from compressor.contract.context import StageContext
+from compressor.contract.kind import StageResult
 from compressor.manifest import ModelRef
 from compressor.models import read_config
-from compressor.stages.base import StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.quantize import alignment, footprint
 from compressor.stages.quantize.spec import AWQSpec, GPTQSpec
 
@@ -53,7 +54,8 @@ def source_dir(model: ModelRef) -> Optional[Path]:
 
 def calibration(spec: GPTQSpec | AWQSpec, ctx: StageContext, tokenizer, config: dict) -> list[dict]:
     """[{input_ids, attention_mask}] rows of seq_len tokens from the pipeline data source."""
-    blocks = ctx.calibration_blocks(
+    blocks = text_sources.calibration_blocks(
+        ctx,
         spec.calibration,
         tokenizer,
         spec.samples,

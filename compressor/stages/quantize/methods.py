@@ -5,9 +5,9 @@ Torch-free at import; each method's module is imported when it runs."""
 
 from __future__ import annotations
 
+from compressor.contract.context import StageContext
+from compressor.contract.kind import StageResult
 from compressor.manifest import ModelRef
-from compressor.stages.base import StageResult
-from compressor.stages.context import StageContext
 from compressor.stages.quantize.spec import QuantizeSpec
 
 # AWQ tries 20 scales per group of layers sharing an input (GPTQModel's n_grid), a forward of that group over the

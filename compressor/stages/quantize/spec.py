@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator
 
-from compressor.config.base import Strict
+from compressor.contract.spec import Strict, data_source
 
 # Group sizes GPTQModel accepts, and the GPTQ kernels it can be told to load with (gptqmodel.utils.backend.BACKEND).
 GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
@@ -46,7 +46,7 @@ class CalibratedSpec(Strict):
     """Fields of the methods that run calibration text through the model (GPTQ, AWQ)."""
 
     batch_size: int = Field(1, gt=0, description="Calibration sequences per forward pass while quantizing.")
-    calibration: Optional[str] = Field(
+    calibration: Optional[str] = data_source(
         None, description="Name of a data source under `data:`; default: the only one defined."
     )
     samples: Optional[int] = Field(

@@ -9,7 +9,7 @@ import pytest
 
 from compressor.config.schema import DataSource, TaskSpec
 from compressor.errors import UserError
-from compressor.zoo import module_task
+from compressor.models.zoo import module_task
 
 
 def test_labels_are_the_modules_the_functions_live_in():

@@ -1,4 +1,4 @@
-"""Building zoo entries (corpora, models, task splits), each once (compressor.zoo.once)."""
+"""Building zoo entries (corpora, models, task splits), each once (compressor.models.zoo.once)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from compressor.zoo import corpus, eval_tasks
-from compressor.zoo.once import build_once
-from compressor.zoo.recipes import model_config, model_key, recipe
+from compressor.models.zoo import corpus, eval_tasks
+from compressor.models.zoo.once import build_once
+from compressor.models.zoo.recipes import model_config, model_key, recipe
 
 BUILD_INFO = "zoo.json"
 
@@ -61,9 +61,9 @@ def build_model(name: str, final: Path, log: Callable[[str], None]) -> Path:
     def fill(work: Path) -> None:
         import torch
 
-        from compressor.models import count_params, perplexity, save_checkpoint
-        from compressor.zoo import train
-        from compressor.zoo.tokenizer import train_tokenizer
+        from compressor.models.io import count_params, perplexity, save_checkpoint
+        from compressor.models.zoo import train
+        from compressor.models.zoo.tokenizer import train_tokenizer
 
         r = recipe(name)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -105,10 +105,10 @@ def _fill_task_model(name: str, work: Path, log: Callable[[str], None]) -> None:
     """The base zoo model fine-tuned on the task's labelled train split, saved with the zoo chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compressor import zoo
-    from compressor.models import save_checkpoint
-    from compressor.zoo import finetune, module_task
-    from compressor.zoo.chat import CHAT_TEMPLATE
+    from compressor.models import zoo
+    from compressor.models.io import save_checkpoint
+    from compressor.models.zoo import finetune, module_task
+    from compressor.models.zoo.chat import CHAT_TEMPLATE
 
     r = recipe(name)
     base = zoo.ensure_model(r.finetune_of, log)

@@ -35,7 +35,7 @@ class Recipe:
     seed: int = 0
     heldout_percent: int = 10  # share of corpus documents kept out of training (by hash)
     # A task model: the zoo model `finetune_of`, fine-tuned (steps, batch_size, lr, warmup_steps above) on the
-    # labelled train split of zoo task `task` (compressor/zoo/module_task.py), with the zoo chat template.
+    # labelled train split of zoo task `task` (compressor/models/zoo/module_task.py), with the zoo chat template.
     finetune_of: Optional[str] = None
     task: Optional[str] = None
 
@@ -120,7 +120,7 @@ def _digest(obj) -> str:
 
 def corpus_key(name: str) -> str:
     """The corpus and tasks depend on the CPython sources read, the split and the builder version."""
-    from compressor.zoo import corpus
+    from compressor.models.zoo import corpus
 
     return _digest(
         {
@@ -138,8 +138,8 @@ def model_key(name: str) -> str:
     r = recipe(name)
     task = {}
     if r.finetune_of:
-        from compressor.zoo import module_task
-        from compressor.zoo.chat import CHAT_TEMPLATE
+        from compressor.models.zoo import module_task
+        from compressor.models.zoo.chat import CHAT_TEMPLATE
 
         task = {"base": model_key(r.finetune_of), "task": module_task.task_key(), "chat_template": CHAT_TEMPLATE}
     return _digest(

@@ -9,14 +9,14 @@ import random
 
 import torch
 
-from compressor.zoo.train import lr_at
+from compressor.models.zoo.train import lr_at
 
 IGNORE = -100  # label of positions whose next-token loss does not count (transformers' convention)
 
 
 def batches(tokenizer, rows: list[dict], seq_len: int) -> list[tuple[list[int], int]]:
     """(token ids, answer length) of each row, rendered with the tokenizer's chat template."""
-    from compressor.chat_data import encode, fit
+    from compressor.chat_encoding import encode, fit
 
     out = []
     for row in rows:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
-from compressor.config.base import Resources
+from compressor.contract.spec import Resources
 from compressor.manifest import ModelRef
 
 if TYPE_CHECKING:  # the pipeline schema imports the stage kinds, which import this module
@@ -58,6 +58,9 @@ class StageContext:
     run_name: str = ""  # stable name for resumable training: "<pipeline>-<stage>-<key12>"
     sink: MetricsSink = field(default_factory=MetricsSink)
     quiet: bool = False
+    # The figures the plan derived for this stage (StageKind.derived): the run reads them rather than deriving
+    # them again. A standalone command, which has no plan, derives them before the run (compressor.runner).
+    planned: dict[str, int] = field(default_factory=dict)
     ray_address: Optional[str] = None
     tasks: list[TaskSpec] = field(default_factory=list)  # the pipeline's evaluation tasks (evaluate stage)
     eval_batch_size: int | str = 16  # or "auto" (lm-eval finds the largest that fits)
@@ -132,35 +135,6 @@ class StageContext:
     def shards_root(self) -> str:
         """Where token shards are kept: `data_root`, else `_data` beside the work dir."""
         return self.data_root or str(Path(self.work_dir).expanduser().resolve().parent / "_data")
-
-    def calibration_blocks(
-        self,
-        name: Optional[str],
-        tokenizer,
-        samples: Optional[int],
-        seq_len: Optional[int],
-        max_positions: Optional[int],
-        default_samples: int,
-        stage: str,
-    ):
-        """Exactly `samples` [samples, seq_len] token blocks of data source `name` (UserError naming the numbers when
-        the source is too small); the stage's own samples/seq_len win over the source's, and seq_len is capped at the
-        model's context."""
-        from compressor.errors import UserError
-        from compressor.text_sources import token_blocks
-
-        source = self.data_source(name)
-        seq_len = seq_len or source.seq_len
-        if max_positions and seq_len > max_positions:
-            self.info(
-                f"{stage}: seq_len {seq_len} is beyond the model's max_position_embeddings; using {max_positions}"
-            )
-            seq_len = max_positions
-        samples = samples or source.samples or default_samples
-        try:
-            return token_blocks(source, tokenizer, samples, seq_len, self.seed)
-        except UserError as exc:
-            raise UserError(f"{stage} calibration: {exc}") from None
 
     def data_source(self, name: Optional[str]) -> DataSource:
         from compressor.errors import UserError

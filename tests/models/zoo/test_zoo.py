@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import pytest
 
-from compressor import zoo
 from compressor.errors import UserError
-from compressor.zoo import corpus, eval_tasks
-from compressor.zoo.once import build_once
+from compressor.models import zoo
+from compressor.models.zoo import corpus, eval_tasks
+from compressor.models.zoo.once import build_once
 
 
 def paragraphs(path):
@@ -43,7 +43,7 @@ def test_unknown_recipe_is_a_user_error():
 
 def test_api_does_not_import_torch():
     code = (
-        "import sys; from compressor import zoo, evaluation; import compressor.commands.zoo, compressor.commands.evaluate\n"
+        "import sys; from compressor import evaluation; from compressor.models import zoo; import compressor.commands.zoo, compressor.commands.evaluate\n"
         "zoo.model_config('tiny'); zoo.model_key('tiny'); zoo.param_count('tiny')\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
     )
@@ -52,7 +52,7 @@ def test_api_does_not_import_torch():
 
 
 def test_keys_are_deterministic_across_processes_and_follow_the_recipe(monkeypatch):
-    code = "from compressor import zoo; print(zoo.model_key('tiny'), zoo.corpus_key('tiny'))"
+    code = "from compressor.models import zoo; print(zoo.model_key('tiny'), zoo.corpus_key('tiny'))"
     outputs = [
         subprocess.run(
             [sys.executable, "-c", code],
@@ -121,8 +121,8 @@ def test_tokenizer_reloads_as_a_plain_fast_tokenizer(tiny_teacher):
 def test_heldout_perplexity_far_below_a_unigram_model(tiny_teacher, tiny_corpus):
     from compressor.config.schema import DataSource
     from compressor.models import load_model, load_tokenizer, perplexity
+    from compressor.models.zoo.train import unigram_perplexity
     from compressor.text_sources import token_blocks
-    from compressor.zoo.train import unigram_perplexity
 
     tok = load_tokenizer(tiny_teacher)
     seq_len = zoo.RECIPES["tiny-test"].seq_len

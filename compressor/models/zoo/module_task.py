@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from compressor.models import zoo_ref
+from compressor.models.reference import zoo_ref
 
 LABELS = ("math", "os", "operator", "socket", "statistics", "shutil", "time", "random")
 PER_LABEL = 50  # at most this many functions of one module, so os (about 190) does not swamp the rest
@@ -76,8 +76,8 @@ def task_key() -> str:
 def split_file(split: str) -> Path:
     """The JSONL of one split, written once per task key under the zoo cache (a few seconds, no torch)."""
     from compressor.errors import UserError
-    from compressor.zoo import home
-    from compressor.zoo.once import build_once
+    from compressor.models.zoo import home
+    from compressor.models.zoo.once import build_once
 
     if split not in SPLITS:
         raise UserError(f"{ZOO_PREFIX}{split}: no such split of the stdlib-module task (splits: {', '.join(SPLITS)})")

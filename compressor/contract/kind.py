@@ -15,11 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
+from compressor.contract.spec import SourceRef, source_refs
+
 if TYPE_CHECKING:
-    from compressor.config.base import Strict
     from compressor.config.schema import PipelineSpec
+    from compressor.contract.context import StageContext
+    from compressor.contract.spec import Strict
     from compressor.manifest import ModelRef
-    from compressor.stages.context import StageContext
 
 
 @dataclass
@@ -42,6 +44,7 @@ class EstimateInput:
     out_config: dict  # the model after it, as `check` predicts
     pipeline: PipelineSpec
     teacher_config: Optional[dict] = None  # the pipeline teacher's, when known offline
+    derived: dict = field(default_factory=dict)  # the kind's `derived` figures of this stage, as planned
 
 
 @dataclass
@@ -105,15 +108,21 @@ class StageKind(ABC):
         """The FLOPs `compressor plan` turns into GPU-hours (compressor/estimate.py has the shared formulas)."""
 
     # ------------------------------------------------------------------ what it reads
-    def data_sources(self, spec: Any) -> dict[str, str]:
-        """The data sources it reads: its spec's field path -> a name under the pipeline's `data:` (or, for a field
-        named `data`, an earlier stage that made a dataset). Checked at validate, keyed by content, tokenized by
-        `compressor data`. The default: the fields named `calibration` and `data`, where set."""
-        return {f: v for f in ("calibration", "data") if isinstance(v := getattr(spec, f, None), str)}
+    def data_sources(self, spec: Any) -> list[SourceRef]:
+        """The data sources it reads. Validate checks each name, planning keys the `keyed` ones by content. The
+        default: the fields its spec (nested specs included) declares with `data_source(...)`, where set."""
+        return source_refs(spec)
 
     def calibration(self, spec: Any) -> tuple[Optional[int], Optional[int]]:
-        """(samples, seq_len) it takes from a calibration source, None where the source's own settings apply."""
-        return getattr(spec, "samples", None), getattr(spec, "seq_len", None)
+        """(samples, seq_len) it takes from a calibration source, None where the source's own settings apply (the
+        standalone command's `--calibration SOURCE`). Default: the source's own."""
+        return None, None
+
+    def preflight(self, spec: Any, pipeline: PipelineSpec, index: int) -> None:
+        """Checks of what it reads that need local files but no network, made before anything runs (`validate`,
+        `run`): raise UserError naming `stages.{index}.<kind>...`. Its data sources' rows are checked for it, as
+        they `read`. Default: none."""
+        return None
 
     # ------------------------------------------------------------------ what its output is
     def bits(self, spec: Any) -> Optional[int]:
@@ -131,6 +140,12 @@ class StageKind(ABC):
         return estimate.param_count(config)
 
     # ------------------------------------------------------------------ its plan
+    def derived(self, spec: Any, data: dict) -> dict[str, int]:
+        """Figures that follow from the spec and its data sources (`data`: name -> DataSource), computed once when
+        the stage is planned: its FLOPs estimate reads them, and its run gets them as `ctx.planned` (distill: seq_len,
+        steps, sequences, tokens). Default: none."""
+        return {}
+
     def key_extra(self, spec: Any, plan: PlanContext) -> dict:
         """More inputs of its output than the spec, the input model, the seed and its data sources (cache key)."""
         return {}

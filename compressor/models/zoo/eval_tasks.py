@@ -8,7 +8,7 @@
   both reference models scored at or below chance there (acc 17-20%, acc_norm 22-24%, 291 items), since
   models this small hardly use the context, although a word-overlap heuristic reached 77%.
 
-Templates ship in compressor/zoo/tasks/*.yaml with a @DATA_DIR@ placeholder; `materialize` writes them
+Templates ship in compressor/models/zoo/tasks/*.yaml with a @DATA_DIR@ placeholder; `materialize` writes them
 with the absolute path of the JSONL data, which is what lm-eval's `dataset_kwargs.data_files` needs."""
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def write_data(data_dir: Path, heldout_docs: list[list[str]]) -> None:
 def materialize(data_dir: Path, out_dir: Path) -> Path:
     """Write the task YAMLs pointing at `data_dir`; rewritten only when the content would change."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    templates = resources.files("compressor.zoo") / "tasks"
+    templates = resources.files("compressor.models.zoo") / "tasks"
     for name in TASK_NAMES:
         text = (templates / f"{name}.yaml").read_text(encoding="utf-8")
         text = text.replace("@DATA_DIR@", json.dumps(str(data_dir.resolve()))[1:-1])

@@ -1,6 +1,6 @@
 """Reference models built offline: small Llama teachers (GQA) trained on CPython's own documentation.
 
-    from compressor import zoo
+    from compressor.models import zoo
     zoo.ensure_model("tiny")      # HF checkpoint dir, built and cached on first use (a few minutes)
     zoo.corpus_dir("tiny")        # train.txt, heldout.txt (blank-line separated paragraphs)
     zoo.tasks_dir("tiny")         # lm-eval task YAMLs `ref_ppl` and `ref_next` (absolute data paths)
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-from compressor.zoo import build as _build
-from compressor.zoo.eval_tasks import TASK_NAMES
-from compressor.zoo.recipes import RECIPES, Recipe, corpus_key, model_config, model_key, param_count, recipe
+from compressor.models.zoo import build as _build
+from compressor.models.zoo.eval_tasks import TASK_NAMES
+from compressor.models.zoo.recipes import RECIPES, Recipe, corpus_key, model_config, model_key, param_count, recipe
 
 __all__ = [
     "RECIPES",
@@ -70,7 +70,7 @@ def corpus_dir(name: str) -> Path:
 
 def tasks_dir(name: str) -> Path:
     """Directory of lm-eval task YAMLs (`ref_ppl`, `ref_next`) for TaskManager(include_path=...)."""
-    from compressor.zoo.eval_tasks import materialize
+    from compressor.models.zoo.eval_tasks import materialize
 
     tasks = ensure_corpus(name) / "tasks"
     return materialize(data_dir=tasks, out_dir=tasks)  # no-op unless the cache was moved

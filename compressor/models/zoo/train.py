@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from compressor.zoo.recipes import Recipe
+from compressor.models.zoo.recipes import Recipe
 
 
 def pack(docs: list[list[str]], tokenizer, seq_len: int, seed: int) -> torch.Tensor:
