@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from compressor.models.zoo.train import lr_at
+from compressor.models.zoo.train import optimizer_step
 
 IGNORE = -100  # label of positions whose next-token loss does not count (transformers' convention)
 
@@ -52,13 +52,7 @@ def finetune(model, tokenizer, rows: list[dict], recipe, progress=lambda it, **k
             rng.shuffle(order)
         batch, order = [examples[i] for i in order[: recipe.batch_size]], order[recipe.batch_size :]
         tokens, labels = _collate(batch, pad)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe)
         loss = model(input_ids=tokens, labels=labels).loss  # causal: right padding never reaches a row's tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, optimizer, loss, step, recipe))
     model.eval()
     return losses

@@ -52,16 +52,20 @@ def train(model, blocks: torch.Tensor, r: Recipe, progress=lambda it, **kw: it) 
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
         batch = blocks[order[cursor : cursor + r.batch_size]]
         cursor += r.batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, r)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, optimizer, model(input_ids=batch, labels=batch).loss, step, r))
     model.eval()
     return losses
+
+
+def optimizer_step(model, optimizer, loss: torch.Tensor, step: int, r: Recipe) -> float:
+    """Step `step` of the schedule (lr_at) on `loss`, gradients clipped to norm 1; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, r)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def unigram_perplexity(train_blocks: torch.Tensor, heldout_blocks: torch.Tensor, vocab_size: int) -> float:
