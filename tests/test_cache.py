@@ -49,14 +49,14 @@ def test_the_tiny_pipelines_keys_are_pinned_and_do_not_change_with_the_package_v
 
 @contextmanager
 def kind_replaced(name: str, **changes):
-    from compressor import contract as stages
+    from compressor import contract
 
-    kind = stages.get(name)
-    stages.register(type(type(kind).__name__, (type(kind),), changes)())  # the same kind, those attributes changed
+    kind = contract.get(name)
+    contract.register(type(type(kind).__name__, (type(kind),), changes)())  # the same kind, those attributes changed
     try:
         yield
     finally:
-        stages.register(kind)
+        contract.register(kind)
 
 
 def test_a_kinds_output_version_re_keys_that_kind_and_what_follows_it_only(tmp_path, monkeypatch):
@@ -67,10 +67,10 @@ def test_a_kinds_output_version_re_keys_that_kind_and_what_follows_it_only(tmp_p
 
 
 def test_a_field_added_with_a_neutral_default_leaves_every_key_unchanged(tmp_path, monkeypatch):
-    from compressor import contract as stages
+    from compressor import contract
     from compressor.contract.spec import Strict, neutral
 
-    distill_spec = stages.get("distill").spec
+    distill_spec = contract.get("distill").spec
     loss_spec = distill_spec.model_fields["loss"].annotation
 
     class NewLoss(loss_spec):  # a nested spec grows a field too
