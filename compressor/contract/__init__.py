@@ -1,6 +1,7 @@
 """The stage contract, what the rest of compressor knows of a stage kind, and the registry of kinds.
 
-- spec:    the pydantic bases of every spec (the pipeline's and each kind's): `Strict`, `Resources`, `neutral`;
+- spec:    the pydantic bases of every spec (the pipeline's and each kind's): `Strict`, `Resources`, `neutral`, and
+           `data_source`, the mark of a field that names a data source;
 - kind:    `StageKind`, the class a kind subclasses: what it reads, outputs, checks, runs and costs;
 - context: `StageContext`, all a running stage may know of the outside world (it rides into Ray tasks);
 - here:    the registry. A kind registers an instance of its StageKind subclass when its package is imported. The
