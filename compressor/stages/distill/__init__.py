@@ -6,6 +6,7 @@ Importing this module does not import torch (the stage contract); the work happe
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from compressor.contract import register
 from compressor.contract.context import StageContext
@@ -81,6 +82,10 @@ class Distill(StageKind):
 
             result = train_control(spec, model, ctx, result)
         return result
+
+    def calibration(self, spec: DistillSpec) -> tuple[Optional[int], Optional[int]]:
+        """Its own seq_len, if set, is the standalone command's data source's (samples: the budget decides)."""
+        return None, spec.seq_len
 
     def derived(self, spec: DistillSpec, data: dict) -> dict[str, int]:
         """Its budget on its data source (steps from `tokens`, at the source's seq_len), computed once per plan."""
